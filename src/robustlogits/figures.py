@@ -1,0 +1,56 @@
+"""Figures people would rather look at than read: logit-distribution evolution (Figures 1, B.1)."""
+
+from __future__ import annotations
+
+import matplotlib
+import matplotlib.ticker
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+QUANTITY_LABEL = {"max_logit": "max logit", "gap": "logit gap (top-1 minus top-2)"}
+
+
+def evolution_figure(histograms: dict[int, dict], quantity: str, title: str = ""):
+    """Per-split heatmaps: epoch on x, value on y, colour = fraction of examples, plus the mean.
+
+    `histograms` maps epoch -> {split: {quantity: {edges, counts, ...}}} as logged each epoch.
+    """
+    epochs = sorted(histograms)
+    splits = list(histograms[epochs[0]])
+    fig, axes = plt.subplots(1, len(splits), figsize=(5.5 * len(splits), 4), squeeze=False, sharey=True)
+    for ax, split in zip(axes[0], splits):
+        edges = np.asarray(histograms[epochs[0]][split][quantity]["edges"])
+        counts = np.array([histograms[e][split][quantity]["counts"] for e in epochs], dtype=float)
+        fractions = counts / np.maximum(counts.sum(1, keepdims=True), 1)
+        centres = (edges[:-1] + edges[1:]) / 2
+        occupied = np.flatnonzero(fractions.sum(0) > 0)
+        lo, hi = (occupied.min(), occupied.max() + 1) if len(occupied) else (0, len(centres))
+        x_edges = np.r_[epochs[0] - 0.5, np.asarray(epochs, dtype=float) + 0.5]
+        mesh = ax.pcolormesh(x_edges, edges[lo:hi + 1], fractions[:, lo:hi].T, cmap="magma", shading="flat")
+        means = (fractions * centres).sum(1)
+        ax.plot(epochs, means, color="cyan", lw=1.5, label="mean (binned)")
+        ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+        ax.set_title(f"{split}")
+        ax.legend(loc="upper left", fontsize=8)
+        fig.colorbar(mesh, ax=ax, label="fraction of examples")
+    axes[0][0].set_ylabel(QUANTITY_LABEL.get(quantity, quantity))
+    fig.suptitle(title or f"Evolution of the {QUANTITY_LABEL.get(quantity, quantity)} distribution")
+    fig.tight_layout()
+    return fig
+
+
+def distribution_overlay(named_values: dict[str, np.ndarray], quantity: str, bins: int = 60):
+    """Histograms of several models' values on shared bins (e.g. ST vs AT gaps, Figure 2A)."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    all_values = np.concatenate(list(named_values.values()))
+    edges = np.linspace(min(0.0, all_values.min()), np.percentile(all_values, 99.5), bins + 1)
+    for name, values in named_values.items():
+        ax.hist(values, bins=edges, alpha=0.55, density=True, label=f"{name} (mean {np.mean(values):.2f})")
+    ax.set_xlabel(QUANTITY_LABEL.get(quantity, quantity))
+    ax.set_ylabel("density")
+    ax.legend()
+    fig.tight_layout()
+    return fig

@@ -1,0 +1,242 @@
+"""Everything that talks to MLflow: the store, run lifecycle, artifacts, models and the registry.
+
+Guarantees the rest of the code relies on:
+- a run opened here ends FINISHED or FAILED whatever happens (exceptions, Ctrl-C, SIGTERM);
+- artifacts are written to a temporary file first and uploaded whole, never truncated;
+- a registry version is created only after its model is logged, and is deleted again if
+  tagging it fails, so no version exists without its model and metadata.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import signal
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any, Iterator
+
+import mlflow
+import numpy as np
+import torch
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
+from robustlogits.errors import UserError
+
+DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+PIP_REQUIREMENTS = ["torch", "torchvision", "robustlogits"]
+
+
+def configure_store() -> str:
+    """Use MLFLOW_TRACKING_URI when set, else the embedded sqlite store in the working directory."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+    mlflow.set_tracking_uri(uri)
+    if uri.startswith("file:") or "://" not in uri and not uri.startswith("sqlite"):
+        os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+    return uri
+
+
+def check_store(experiment: str) -> str:
+    """Open the store and experiment up front so an unusable store fails before any work."""
+    uri = configure_store()
+    launched = os.environ.get("MLFLOW_RUN_ID")
+    try:
+        if launched:  # under `mlflow run`: the launcher chose the experiment and created the run
+            return MlflowClient().get_run(launched).info.experiment_id
+        exp = mlflow.get_experiment_by_name(experiment)
+        exp_id = exp.experiment_id if exp else mlflow.create_experiment(experiment)
+        mlflow.set_experiment(experiment_id=exp_id)
+    except Exception as exc:  # noqa: BLE001 - any store error means "cannot track here"
+        raise UserError(f"tracking store {uri} is not usable: {str(exc).splitlines()[0]}") from None
+    return exp_id
+
+
+@contextlib.contextmanager
+def managed_run(experiment: str, run_name: str | None = None, run_id: str | None = None,
+                tags: dict[str, str] | None = None, nested: bool = False) -> Iterator[mlflow.ActiveRun]:
+    """Start (or reopen) a run that always ends FINISHED or FAILED.
+
+    SIGTERM is turned into an exception for the duration, so a killed job still closes its run.
+    Under `mlflow run`, MLFLOW_RUN_ID names the run the project launcher created; we adopt it.
+    """
+    if not nested:
+        check_store(experiment)
+    previous = signal.getsignal(signal.SIGTERM)
+
+    def on_sigterm(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    with contextlib.suppress(ValueError):  # not in the main thread: leave signals alone
+        signal.signal(signal.SIGTERM, on_sigterm)
+    run = None
+    adopted = run_id or (None if nested else os.environ.get("MLFLOW_RUN_ID"))
+    try:
+        run = mlflow.start_run(run_id=run_id, run_name=None if run_id else run_name, tags=tags, nested=nested)
+        yield run
+    except BaseException:
+        if run is not None:
+            mlflow.end_run("FAILED")
+        elif adopted:  # the run exists but could not be started: never leave it RUNNING
+            with contextlib.suppress(Exception):
+                MlflowClient().set_terminated(adopted, "FAILED")
+        raise
+    else:
+        mlflow.end_run("FINISHED")
+    finally:
+        with contextlib.suppress(ValueError):
+            signal.signal(signal.SIGTERM, previous)
+
+
+def log_params(params: dict[str, Any]) -> None:
+    mlflow.log_params({k: ("None" if v is None else str(v))[:6000] for k, v in params.items()})
+
+
+def log_json(obj: Any, artifact_file: str) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / Path(artifact_file).name
+        path.write_text(json.dumps(obj, indent=1))
+        mlflow.log_artifact(str(path), str(Path(artifact_file).parent) if "/" in artifact_file else None)
+
+
+def log_bytes(blob: bytes, artifact_file: str) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / Path(artifact_file).name
+        path.write_bytes(blob)
+        mlflow.log_artifact(str(path), str(Path(artifact_file).parent) if "/" in artifact_file else None)
+
+
+def log_arrays(artifact_file: str, **arrays: np.ndarray) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / Path(artifact_file).name
+        np.savez(path, **arrays)
+        mlflow.log_artifact(str(path), str(Path(artifact_file).parent) if "/" in artifact_file else None)
+
+
+def log_figure(fig, artifact_file: str) -> None:
+    import matplotlib.pyplot as plt
+
+    mlflow.log_figure(fig, artifact_file)
+    plt.close(fig)
+
+
+def download_artifact(run_id: str, artifact_path: str) -> Path:
+    try:
+        return Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=artifact_path))
+    except Exception as exc:  # noqa: BLE001
+        raise UserError(f"run {run_id} has no artifact {artifact_path!r}: {str(exc).splitlines()[0]}") from None
+
+
+def list_artifacts(run_id: str, path: str) -> list[str]:
+    return [f.path for f in MlflowClient().list_artifacts(run_id, path)]
+
+
+def log_dataset_input(name: str, digest: str, source: str, context: str, n_rows: int | None = None) -> None:
+    """Record the data a run used as an MLflow dataset input, identified by a content digest."""
+    from mlflow.data.http_dataset_source import HTTPDatasetSource
+    from mlflow.data.meta_dataset import MetaDataset
+
+    src = HTTPDatasetSource(url=f"robustlogits://{name}/{source.replace(':', '/')}")
+    dataset = MetaDataset(source=src, name=name, digest=digest)
+    mlflow.log_input(dataset, context=context, tags={"rows": str(n_rows)} if n_rows else None)
+
+
+# --- models and the registry ------------------------------------------------------------------
+
+def log_torch_model(model: torch.nn.Module, name: str, image_shape=(3, 32, 32)):
+    """Pickled eager model: loads back as the same nn.Module class (attackable, usable as teacher)."""
+    was_training = model.training
+    model.eval()
+    example = np.random.default_rng(0).random((2, *image_shape), dtype=np.float32)
+    try:
+        pytorch_logger = logging.getLogger("mlflow.pytorch")
+        level = pytorch_logger.level
+        pytorch_logger.setLevel(logging.ERROR)  # the pickle-format caution is noted in the README
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            info = mlflow.pytorch.log_model(
+                model, name=name, serialization_format="pickle", input_example=example,
+                pip_requirements=PIP_REQUIREMENTS,
+            )
+    finally:
+        pytorch_logger.setLevel(level)
+        model.train(was_training)
+    return info
+
+
+def register_version(model_uri: str, name: str, tags: dict[str, Any]):
+    """Create a registered-model version with its tags, or nothing at all."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        return mlflow.register_model(model_uri, name, tags={k: str(v) for k, v in tags.items()})
+
+
+def promote(name: str, version: str | int, stage: str | None, alias: str | None) -> None:
+    """Stage (deprecated in MLflow but still how many teams pull models) and alias, both supported."""
+    client = MlflowClient()
+    if stage:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            client.transition_model_version_stage(name, str(version), stage, archive_existing_versions=True)
+    if alias:
+        client.set_registered_model_alias(name, alias, str(version))
+
+
+def resolve_model(spec: str, *, stage: str | None = None, alias: str | None = None,
+                  version: str | int | None = None):
+    """Turn a user's model reference into (model URI, registry version or None).
+
+    Accepts `models:/NAME@ALIAS`, `models:/NAME/STAGE`, `models:/NAME/VERSION`, `runs:/ID/PATH`,
+    or a registered NAME plus one of stage/alias/version.
+    """
+    client = MlflowClient()
+    if spec.startswith("runs:/"):
+        return spec, None
+    if spec.startswith("models:/"):
+        body = spec[len("models:/"):]
+        if "@" in body:
+            name, alias = body.split("@", 1)
+        elif "/" in body:
+            name, ref = body.split("/", 1)
+            if ref.isdigit():
+                version = ref
+            else:
+                stage = ref
+        else:
+            name = body
+    else:
+        name = spec
+    if sum(x is not None for x in (stage, alias, version)) > 1:
+        raise UserError("give only one of stage, alias or version")
+    try:
+        client.get_registered_model(name)
+    except MlflowException:
+        raise UserError(f"no registered model named {name!r}") from None
+    try:
+        if alias is not None:
+            mv = client.get_model_version_by_alias(name, alias)
+        elif version is not None:
+            mv = client.get_model_version(name, str(version))
+        else:
+            stage = stage or "Production"
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", FutureWarning)
+                found = client.get_latest_versions(name, stages=[stage])
+            if not found:
+                raise UserError(f"registered model {name!r} has no version in stage {stage!r}")
+            mv = found[0]
+    except MlflowException as exc:
+        what = f"alias {alias!r}" if alias is not None else f"version {version}"
+        raise UserError(f"registered model {name!r} has no {what}: {str(exc).splitlines()[0]}") from None
+    return f"models:/{name}/{mv.version}", mv
+
+
+def load_model(model_uri: str, device: torch.device | str = "cpu") -> torch.nn.Module:
+    try:
+        return mlflow.pytorch.load_model(model_uri, map_location=torch.device(device))
+    except Exception as exc:  # noqa: BLE001
+        raise UserError(f"cannot load model {model_uri}: {str(exc).splitlines()[0]}") from None

@@ -1,0 +1,168 @@
+"""The one training loop. Standard training, adversarial training and distillation differ only in
+the `Objective` passed in: how inputs are perturbed, what the target is, and which loss is used.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from robustlogits.config import AdversaryConfig, OptimConfig
+from robustlogits.data import Split, augment, iterate_batches, to_float
+from robustlogits.errors import UserError
+from robustlogits.perturb import LinfPGD, autocast
+
+
+class TrainingDiverged(UserError):
+    """The loss became NaN/inf: the run stops at once instead of training on garbage."""
+
+
+@dataclass
+class Objective:
+    """What distinguishes one kind of training from another.
+
+    perturb: maps clean inputs to training inputs (None = clean inputs).
+    loss:    (logits, labels, positions in the training split) -> scalar loss; distillation
+             looks up each image's fixed target by its position.
+    """
+
+    name: str
+    loss: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+    perturb: LinfPGD | None = None
+
+
+def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, _positions: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits.float(), labels)
+
+
+def standard_objective() -> Objective:
+    return Objective("standard", cross_entropy)
+
+
+def adversarial_objective(adv: AdversaryConfig, amp: bool) -> Objective:
+    if adv.method == "fgsm":
+        attack = LinfPGD.fgsm(adv.eps, bn_mode=adv.bn_mode, amp=amp)
+    else:
+        attack = LinfPGD(adv.eps, adv.step_size, adv.steps, adv.random_start, adv.bn_mode, amp)
+    return Objective("adversarial", cross_entropy, attack)
+
+
+@dataclass
+class EpochResult:
+    epoch: int
+    loss: float
+    accuracy: float
+    seconds: float
+    images: int
+    lr: float
+
+    @property
+    def images_per_second(self) -> float:
+        return self.images / max(self.seconds, 1e-9)
+
+
+@dataclass
+class TrainState:
+    """Everything needed to continue a killed run exactly where it stopped."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    generator: torch.Generator
+    epoch: int = 0  # epochs completed
+    extra: dict = field(default_factory=dict)
+
+    def to_bytes(self) -> bytes:
+        buf = io.BytesIO()
+        torch.save({
+            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(), "generator": self.generator.get_state(),
+            "torch_rng": torch.get_rng_state(), "epoch": self.epoch, "extra": self.extra,
+        }, buf)
+        return buf.getvalue()
+
+    def load_bytes(self, blob: bytes) -> None:
+        state = torch.load(io.BytesIO(blob), map_location="cpu", weights_only=False)
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.generator.set_state(state["generator"])
+        torch.set_rng_state(state["torch_rng"])
+        self.epoch = int(state["epoch"])
+        self.extra = state.get("extra", {})
+
+
+def make_state(model: nn.Module, optim: OptimConfig, device: torch.device, seed: int) -> TrainState:
+    """SGD with momentum and step decay at fractions of training (paper: /10 at 50% and 75%)."""
+    optimizer = torch.optim.SGD(model.parameters(), lr=optim.lr, momentum=optim.momentum,
+                                weight_decay=optim.weight_decay)
+    milestones = sorted({max(1, round(f * optim.epochs)) for f in optim.lr_milestones})
+    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones, gamma=1 / optim.lr_decay)
+    generator = torch.Generator(device=device)
+    generator.manual_seed(seed)
+    return TrainState(model, optimizer, scheduler, generator)
+
+
+def fit(state: TrainState, split: Split, objective: Objective, optim: OptimConfig, *,
+        amp: bool = False, channels_last: bool = False,
+        on_epoch_end: Callable[[EpochResult], None] | None = None, progress: bool | None = None) -> TrainState:
+    """Train from `state.epoch` to `optim.epochs`, calling `on_epoch_end` after every epoch."""
+    model, device = state.model, split.labels.device
+    if progress is None:
+        progress = sys.stderr.isatty()
+    for epoch in range(state.epoch + 1, optim.epochs + 1):
+        model.train()
+        lr = state.optimizer.param_groups[0]["lr"]
+        total_loss, correct, seen = 0.0, 0, 0
+        started = time.perf_counter()
+        bar = _progress(len(split), f"{objective.name} epoch {epoch}/{optim.epochs}", progress)
+        for step, idx in enumerate(iterate_batches(len(split), optim.batch_size, state.generator, drop_last=True)):
+            idx = idx.to(device)
+            x = to_float(augment(split.images[idx], state.generator), channels_last)
+            y = split.labels[idx]
+            if objective.perturb is not None:
+                x = objective.perturb(model, x, y, state.generator)
+            with autocast(device, amp):
+                logits = model(x)
+            loss = objective.loss(logits, y, idx)
+            if not torch.isfinite(loss):
+                raise TrainingDiverged(
+                    f"{objective.name} loss became {loss.item()} at epoch {epoch}, step {step}; "
+                    "lower optim.lr or check the targets")
+            state.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            state.optimizer.step()
+            n = len(y)
+            total_loss += loss.item() * n
+            correct += int((logits.argmax(1) == y).sum())
+            seen += n
+            if bar is not None:
+                bar.update(n)
+                bar.set_postfix(loss=f"{total_loss / seen:.3f}", acc=f"{correct / seen:.3f}", refresh=False)
+        if bar is not None:
+            bar.close()
+        state.scheduler.step()
+        state.epoch = epoch
+        result = EpochResult(epoch, total_loss / max(seen, 1), correct / max(seen, 1),
+                             time.perf_counter() - started, seen, lr)
+        if not math.isfinite(result.loss):
+            raise TrainingDiverged(f"{objective.name} loss is not finite after epoch {epoch}")
+        if on_epoch_end is not None:
+            on_epoch_end(result)
+    return state
+
+
+def _progress(total: int, desc: str, enabled: bool):
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="img", unit_scale=True, leave=False, dynamic_ncols=True)

@@ -1,0 +1,207 @@
+"""The `train` job end to end on synthetic data with a local file store."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+from typer.testing import CliRunner
+
+from robustlogits import train_job
+from robustlogits.cli import app
+from robustlogits.config import apply_overrides, flatten, preset
+from robustlogits.logits import compute_logits
+
+REPO = Path(__file__).resolve().parents[1]
+STAT_KEYS = [f"{split}_{q}_{s}" for split in ("train", "test") for q in ("max_logit", "gap")
+             for s in ("mean", "std", "median", "skew")]
+
+
+def test_config(training="adversarial", *overrides):
+    cfg = preset("test")
+    cfg.run.training = training
+    return apply_overrides(cfg, overrides)
+
+
+test_config.__test__ = False  # a helper, not a test
+
+
+def history_steps(client, run_id, key):
+    return [m.step for m in client.get_metric_history(run_id, key)]
+
+
+def all_runs():
+    client = MlflowClient()
+    return [r for e in client.search_experiments() for r in client.search_runs([e.experiment_id])]
+
+
+def test_two_epoch_adversarial_run_logs_every_epoch_and_registers_checkpoints():
+    cfg = test_config("adversarial")
+    run_id = train_job.run_training(cfg, progress=False)
+    client = MlflowClient()
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    # Every value of the config is a param.
+    assert set(flatten(cfg)) <= set(run.data.params)
+    assert run.data.params["adversary.eps"] == str(8 / 255)
+    # Every per-epoch metric at steps 1 and 2, none duplicated.
+    for key in ["train_loss", "train_accuracy", "test_accuracy", "train_clean_accuracy", "monitor_pgd_accuracy",
+                *STAT_KEYS]:
+        assert history_steps(client, run_id, key) == [1, 2], key
+    # One histogram per epoch on fixed bins, with every example counted.
+    hists = train_job.load_histograms(run_id)
+    assert sorted(hists) == [1, 2]
+    for split, n in (("train", 64), ("test", 160)):
+        h1, h2 = hists[1][split]["gap"], hists[2][split]["gap"]
+        assert h1["edges"] == h2["edges"] and len(h1["edges"]) == cfg.monitor.bins + 1
+        assert sum(h1["counts"]) + h1["underflow"] + h1["overflow"] == n
+    # Checkpoints: registered versions with their tags, teacher promoted by stage and alias.
+    name = "synthetic-cnn-tiny-at"
+    versions = sorted(client.search_model_versions(f"name='{name}'"), key=lambda v: int(v.version))
+    assert [v.tags["epoch"] for v in versions] == ["1", "2"]
+    for v in versions:
+        assert {"training", "seed", "dataset", "arch", "preset", "natural_accuracy"} <= set(v.tags)
+        assert v.tags["training"] == "adversarial" and v.run_id == run_id
+    assert client.get_model_version_by_alias(name, "teacher").version == versions[-1].version
+    # The registered teacher loads back as an nn.Module that reproduces the saved test logits.
+    uri, mv = train_job.tracking.resolve_model(name, stage="Production")
+    model = train_job.tracking.load_model(uri)
+    assert isinstance(model, torch.nn.Module) and mv.tags["epoch"] == "2"
+    saved = train_job.checkpoint_test_logits(run_id, 2)
+    raw = train_job.load_bundle(cfg, torch.device("cpu")).test
+    np.testing.assert_allclose(compute_logits(model, raw.images).numpy(), saved["logits"], atol=1e-4)
+    accuracy = (saved["logits"].argmax(1) == saved["labels"]).mean()
+    assert float(versions[-1].tags["natural_accuracy"]) == pytest.approx(accuracy, abs=1e-4)
+    # Figures, the split record and the dataset input.
+    artifacts = {f.path for f in client.list_artifacts(run_id, "figures")}
+    assert {"figures/max_logit_evolution.png", "figures/gap_evolution.png"} <= artifacts
+    assert run.inputs.dataset_inputs and run.inputs.dataset_inputs[0].dataset.digest
+
+
+def test_resume_after_interruption_matches_uninterrupted_run(monkeypatch):
+    cfg = test_config("standard", "optim.epochs=3", "run.checkpoint_epochs=3", "monitor.robust_every=0")
+    full = train_job.run_training(cfg, progress=False)
+
+    original = train_job.EpochLogger.__call__
+
+    def killed_during_epoch_3(self, result):
+        if result.epoch == 3:
+            raise KeyboardInterrupt("simulated kill")
+        original(self, result)
+
+    monkeypatch.setattr(train_job.EpochLogger, "__call__", killed_during_epoch_3)
+    with pytest.raises(KeyboardInterrupt):
+        train_job.run_training(test_config("standard", "optim.epochs=3", "run.checkpoint_epochs=3",
+                                           "monitor.robust_every=0"), progress=False)
+    client = MlflowClient()
+    interrupted = [r for r in all_runs() if r.info.run_id != full][0].info.run_id
+    assert client.get_run(interrupted).info.status == "FAILED"
+    assert history_steps(client, interrupted, "train_loss") == [1, 2]
+
+    monkeypatch.setattr(train_job.EpochLogger, "__call__", original)
+    resumed = train_job.run_training(preset("smoke"), resume=interrupted, progress=False)  # config comes from the run
+    assert resumed == interrupted
+    assert client.get_run(resumed).info.status == "FINISHED"
+    assert history_steps(client, resumed, "train_loss") == [1, 2, 3]
+    for key in ("train_loss", "test_gap_mean"):
+        a = [m.value for m in client.get_metric_history(full, key)]
+        b = [m.value for m in client.get_metric_history(resumed, key)]
+        np.testing.assert_allclose(a, b, rtol=1e-5, err_msg=key)
+    np.testing.assert_allclose(train_job.checkpoint_test_logits(full, 3)["logits"],
+                               train_job.checkpoint_test_logits(resumed, 3)["logits"], atol=1e-5)
+
+
+def test_resume_refuses_a_finished_run():
+    run_id = train_job.run_training(test_config("standard", "optim.epochs=1", "run.checkpoint_epochs=1"), progress=False)
+    with pytest.raises(train_job.UserError, match="already FINISHED"):
+        train_job.run_training(preset("test"), resume=run_id)
+
+
+def test_nan_loss_fails_the_run_and_registers_nothing():
+    result = CliRunner().invoke(app, ["train", "--preset", "test", "--set", "optim.lr=1e30", "--set", "run.checkpoint_epochs=2"])
+    assert result.exit_code == 2, result.output
+    assert "loss became" in result.output
+    runs = all_runs()
+    assert [r.info.status for r in runs] == ["FAILED"]
+    assert MlflowClient().search_registered_models() == [] or not MlflowClient().search_model_versions("")
+
+
+BAD_INPUTS = [
+    (["--dataset", "mnist"], "unknown data.dataset 'mnist'"),
+    (["--arch", "vgg"], "unknown model.arch 'vgg'"),
+    (["--preset", "huge"], "unknown preset 'huge'"),
+    (["--training", "magic"], "unknown run.training 'magic'"),
+    (["--epochs", "0"], "optim.epochs must be >= 1"),
+    (["--checkpoint-epochs", "1,5"], "checkpoint epoch 5 is outside 1..2"),
+    (["--set", "adversary.eps=-1/255"], "adversary.eps must be >= 0"),
+    (["--set", "optim.nope=1"], "unknown config key 'optim.nope'"),
+    (["--dataset", "cifar10", "--data-dir", "empty"], "no cifar10 data found"),
+]
+
+
+@pytest.mark.parametrize("args,message", BAD_INPUTS, ids=[m.split()[0] + "-" + a[-1] for a, m in BAD_INPUTS])
+def test_bad_input_is_one_clear_line_and_writes_nothing(tmp_path, args, message):
+    (tmp_path / "empty").mkdir()
+    result = CliRunner().invoke(app, ["train", "--preset", "test", *args])
+    assert result.exit_code == 2, result.output
+    assert message in result.output
+    assert "Traceback" not in result.output and len(result.output.strip().splitlines()) == 1
+    assert all_runs() == []
+
+
+def test_corrupt_data_is_a_clear_error(tmp_path):
+    folder = tmp_path / "data" / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        (folder / name).write_bytes(b"corrupt")
+    result = CliRunner().invoke(app, ["train", "--preset", "test", "--dataset", "cifar10", "--data-dir", "data"])
+    assert result.exit_code == 2 and "corrupt dataset file" in result.output
+    assert all_runs() == []
+
+
+def test_unwritable_store_is_a_clear_error(tmp_path, monkeypatch):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", (blocker / "store").as_uri())
+    result = CliRunner().invoke(app, ["train", "--preset", "test"])
+    assert result.exit_code == 2, result.output
+    assert "tracking store" in result.output and "not usable" in result.output
+
+
+def test_mlflow_run_entry_point_with_local_env_manager(tmp_path, isolated_store):
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_RUN_ID")}
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"
+    proc = subprocess.run(
+        [sys.executable, "-m", "mlflow", "run", str(REPO), "-e", "train", "--env-manager", "local",
+         "-P", "training=adversarial", "-P", "preset=test", "-P", "overrides=optim.epochs=1 run.checkpoint_epochs=1",
+         "--experiment-name", "mlproject-test"],
+        env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    runs = all_runs()
+    assert [r.info.status for r in runs] == ["FINISHED"]
+    assert runs[0].data.params["run.training"] == "adversarial" and runs[0].data.params["optim.epochs"] == "1"
+    assert str(MlflowClient().get_model_version_by_alias("synthetic-cnn-tiny-at", "teacher").version) == "1"
+
+
+@pytest.mark.realdata
+def test_real_cifar10_short_run_logs_logit_statistics(real_cifar10_dir, real_data_cache, monkeypatch):
+    monkeypatch.setenv("ROBUSTLOGITS_CACHE", str(real_data_cache))
+    cfg = preset("smoke")
+    apply_overrides(cfg, [f"data.data_dir={real_cifar10_dir}", "data.train_subset=500", "optim.epochs=1",
+                          "model.arch=cnn-tiny", "run.checkpoint_epochs=1", "monitor.robust_examples=50",
+                          "data.heldout_subset=500", "data.stats_subset=200"])
+    run_id = train_job.run_training(cfg, progress=False)
+    run = MlflowClient().get_run(run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.metrics["val_accuracy"] > 0.15  # better than chance after one epoch on real images
+    assert {"train_max_logit_mean", "val_gap_skew"} <= set(run.data.metrics)
+    split = json.loads(train_job.tracking.download_artifact(run_id, "data/split.json").read_text())
+    assert len(split["val_indices"]) == 5000 and len(split["train_indices"]) == 500
