@@ -83,6 +83,85 @@ def train(
     typer.echo(f"run {run_id} finished; registered model {cfg.registered_model_name()}")
 
 
+def _eps(text: str) -> float:
+    from robustlogits.config import coerce
+
+    return coerce(text, float, "eps")
+
+
+@app.command()
+@cli_errors
+def attack(
+    model: str = typer.Option(..., help="models:/NAME@ALIAS, models:/NAME/STAGE, models:/NAME/VERSION, a registered NAME, or runs:/ID/PATH"),
+    stage: Optional[str] = typer.Option(None, help="with a registered NAME: the stage to pull (default Production)"),
+    alias: Optional[str] = typer.Option(None, help="with a registered NAME: the alias to pull"),
+    version: Optional[str] = typer.Option(None, help="with a registered NAME: the version to pull"),
+    dataset: Optional[str] = typer.Option(None, help="default: the model's dataset"),
+    data_dir: Optional[str] = typer.Option(None, help="default: the data directory of the model's training run"),
+    eps: str = typer.Option("8/255", help="Linf radius in [0,1] pixel units"),
+    n_iter: int = typer.Option(100, help="APGD iterations"),
+    n_restarts: int = typer.Option(1, help="APGD restarts"),
+    seed: int = typer.Option(0),
+    suite: str = typer.Option("apgd-ce-dlr", help="apgd-ce-dlr (the paper's) | standard (full AutoAttack)"),
+    n_examples: Optional[int] = typer.Option(None, help="stratified, seeded subset of the test split (default: all)"),
+    batch_size: Optional[int] = typer.Option(None, help="default: chosen to fit the device"),
+    device: str = typer.Option("auto"),
+    experiment: str = typer.Option("robustlogits"),
+):
+    """Adversarial accuracy: APGD-CE, then APGD-DLR on the survivors; per-example results in MLflow."""
+    from robustlogits.attack_job import AttackConfig, run_attack
+
+    cfg = AttackConfig(model=model, stage=_blank(stage), alias=_blank(alias), version=_blank(version),
+                       dataset=_blank(dataset), data_dir=_blank(data_dir), eps=_eps(eps), n_iter=n_iter,
+                       n_restarts=n_restarts, seed=seed, suite=suite, n_examples=n_examples or None,
+                       batch_size=batch_size or None, device=device, experiment=experiment)
+    run_id, result = run_attack(cfg)
+    typer.echo(f"run {run_id}: natural {result.natural_accuracy:.4f}, after APGD-CE {result.accuracy_after_apgd_ce:.4f}, "
+               f"adversarial {result.adversarial_accuracy:.4f} on {result.n_examples} examples ({result.seconds:.1f} s)")
+
+
+@app.command()
+@cli_errors
+def distill(
+    manipulation: str = typer.Option("none", help="none | permute | average | correct-fix | hybrid"),
+    k: Optional[str] = typer.Option(None, help="fix the top-k classes (permute/average; correct-fix default 1)"),
+    teacher: Optional[str] = typer.Option(None, help="registry URI or registered name (default: <dataset>-<arch>-at)"),
+    teacher_stage: Optional[str] = typer.Option(None, help="stage of a registered teacher name (default Production)"),
+    teacher_alias: Optional[str] = typer.Option(None, help="alias of a registered teacher name"),
+    teacher_version: Optional[str] = typer.Option(None, help="version of a registered teacher name"),
+    st_teacher: Optional[str] = typer.Option(None, help="standard-trained teacher for hybrid (default: <dataset>-<arch>-st, Production)"),
+    fix_mode: str = typer.Option("permute", help="correct-fix: permute | average the non-fixed classes"),
+    loss: str = typer.Option("l1", help="l1 (paper) | kl | mse"),
+    temperature: float = typer.Option(1.0, help="softmax temperature for kl"),
+    preset: str = typer.Option("smoke", help="student/data/optimiser settings: smoke | study | paper"),
+    data_dir: Optional[str] = typer.Option(None, help="default: the teacher's training data directory"),
+    epochs: Optional[int] = typer.Option(None, help="override optim.epochs"),
+    attack: bool = typer.Option(True, help="attack the student at the end (APGD-CE + APGD-DLR)"),
+    n_examples: Optional[int] = typer.Option(None, help="examples for the final attack (default: the preset's)"),
+    teacher_logits_run: Optional[str] = typer.Option(None, help="reuse this run's teacher-logit artifact"),
+    set_: List[str] = typer.Option([], "--set", help="any config value: section.field=value (repeatable)"),
+    overrides: Optional[str] = typer.Option(None, help="several section.field=value separated by spaces"),
+):
+    """Distil an AT teacher's (manipulated) logits into a student; register it with its lineage."""
+    from robustlogits.config import apply_overrides
+    from robustlogits.distill_job import distill_preset, run_distill
+
+    cfg = distill_preset(preset)
+    pairs = [("distill.manipulation", manipulation), ("distill.k", _blank(k)), ("distill.teacher", _blank(teacher)),
+             ("distill.teacher_stage", _blank(teacher_stage)), ("distill.teacher_alias", _blank(teacher_alias)),
+             ("distill.teacher_version", _blank(teacher_version)), ("distill.st_teacher", _blank(st_teacher)),
+             ("distill.fix_mode", fix_mode), ("distill.loss", loss), ("distill.temperature", temperature),
+             ("data.data_dir", _blank(data_dir)), ("optim.epochs", epochs), ("distill.attack", attack),
+             ("distill.attack_n_examples", n_examples or None),
+             ("distill.teacher_logits_run", _blank(teacher_logits_run))]
+    apply_overrides(cfg, [f"{key}={value}" for key, value in pairs if value is not None])
+    if epochs is not None:
+        cfg.run.checkpoint_epochs = (epochs,)
+    apply_overrides(cfg, [*set_, *split_overrides(overrides)])
+    run_id = run_distill(cfg)
+    typer.echo(f"run {run_id} finished; student registered as {cfg.registered_model_name()}")
+
+
 @app.command("config")
 @cli_errors
 def show_config(preset: str = typer.Option("smoke", help="preset to print")):

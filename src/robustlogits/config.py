@@ -114,6 +114,9 @@ class TrainConfig:
     adversary: AdversaryConfig = field(default_factory=AdversaryConfig)
     monitor: MonitorConfig = field(default_factory=MonitorConfig)
 
+    def allowed_trainings(self) -> tuple[str, ...]:
+        return TRAININGS
+
     @property
     def adversarial(self) -> bool:
         return self.run.training == "adversarial"
@@ -138,7 +141,7 @@ class TrainConfig:
         """Fail before anything is written: every check a user could trip over lives here."""
         from robustlogits.models import ARCHS
 
-        _choice("run.training", self.run.training, TRAININGS)
+        _choice("run.training", self.run.training, self.allowed_trainings())
         _choice("data.dataset", self.data.dataset, DATASETS)
         _choice("model.arch", self.model.arch, tuple(ARCHS))
         _choice("adversary.method", self.adversary.method, ATTACK_METHODS)
@@ -159,6 +162,8 @@ class TrainConfig:
                 raise UserError(
                     f"checkpoint epoch {epoch} is outside 1..{o.epochs} (the last epoch is {o.epochs})"
                 )
+        if self.data.dataset == "synthetic" and self.data.synthetic_classes < 2:
+            raise UserError("data.synthetic_classes must be >= 2")
         teacher = self.run.teacher_epoch
         if teacher is not None and teacher not in self.run.checkpoint_epochs:
             raise UserError(

@@ -58,11 +58,13 @@ def check_store(experiment: str) -> str:
 
 @contextlib.contextmanager
 def managed_run(experiment: str, run_name: str | None = None, run_id: str | None = None,
-                tags: dict[str, str] | None = None, nested: bool = False) -> Iterator[mlflow.ActiveRun]:
+                tags: dict[str, str] | None = None, nested: bool = False,
+                fresh: bool = False) -> Iterator[mlflow.ActiveRun]:
     """Start (or reopen) a run that always ends FINISHED or FAILED.
 
     SIGTERM is turned into an exception for the duration, so a killed job still closes its run.
-    Under `mlflow run`, MLFLOW_RUN_ID names the run the project launcher created; we adopt it.
+    Under `mlflow run`, MLFLOW_RUN_ID names the run the project launcher created; we adopt it,
+    unless `fresh` asks for a separate run (e.g. a reusable teacher-logit artifact).
     """
     if not nested:
         check_store(experiment)
@@ -74,9 +76,14 @@ def managed_run(experiment: str, run_name: str | None = None, run_id: str | None
     with contextlib.suppress(ValueError):  # not in the main thread: leave signals alone
         signal.signal(signal.SIGTERM, on_sigterm)
     run = None
-    adopted = run_id or (None if nested else os.environ.get("MLFLOW_RUN_ID"))
+    adopted = run_id or (None if nested or fresh else os.environ.get("MLFLOW_RUN_ID"))
+    launcher_run = os.environ.pop("MLFLOW_RUN_ID", None) if fresh else None
     try:
-        run = mlflow.start_run(run_id=run_id, run_name=None if run_id else run_name, tags=tags, nested=nested)
+        try:
+            run = mlflow.start_run(run_id=run_id, run_name=None if run_id else run_name, tags=tags, nested=nested)
+        finally:
+            if launcher_run:
+                os.environ["MLFLOW_RUN_ID"] = launcher_run
         yield run
     except BaseException:
         if run is not None:
@@ -143,6 +150,18 @@ def log_dataset_input(name: str, digest: str, source: str, context: str, n_rows:
     src = HTTPDatasetSource(url=f"robustlogits://{name}/{source.replace(':', '/')}")
     dataset = MetaDataset(source=src, name=name, digest=digest)
     mlflow.log_input(dataset, context=context, tags={"rows": str(n_rows)} if n_rows else None)
+
+
+def log_model_inputs(model_ids: list[str]) -> None:
+    """Record models (e.g. the attacked model, a student's teachers) as inputs of the active run.
+
+    The fluent `mlflow.log_inputs(models=...)` is Databricks-only; the client API works everywhere.
+    """
+    from mlflow.entities import LoggedModelInput
+
+    ids = [m for m in model_ids if m]
+    if ids:
+        MlflowClient().log_inputs(mlflow.active_run().info.run_id, models=[LoggedModelInput(m) for m in ids])
 
 
 # --- models and the registry ------------------------------------------------------------------

@@ -69,8 +69,10 @@ def config_from_run(run_id: str) -> TrainConfig:
 class EpochLogger:
     """What happens after each epoch: evaluation, metrics, artifacts, checkpoints, state."""
 
-    def __init__(self, cfg: TrainConfig, bundle: DataBundle, state: TrainState, run_id: str):
+    def __init__(self, cfg: TrainConfig, bundle: DataBundle, state: TrainState, run_id: str,
+                 version_tags: dict | None = None):
         self.cfg, self.bundle, self.state, self.run_id = cfg, bundle, state, run_id
+        self.version_tags = version_tags or {}  # e.g. a student's lineage
         m = cfg.monitor
         n_monitor = min(m.robust_examples, len(bundle.test))
         self.monitor_split = bundle.test.subset(
@@ -135,7 +137,7 @@ class EpochLogger:
         tags = {"epoch": epoch, "training": cfg.run.training, "seed": cfg.run.seed, "dataset": cfg.data.dataset,
                 "arch": cfg.model.arch, "preset": cfg.preset, "natural_accuracy": f"{accuracy:.4f}",
                 "num_classes": self.bundle.num_classes, "source_run_id": self.run_id,
-                "test_logits_artifact": f"test_logits/epoch_{epoch:04d}.npz"}
+                "test_logits_artifact": f"test_logits/epoch_{epoch:04d}.npz"} | self.version_tags
         version = tracking.register_version(info.model_uri, cfg.registered_model_name(), tags)
         self.state.extra.setdefault("versions", {})[epoch] = version.version
         return accuracy
@@ -180,7 +182,7 @@ def run_training(cfg: TrainConfig, resume: str | None = None, progress: bool | N
 def finish(cfg: TrainConfig, state: TrainState, run_id: str) -> None:
     teacher = cfg.resolved_teacher_epoch()
     versions = state.extra.get("versions", {})
-    if teacher is not None and teacher in versions:
+    if teacher is not None and teacher in versions and (cfg.run.teacher_stage or cfg.run.teacher_alias):
         tracking.promote(cfg.registered_model_name(), versions[teacher], cfg.run.teacher_stage, cfg.run.teacher_alias)
         mlflow.set_tag("teacher_version", versions[teacher])
     histograms = load_histograms(run_id)

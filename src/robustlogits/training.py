@@ -55,6 +55,42 @@ def adversarial_objective(adv: AdversaryConfig, amp: bool) -> Objective:
     return Objective("adversarial", cross_entropy, attack)
 
 
+DISTILLATION_LOSSES = ("l1", "kl", "mse")
+
+
+@dataclass
+class LogitTargetLoss:
+    """Match fixed per-image target logits, looked up by each image's position in the train split.
+
+    l1:  sum over classes of |z - t|, mean over the batch (the paper's choice, A.3 point 2);
+    mse: half the squared error summed over classes, mean over the batch;
+    kl:  T^2 * KL(softmax(t/T) || softmax(z/T)), mean over the batch (Hinton et al.).
+    Per-example sums keep gradient scales comparable to cross-entropy at the same learning rate.
+    """
+
+    targets: torch.Tensor
+    kind: str = "l1"
+    temperature: float = 1.0
+
+    def __call__(self, logits: torch.Tensor, _labels: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        z, t = logits.float(), self.targets[positions]
+        if self.kind == "l1":
+            return (z - t).abs().sum(1).mean()
+        if self.kind == "mse":
+            return 0.5 * (z - t).pow(2).sum(1).mean()
+        temp = self.temperature
+        return F.kl_div(F.log_softmax(z / temp, 1), F.log_softmax(t / temp, 1), log_target=True,
+                        reduction="batchmean") * temp * temp
+
+
+def distillation_objective(targets: torch.Tensor, kind: str, temperature: float) -> Objective:
+    if kind not in DISTILLATION_LOSSES:
+        raise UserError(f"unknown distillation loss {kind!r}; choose one of: {', '.join(DISTILLATION_LOSSES)}")
+    if not temperature > 0:
+        raise UserError(f"temperature must be > 0, got {temperature}")
+    return Objective("distillation", LogitTargetLoss(targets, kind, temperature))
+
+
 @dataclass
 class EpochResult:
     epoch: int
