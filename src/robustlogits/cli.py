@@ -11,6 +11,7 @@ import logging
 import os
 import re
 import sys
+from pathlib import Path
 from typing import List, Optional
 
 import typer
@@ -160,6 +161,37 @@ def distill(
     apply_overrides(cfg, [*set_, *split_overrides(overrides)])
     run_id = run_distill(cfg)
     typer.echo(f"run {run_id} finished; student registered as {cfg.registered_model_name()}")
+
+
+analyze_app = typer.Typer(help="The paper's analyses: Appendix C theory, manifold capacity.",
+                          no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
+app.add_typer(analyze_app, name="analyze")
+
+
+@analyze_app.command("theory")
+@cli_errors
+def analyze_theory(
+    classes: str = typer.Option("10,100", help="class counts to analyse, comma separated"),
+    error_rate: float = typer.Option(0.196, help="training error rate of the mean-field surface (paper: 19.6%)"),
+    omega_correct: float = typer.Option(1.0, help="Omega for correctly classified samples (eq. 10)"),
+    omega_wrong: float = typer.Option(1.0, help="Omega for misclassified samples (eq. 10)"),
+    runs: Optional[str] = typer.Option(None, help="RUN_ID[:EPOCH],...: place these runs' test logits on the model's axes"),
+    out: str = typer.Option("outputs/theory", help="folder for figures and theory.json"),
+    track: bool = typer.Option(True, help="log figures and numbers to an MLflow run"),
+):
+    """Appendix C: admissible max logits (C.1), mean-field loss surface (C.2), FGSM gap change (C.3)."""
+    from robustlogits.analyze_job import run_theory_job
+
+    try:
+        counts = [int(c) for c in classes.replace(" ", "").split(",") if c]
+    except ValueError:
+        raise UserError(f"--classes must be comma-separated integers, got {classes!r}") from None
+    specs = [s for s in re.split(r"[\s,]+", runs or "") if s]
+    summary = run_theory_job(Path(out), counts, error_rate, omega_correct, omega_wrong, specs, track)
+    for count, info in summary["class_counts"].items():
+        typer.echo(f"{count} classes: misclassified samples need max logit > {info['misclassified_threshold']:.4f} "
+                   f"(paper: 3.5); correct samples need max logit <= {info['correct_upper_bound']:.4f}")
+    typer.echo(f"figures and theory.json in {out}" + (f"; run {summary['run_id']}" if "run_id" in summary else ""))
 
 
 @app.command("config")
