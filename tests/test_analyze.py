@@ -33,3 +33,38 @@ def test_theory_bad_run_is_a_clear_error(with_teachers, tmp_path):
     result = CliRunner().invoke(app, ["analyze", "theory", "--runs", "deadbeef", "--out", str(tmp_path / "o")])
     assert result.exit_code == 2 and "no run 'deadbeef'" in result.output
     assert not (tmp_path / "o").exists()
+
+
+def test_manifold_runs_every_stage_and_logs_per_layer_metrics(with_teachers, tmp_path):
+    result = CliRunner().invoke(app, ["analyze", "manifold", "--models", "synthetic-cnn-tiny-st", "synthetic-cnn-tiny-at",
+                                      "--n-images", "8", "--n-perturbations", "6", "--n-features", "40",
+                                      "--pgd-steps", "2", "--out", str(tmp_path / "m")])
+    assert result.exit_code == 0, result.output
+    summary = json.loads((tmp_path / "m" / "manifold.json").read_text())
+    stages = ["input", "block1", "block2", "block3", "logits"]
+    assert len(summary["models"]) == 2
+    for table in summary["models"].values():
+        assert table["stage"] == stages
+        assert all(c > 0 for c in table["capacity"]) and all(r >= 0 for r in table["radius"])
+        assert table["width"][0] == 3 * 32 * 32
+    assert (tmp_path / "m" / "figure5_manifold.png").is_file()
+    client = MlflowClient()
+    parent_id = result.output.strip().split("run ")[-1]
+    parent = client.get_run(parent_id)
+    assert parent.info.status == "FINISHED"
+    children = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent_id}'")
+    assert len(children) == 2
+    for child in children:
+        assert [m.step for m in client.get_metric_history(child.info.run_id, "capacity")] == list(range(5))
+        assert {"radius", "dimension", "center_correlation"} <= set(child.data.metrics)
+    assert any(k.endswith(".block2.capacity") for k in parent.data.metrics)
+
+
+def test_manifold_bad_input(with_teachers, tmp_path):
+    too_many = CliRunner().invoke(app, ["analyze", "manifold", "--models", "synthetic-cnn-tiny-at",
+                                        "--n-images", "100000", "--out", str(tmp_path / "m")])
+    assert too_many.exit_code == 2 and "n-images must be in 2.." in too_many.output
+    none = CliRunner().invoke(app, ["analyze", "manifold", "--out", str(tmp_path / "m")])
+    assert none.exit_code == 2 and "at least one model" in none.output
+    unknown = CliRunner().invoke(app, ["analyze", "manifold", "--models", "nope", "--out", str(tmp_path / "m")])
+    assert unknown.exit_code == 2 and "no registered model named 'nope'" in unknown.output

@@ -83,3 +83,59 @@ def run_theory_job(out_dir: Path, class_counts=(10, 100), error_rate: float = 0.
             mlflow.log_artifacts(str(out_dir), "theory")
             summary["run_id"] = mlflow.active_run().info.run_id
     return summary
+
+
+def run_manifold_job(model_specs: list[str], settings, out_dir: Path, data_dir: str | None = None,
+                     dataset: str | None = None, track: bool = True, experiment: str = "robustlogits",
+                     device: str = "auto", progress: bool | None = None) -> dict:
+    """MFTMA per stage for each model; a parent run with the Figure 5 plot, a nested run per model
+    whose metrics use the stage index as step (so the MLflow UI draws them against depth)."""
+    from robustlogits.attack_job import load_test_split, resolve_and_load, synthetic_params_from_run
+    from robustlogits.manifold_pipeline import analyse_model, choose_images, figure5, figure_a8
+    from robustlogits.train_job import resolve_device
+
+    if not model_specs:
+        raise UserError("give at least one model (registry URI, registered name, or runs:/ID/PATH)")
+    if track:
+        tracking.check_store(experiment)
+    dev = resolve_device(device)
+    models = [resolve_and_load(spec, device=dev) for spec in model_specs]
+    datasets = {dataset or m.dataset for m in models}
+    if None in datasets or len(datasets) != 1:
+        raise UserError(f"models must share one known dataset (found {sorted(map(str, datasets))}); pass --dataset")
+    name = datasets.pop()
+    synthetic = synthetic_params_from_run(models[0].source_run_id) if name == "synthetic" else None
+    test, _ = load_test_split(name, data_dir or models[0].data_dir, dev, synthetic)
+    settings.validate(len(test))
+    images = choose_images(test, settings)
+    results = [analyse_model(m.model, m.describe(), images, settings, progress) for m in models]
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    summary = {"settings": vars(settings), "dataset": name, "image_indices": images.indices.tolist(),
+               "models": {r.label: {"uri": m.uri, **r.table(), "details": [s.result.to_dict() for s in r.stages]}
+                          for r, m in zip(results, models)}}
+    (out_dir / "manifold.json").write_text(json.dumps(summary, indent=1, default=str))
+    figures = {"figure5_manifold.png": figure5(results)}
+    if settings.simulated:
+        figures["figure_a8_mean_field_vs_simulated.png"] = figure_a8(results)
+    for filename, fig in figures.items():
+        fig.savefig(out_dir / filename, dpi=120)
+    if track:
+        with tracking.managed_run(experiment, run_name="analyze-manifold",
+                                  tags={"robustlogits.job": "analyze-manifold", "dataset": name}) as parent:
+            tracking.log_params({f"manifold.{k}": v for k, v in vars(settings).items()} | {"models": model_specs})
+            tracking.log_model_inputs([m.model_id for m in models])
+            for result, model in zip(results, models):
+                with tracking.managed_run(experiment, run_name=f"manifold {result.label}", nested=True,
+                                          tags={"robustlogits.job": "analyze-manifold-model", "model_uri": model.uri,
+                                                "stages": ",".join(s.stage for s in result.stages)}):
+                    for step, stage in enumerate(result.stages):
+                        mlflow.log_metrics(stage.metrics(), step=step)
+                for stage in result.stages:
+                    mlflow.log_metrics({re.sub(r"[^0-9A-Za-z_\-./ ]", "_", f"{result.label}.{stage.stage}.{k}"): v
+                                        for k, v in stage.metrics().items()}, run_id=parent.info.run_id)
+            for filename, fig in figures.items():
+                tracking.log_figure(fig, f"manifold/{filename}")
+            mlflow.log_artifact(str(out_dir / "manifold.json"), "manifold")
+            summary["run_id"] = parent.info.run_id
+    return summary

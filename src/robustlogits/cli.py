@@ -194,6 +194,38 @@ def analyze_theory(
     typer.echo(f"figures and theory.json in {out}" + (f"; run {summary['run_id']}" if "run_id" in summary else ""))
 
 
+@analyze_app.command("manifold")
+@cli_errors
+def analyze_manifold(
+    models: Optional[str] = typer.Option(None, "--models", help="models to compare (registry URIs or names); more may follow as arguments"),
+    more_models: Optional[List[str]] = typer.Argument(None, help="further models"),
+    n_images: int = typer.Option(50, help="P: test images (stratified), one manifold each"),
+    n_perturbations: int = typer.Option(50, help="M: points per manifold in the eps ball"),
+    n_features: int = typer.Option(500, help="N: random projection width for wider stages"),
+    eps: str = typer.Option("8/255", help="Linf radius of the perturbation manifolds"),
+    pgd_steps: int = typer.Option(5, help="PGD steps from each random start (0: random points of the ball)"),
+    simulated: bool = typer.Option(False, help="also bisect for the simulated capacity (slow; Figure A.8)"),
+    seed: int = typer.Option(0),
+    dataset: Optional[str] = typer.Option(None, help="default: the models' dataset"),
+    data_dir: Optional[str] = typer.Option(None, help="default: the first model's training data directory"),
+    out: str = typer.Option("outputs/manifold", help="folder for the figure and manifold.json"),
+    track: bool = typer.Option(True, help="log to MLflow (a parent run plus one nested run per model)"),
+    device: str = typer.Option("auto"),
+):
+    """Figure 5: manifold capacity, radius, dimension and centre correlation per stage (MFTMA)."""
+    from robustlogits.analyze_job import run_manifold_job
+    from robustlogits.manifold_pipeline import ManifoldSettings
+
+    specs = [s for s in re.split(r"[\s,]+", models or "") if s] + list(more_models or [])
+    settings = ManifoldSettings(n_images=n_images, n_perturbations=n_perturbations, n_features=n_features,
+                                eps=_eps(eps), pgd_steps=pgd_steps, simulated=simulated, seed=seed)
+    summary = run_manifold_job(specs, settings, Path(out), _blank(data_dir), _blank(dataset), track, device=device)
+    for label, table in summary["models"].items():
+        cells = ", ".join(f"{s} {c:.3f}" for s, c in zip(table["stage"], table["capacity"]))
+        typer.echo(f"{label}: capacity per stage: {cells}")
+    typer.echo(f"figure and manifold.json in {out}" + (f"; run {summary['run_id']}" if "run_id" in summary else ""))
+
+
 @app.command("config")
 @cli_errors
 def show_config(preset: str = typer.Option("smoke", help="preset to print")):
