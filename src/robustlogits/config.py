@@ -77,7 +77,7 @@ class MonitorConfig:
     # Fixed histogram bins so epochs and runs compare (values outside go to under/overflow).
     max_logit_range: tuple[float, float] = (-5.0, 45.0)
     gap_range: tuple[float, float] = (0.0, 40.0)
-    bins: int = 200
+    bins: int = 400
     # Cheap PGD robustness monitor on a fixed test subset, every `robust_every` epochs (0 = off).
     robust_every: int = 5
     robust_examples: int = 500
