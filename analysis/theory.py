@@ -42,7 +42,7 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.colors import LogNorm
 from matplotlib.figure import Figure
-from scipy import optimize, special
+from scipy import optimize
 
 from robustlogits.errors import UserError
 

@@ -8,7 +8,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import mlflow
 import numpy as np
 import pytest
 import torch

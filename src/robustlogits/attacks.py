@@ -23,7 +23,7 @@ import platform
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -37,7 +37,6 @@ __all__ = [
     "SUITES",
     "check_bounds",
     "evaluate_robustness",
-    "stratified_subset",
 ]
 
 log = logging.getLogger("robustlogits.attacks")
@@ -189,36 +188,6 @@ def _csv_cell(v: Any) -> Any:
 
 # ---------------------------------------------------------------------------------------
 # helpers
-
-
-def stratified_subset(labels: Sequence[int] | np.ndarray | torch.Tensor, n: int, seed: int = 0) -> np.ndarray:
-    """Sorted indices of ``n`` examples with class proportions as in ``labels``.
-
-    A plain random subset of a few hundred test points can skew the class mix enough to
-    move accuracy by points; per-class quotas (largest remainder) avoid that.
-    """
-    y = labels.cpu().numpy() if isinstance(labels, torch.Tensor) else np.asarray(labels)
-    y = y.reshape(-1)
-    total = y.shape[0]
-    if isinstance(n, bool) or not isinstance(n, (int, np.integer)):
-        raise UserError(f"n-examples must be an integer, got {n!r}")
-    if n < 1:
-        raise UserError(f"n-examples must be at least 1, got {n}")
-    if n > total:
-        raise UserError(f"n-examples is {n} but the split has only {total} examples")
-    if n == total:
-        return np.arange(total, dtype=np.int64)
-    rng = np.random.default_rng(seed)
-    classes, counts = np.unique(y, return_counts=True)
-    share = counts * (n / total)
-    quota = np.floor(share).astype(np.int64)
-    left = n - int(quota.sum())
-    if left:
-        order = rng.permutation(len(classes))  # random tie-break among equal remainders
-        by_remainder = order[np.argsort(-(share - quota)[order], kind="stable")]
-        quota[by_remainder[:left]] += 1
-    picked = [rng.choice(np.flatnonzero(y == c), size=q, replace=False) for c, q in zip(classes, quota) if q]
-    return np.sort(np.concatenate(picked)).astype(np.int64)
 
 
 def check_bounds(x_adv: torch.Tensor, x: torch.Tensor, eps: float, tol: float = BOUNDS_TOLERANCE) -> None:

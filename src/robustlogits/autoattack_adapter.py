@@ -246,9 +246,12 @@ class APGD:
 
         The library re-seeds torch's global RNG with the attack's seed on every call, so a
         batch's result depends only on its content and the seed, not on earlier batches.
+        Runs under ``no_grad`` as ``run_standard_evaluation`` does: the attack enables grad
+        only around the model call, and outside it its bookkeeping on the iterate would
+        otherwise be recorded by autograd (about 10-20% slower on a small CNN).
         """
         self.attack.loss = self.loss
-        with self.collector.capture():
+        with self.collector.capture(), torch.no_grad():
             return self.attack.perturb(x, y)
 
 
