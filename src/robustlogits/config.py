@@ -190,17 +190,16 @@ def _smoke() -> TrainConfig:
     """Sub-minute CPU run on a real CIFAR-10 subset: enough for AT and ST logits to differ."""
     cfg = TrainConfig(preset="smoke")
     cfg.model.arch = "cnn-small"
-    cfg.data.train_subset = 2500
+    cfg.data.train_subset = 4000
     cfg.data.stats_subset = 1000
     cfg.data.heldout_subset = 1000
-    cfg.optim.epochs = 4
-    cfg.optim.lr = 0.05
+    cfg.optim.epochs = 5
     cfg.adversary.steps = 5
     cfg.adversary.step_size = 2.5 * (8 / 255) / 5
-    cfg.monitor.robust_every = 2
+    cfg.monitor.robust_every = 1
     cfg.monitor.robust_examples = 200
     cfg.monitor.robust_steps = 10
-    cfg.run.checkpoint_epochs = (2, 4)
+    cfg.run.checkpoint_epochs = (3, 5)
     return cfg
 
 
