@@ -151,11 +151,17 @@ def test_headline_mlflow_run_command(with_teachers):
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"
     proc = subprocess.run(
         [sys.executable, "-m", "mlflow", "run", str(REPO), "-e", "distill", "--env-manager", "local",
-         "-P", "manipulation=permute", "-P", "k=3", "-P", "preset=test"],
+         "-P", "manipulation=permute", "-P", "k=3", "-P", "preset=test",
+         "-P", "overrides=distill.teacher_logits_seed=123"],  # fresh teacher logits: a run of their own
         env=env, capture_output=True, text=True, timeout=300, cwd=with_teachers["root"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     latest = max(runs("distill"), key=lambda r: r.info.start_time)
     assert latest.info.status == "FINISHED"
     assert latest.data.tags["manipulation"] == "permute" and latest.data.tags["teacher_name"] == AT
     assert "mlflow.project.entryPoint" in latest.data.tags  # the launcher's own run was adopted
+    assert latest.data.params["teacher_logits_reused"] == "False"
+    logits_run = MlflowClient().get_run(latest.data.tags["teacher_logits_run"])
+    assert logits_run.data.tags["robustlogits.job"] == "teacher-logits" and logits_run.info.status == "FINISHED"
+    launched = [r for r in runs() if "mlflow.project.entryPoint" in r.data.tags and r.info.start_time >= latest.info.start_time - 60_000]
+    assert [r.info.run_id for r in launched] == [latest.info.run_id]  # no empty launcher run left behind
     assert all(r.info.status != "RUNNING" for r in runs())

@@ -77,13 +77,11 @@ def managed_run(experiment: str, run_name: str | None = None, run_id: str | None
         signal.signal(signal.SIGTERM, on_sigterm)
     run = None
     adopted = run_id or (None if nested or fresh else os.environ.get("MLFLOW_RUN_ID"))
+    # MLflow consumes MLFLOW_RUN_ID on start and unsets it on end: a fresh run hides it throughout
+    # and puts it back afterwards, so the launcher's run is still there for the main job.
     launcher_run = os.environ.pop("MLFLOW_RUN_ID", None) if fresh else None
     try:
-        try:
-            run = mlflow.start_run(run_id=run_id, run_name=None if run_id else run_name, tags=tags, nested=nested)
-        finally:
-            if launcher_run:
-                os.environ["MLFLOW_RUN_ID"] = launcher_run
+        run = mlflow.start_run(run_id=run_id, run_name=None if run_id else run_name, tags=tags, nested=nested)
         yield run
     except BaseException:
         if run is not None:
@@ -95,6 +93,8 @@ def managed_run(experiment: str, run_name: str | None = None, run_id: str | None
     else:
         mlflow.end_run("FINISHED")
     finally:
+        if launcher_run:
+            os.environ["MLFLOW_RUN_ID"] = launcher_run
         with contextlib.suppress(ValueError):
             signal.signal(signal.SIGTERM, previous)
 
