@@ -82,7 +82,7 @@ def test_teacher_logits_are_reused_not_recomputed(with_teachers):
 
 
 def test_hybrid_uses_the_standard_teacher(with_teachers):
-    result = distill("--manipulation", "hybrid", "--no-attack")
+    result = distill("--manipulation", "hybrid", "--no-attack", "--set", "optim.epochs=1")
     assert result.exit_code == 0, result.output
     tags = MlflowClient().get_run(run_id_of(result)).data.tags
     assert tags["st_teacher_name"] == ST

@@ -156,6 +156,16 @@ def test_bad_input_is_one_clear_line_and_writes_nothing(tmp_path, args, message)
     assert all_runs() == []
 
 
+def test_epochs_override_keeps_preset_checkpoints_that_exist():
+    explicit = CliRunner().invoke(app, ["train", "--preset", "test", "--epochs", "1", "--teacher-epoch", "2"])
+    assert explicit.exit_code == 2 and "teacher epoch 2 is not a checkpoint epoch" in explicit.output
+    result = CliRunner().invoke(app, ["train", "--preset", "test", "--epochs", "1"])
+    assert result.exit_code == 0, result.output
+    versions = MlflowClient().search_model_versions("name='synthetic-cnn-tiny-st'")
+    assert [v.tags["epoch"] for v in versions] == ["1"]  # the preset's (1, 2) became (1,)
+    assert str(MlflowClient().get_model_version_by_alias("synthetic-cnn-tiny-st", "teacher").version) == "1"
+
+
 def test_corrupt_data_is_a_clear_error(tmp_path):
     folder = tmp_path / "data" / "cifar-10-batches-py"
     folder.mkdir(parents=True)

@@ -78,8 +78,12 @@ def train(
     pairs = [("data.dataset", _blank(dataset)), ("model.arch", _blank(arch)), ("data.data_dir", _blank(data_dir)),
              ("optim.epochs", epochs), ("run.checkpoint_epochs", _blank(checkpoint_epochs)),
              ("run.teacher_epoch", teacher_epoch), ("run.seed", seed)]
+    extra = [*set_, *split_overrides(overrides)]
     apply_overrides(cfg, [f"{k}={v}" for k, v in pairs if v is not None])
-    apply_overrides(cfg, [*set_, *split_overrides(overrides)])
+    apply_overrides(cfg, extra)
+    if not _blank(checkpoint_epochs) and not any(o.startswith("run.checkpoint_epochs") for o in extra):
+        user_teacher = teacher_epoch is not None or any(o.startswith("run.teacher_epoch") for o in extra)
+        cfg.fit_schedule_to_epochs(keep_teacher=user_teacher)  # preset checkpoints follow --epochs
     run_id = run_training(cfg, resume=resume)
     typer.echo(f"run {run_id} finished; registered model {cfg.registered_model_name()}")
 
@@ -156,8 +160,6 @@ def distill(
              ("distill.attack_n_examples", n_examples or None),
              ("distill.teacher_logits_run", _blank(teacher_logits_run))]
     apply_overrides(cfg, [f"{key}={value}" for key, value in pairs if value is not None])
-    if epochs is not None:
-        cfg.run.checkpoint_epochs = (epochs,)
     apply_overrides(cfg, [*set_, *split_overrides(overrides)])
     run_id = run_distill(cfg)
     typer.echo(f"run {run_id} finished; student registered as {cfg.registered_model_name()}")

@@ -137,6 +137,16 @@ class TrainConfig:
             return self.run.teacher_epoch
         return max(self.run.checkpoint_epochs) if self.run.checkpoint_epochs else None
 
+    def fit_schedule_to_epochs(self, keep_teacher: bool = False) -> None:
+        """After `--epochs` overrides a preset: keep the preset's checkpoints that still exist,
+        always checkpoint the last epoch, and drop a preset teacher epoch that no longer exists
+        (a teacher epoch the user gave is kept, and validated)."""
+        epochs = self.optim.epochs
+        kept = sorted({e for e in self.run.checkpoint_epochs if e <= epochs} | {epochs})
+        self.run.checkpoint_epochs = tuple(kept)
+        if not keep_teacher and self.run.teacher_epoch is not None and self.run.teacher_epoch not in kept:
+            self.run.teacher_epoch = None
+
     def validate(self) -> None:
         """Fail before anything is written: every check a user could trip over lives here."""
         from robustlogits.models import ARCHS

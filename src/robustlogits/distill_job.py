@@ -120,7 +120,7 @@ def distill_preset(name: str) -> DistillConfig:
     base = preset(name)
     cfg = DistillConfig(**{f.name: getattr(base, f.name) for f in dataclasses.fields(TrainConfig)})
     cfg.run.training = "distillation"
-    cfg.run.checkpoint_epochs = (cfg.optim.epochs,)
+    cfg.run.checkpoint_epochs = ()  # empty: the student is registered at its last epoch
     cfg.run.teacher_epoch = None
     cfg.run.teacher_stage = ""
     cfg.run.teacher_alias = ""
@@ -218,6 +218,8 @@ def obtain_teacher_logits(teacher: ResolvedModel, cfg: DistillConfig, split: Spl
 # --- the job -------------------------------------------------------------------------------------
 
 def run_distill(cfg: DistillConfig, progress: bool | None = None) -> str:
+    if not cfg.run.checkpoint_epochs:
+        cfg.run.checkpoint_epochs = (cfg.optim.epochs,)
     cfg.validate()
     tracking.check_store(cfg.run.experiment)
     device = resolve_device(cfg.run.device)
