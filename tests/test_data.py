@@ -150,6 +150,17 @@ def test_missing_data_says_what_was_looked_for(tmp_path):
     assert "cifar-100-python" in message and "train/<class>" in message and "--data-dir" in message
 
 
+def test_default_search_uses_env_then_local_and_shared_folders(tmp_path, monkeypatch):
+    write_cifar10_pickles(tmp_path / "shared" / "data")
+    (tmp_path / "repo").mkdir()
+    monkeypatch.chdir(tmp_path / "repo")
+    monkeypatch.delenv("ROBUSTLOGITS_DATA", raising=False)
+    assert data.load_raw("cifar10").train_images.shape == (100, 3, 32, 32)  # found in ../shared/data
+    monkeypatch.setenv("ROBUSTLOGITS_DATA", str(tmp_path / "elsewhere"))
+    with pytest.raises(UserError, match="elsewhere"):
+        data.load_raw("cifar10")
+
+
 def test_unknown_dataset():
     with pytest.raises(UserError, match="unknown dataset 'mnist'"):
         data.load_raw("mnist")

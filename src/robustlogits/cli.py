@@ -59,7 +59,7 @@ def train(
     preset: str = typer.Option("smoke", help="smoke | study | paper (see `robustlogits config`)"),
     dataset: Optional[str] = typer.Option(None, help="cifar10 | cifar100 | synthetic (default: the preset's)"),
     arch: Optional[str] = typer.Option(None, help="resnet18 | resnet18-w32 | resnet18-w16 | resnet20 | cnn-small | cnn-tiny"),
-    data_dir: Optional[str] = typer.Option(None, help="where the data is (default: $ROBUSTLOGITS_DATA or ./data)"),
+    data_dir: Optional[str] = typer.Option(None, help="where the data is (default: $ROBUSTLOGITS_DATA, else ./data, then ../shared/data)"),
     epochs: Optional[int] = typer.Option(None, help="override optim.epochs"),
     checkpoint_epochs: Optional[str] = typer.Option(None, help="comma list, e.g. 20,40,200"),
     teacher_epoch: Optional[int] = typer.Option(None, help="checkpoint promoted as the teacher (paper: 40)"),

@@ -50,8 +50,12 @@ def cache_root() -> Path:
     return Path(os.environ.get("ROBUSTLOGITS_CACHE", Path.home() / ".cache" / "robustlogits"))
 
 
-def default_data_dir() -> Path:
-    return Path(os.environ.get("ROBUSTLOGITS_DATA", "data"))
+def default_data_dirs() -> list[Path]:
+    """Where data is looked for when no --data-dir is given: $ROBUSTLOGITS_DATA if set, else
+    ./data and the project's shared data folder beside the checkout (../shared/data)."""
+    if os.environ.get("ROBUSTLOGITS_DATA"):
+        return [Path(os.environ["ROBUSTLOGITS_DATA"])]
+    return [Path("data"), Path("..") / "shared" / "data"]
 
 
 def load_raw(dataset: str, data_dir: str | Path | None = None, *, synthetic: dict | None = None) -> RawDataset:
@@ -60,29 +64,43 @@ def load_raw(dataset: str, data_dir: str | Path | None = None, *, synthetic: dic
         return make_synthetic(**(synthetic or {}))
     if dataset not in ("cifar10", "cifar100"):
         raise UserError(f"unknown dataset {dataset!r}; choose one of: cifar10, cifar100, synthetic")
-    root = Path(data_dir) if data_dir else default_data_dir()
+    roots = [Path(data_dir)] if data_dir else default_data_dirs()
     looked: list[str] = []
+    for root in roots:
+        found = _load_from_root(root, dataset, looked)
+        if found is not None:
+            return found
+    downloaded = _try_torchvision_download(dataset, looked)
+    if downloaded is not None:
+        return _load_from_dir(downloaded, dataset, looked)
+    where = " or ".join(str(r) for r in roots)
+    raise UserError(
+        f"no {dataset} data found under {where}. Looked for: {'; '.join(looked)}. "
+        "Point --data-dir (or ROBUSTLOGITS_DATA) at a folder holding the official python pickles "
+        f"({_pickle_dirname(dataset)}/), an image-folder layout (train/<class>/*.jpg, test/<class>/*.jpg), "
+        "or a .tar.gz of either."
+    )
+
+
+def _load_from_root(root: Path, dataset: str, looked: list[str]) -> RawDataset | None:
+    """Pickles, then an image folder, then a .tar.gz of either, in and just below `root`."""
+    if not root.exists():
+        looked.append(f"{root} (does not exist)")
+        return None
     for candidate in _candidate_dirs(root, dataset):
         found = _load_from_dir(candidate, dataset, looked)
         if found is not None:
             return found
     archive = _find_archive(root, dataset)
-    if archive is not None:
-        extracted = _extract_archive(archive)
-        for candidate in _candidate_dirs(extracted, dataset):
-            found = _load_from_dir(candidate, dataset, looked)
-            if found is not None:
-                return found
-        looked.append(f"archive {archive} (extracted to {extracted}, no known layout inside)")
-    downloaded = _try_torchvision_download(dataset, looked)
-    if downloaded is not None:
-        return _load_from_dir(downloaded, dataset, looked)
-    raise UserError(
-        f"no {dataset} data found under {root}. Looked for: {'; '.join(looked)}. "
-        "Point --data-dir (or ROBUSTLOGITS_DATA) at a folder holding the official python pickles "
-        f"({_pickle_dirname(dataset)}/), an image-folder layout (train/<class>/*.jpg, test/<class>/*.jpg), "
-        "or a .tar.gz of either."
-    )
+    if archive is None:
+        return None
+    extracted = _extract_archive(archive)
+    for candidate in _candidate_dirs(extracted, dataset):
+        found = _load_from_dir(candidate, dataset, looked)
+        if found is not None:
+            return found
+    looked.append(f"archive {archive} (extracted to {extracted}, no known layout inside)")
+    return None
 
 
 def _pickle_dirname(dataset: str) -> str:
