@@ -1,11 +1,12 @@
-"""MLproject entry point `analyze`: `-P mode=theory` (Appendix C) or `-P mode=manifold` (Figure 5).
+"""MLproject entry point `analyze`: `-P mode=theory` (Appendix C), `manifold` (Figure 5) or
+`gap` (Figure 2, from attack runs given as `-P runs=ID,ID`).
 
 MLproject passes every parameter; this thin layer hands the relevant ones to the CLI command.
 """
 
 import typer
 
-from robustlogits.cli import analyze_manifold, analyze_theory, single_command
+from robustlogits.cli import analyze_gap, analyze_manifold, analyze_theory, single_command
 
 
 def analyze(mode: str = "theory", runs: str = "", models: str = "", classes: str = "10,100",
@@ -18,8 +19,10 @@ def analyze(mode: str = "theory", runs: str = "", models: str = "", classes: str
         analyze_manifold(models=models, more_models=None, n_images=n_images, n_perturbations=n_perturbations,
                          n_features=n_features, eps="8/255", pgd_steps=pgd_steps, simulated=False, seed=0,
                          dataset=None, data_dir=None, out=out or "outputs/manifold", track=True, device="auto")
+    elif mode == "gap":
+        analyze_gap(runs=runs, bins=10, max_gap=None, out=out or "outputs/gap", track=True)
     else:
-        typer.echo(f"error: unknown mode {mode!r}; choose theory or manifold", err=True)
+        typer.echo(f"error: unknown mode {mode!r}; choose theory, manifold or gap", err=True)
         raise typer.Exit(2)
 
 

@@ -68,3 +68,23 @@ def test_manifold_bad_input(with_teachers, tmp_path):
     assert none.exit_code == 2 and "at least one model" in none.output
     unknown = CliRunner().invoke(app, ["analyze", "manifold", "--models", "nope", "--out", str(tmp_path / "m")])
     assert unknown.exit_code == 2 and "no registered model named 'nope'" in unknown.output
+
+
+def test_gap_robustness_from_attack_runs(with_teachers, tmp_path):
+    from robustlogits.attack_job import AttackConfig, run_attack
+
+    runs = [run_attack(AttackConfig(model=m, n_examples=60, n_iter=5), progress=False)[0]
+            for m in ("synthetic-cnn-tiny-st", "synthetic-cnn-tiny-at")]
+    result = CliRunner().invoke(app, ["analyze", "gap", "--runs", ",".join(runs), "--bins", "4",
+                                      "--out", str(tmp_path / "g")])
+    assert result.exit_code == 0, result.output
+    summary = json.loads((tmp_path / "g" / "gap_robustness.json").read_text())
+    assert len(summary["edges"]) == 5 and len(summary["models"]) == 2
+    for info in summary["models"].values():
+        table = info["bins"]
+        assert sum(table["n"]) == 60  # every example lands in a bin (the last bin is open-ended)
+        total = sum(a * n for a, n in zip(table["adversarial_accuracy"], table["n"]) if n)
+        assert abs(total / 60 - info["adversarial_accuracy"]) < 1e-9
+    assert (tmp_path / "g" / "figure2_gap_robustness.png").is_file()
+    bad = CliRunner().invoke(app, ["analyze", "gap", "--runs", "nope", "--out", str(tmp_path / "x")])
+    assert bad.exit_code == 2 and "no run 'nope'" in bad.output

@@ -139,3 +139,69 @@ def run_manifold_job(model_specs: list[str], settings, out_dir: Path, data_dir: 
             mlflow.log_artifact(str(out_dir / "manifold.json"), "manifold")
             summary["run_id"] = parent.info.run_id
     return summary
+
+
+def gap_robustness_table(gap: np.ndarray, robust: np.ndarray, correct: np.ndarray, edges: np.ndarray) -> dict:
+    """Per logit-gap bin: examples, natural and adversarial accuracy (Figure 2B's curve)."""
+    which = np.clip(np.digitize(gap, edges) - 1, 0, len(edges) - 2)
+    rows = {"bin_low": edges[:-1].tolist(), "bin_high": edges[1:].tolist(), "n": [], "natural_accuracy": [],
+            "adversarial_accuracy": []}
+    for b in range(len(edges) - 1):
+        members = which == b
+        n = int(members.sum())
+        rows["n"].append(n)
+        rows["natural_accuracy"].append(float(correct[members].mean()) if n else None)
+        rows["adversarial_accuracy"].append(float(robust[members].mean()) if n else None)
+    return rows
+
+
+def run_gap_job(attack_runs: list[str], out_dir: Path, bins: int = 10, max_gap: float | None = None,
+                track: bool = True, experiment: str = "robustlogits") -> dict:
+    """Figure 2: clean logit-gap distributions (A) and adversarial accuracy per gap bin (B),
+    from the per-example artifacts of `attack` runs (or a distillation's final attack)."""
+    from robustlogits.attack_job import load_attack_result
+    from robustlogits.figures import gap_robustness_figure
+    from robustlogits.logits import max_logit_and_gap
+
+    if not attack_runs:
+        raise UserError("give at least one attack run id (robustlogits attack ... prints it)")
+    if bins < 1:
+        raise UserError(f"bins must be >= 1, got {bins}")
+    if track:
+        tracking.check_store(experiment)
+    client = MlflowClient()
+    models = []
+    for run_id in attack_runs:
+        try:
+            tags = client.get_run(run_id).data.tags
+        except Exception:  # noqa: BLE001
+            raise UserError(f"no run {run_id!r} in the tracking store") from None
+        result = load_attack_result(run_id)
+        label = (f"{tags['model_name']} v{tags.get('model_version', '?')}" if "model_name" in tags
+                 else tags.get("mlflow.runName", run_id[:8]))
+        _, gap = max_logit_and_gap(result.clean_logits)
+        correct = result.clean_logits.argmax(1) == result.label
+        models.append((label, run_id, gap, result.robust.astype(bool), correct))
+    top = max_gap or float(max(np.percentile(g, 99) for _, _, g, _, _ in models))
+    edges = np.linspace(0.0, max(top, 1e-6), bins + 1)
+    summary = {"edges": edges.tolist(), "models": {}}
+    for label, run_id, gap, robust, correct in models:
+        summary["models"][label] = {"attack_run": run_id, "mean_gap": float(gap.mean()),
+                                    "adversarial_accuracy": float(robust.mean()),
+                                    "bins": gap_robustness_table(gap, robust, correct, edges)}
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "gap_robustness.json").write_text(json.dumps(summary, indent=1))
+    fig = gap_robustness_figure({label: (gap, robust) for label, _, gap, robust, _ in models}, edges)
+    fig.savefig(out_dir / "figure2_gap_robustness.png", dpi=120)
+    if track:
+        with tracking.managed_run(experiment, run_name="analyze-gap", tags={"robustlogits.job": "analyze-gap"}) as run:
+            tracking.log_params({"attack_runs": attack_runs, "bins": bins, "max_gap": top})
+            for label, info in summary["models"].items():
+                key = re.sub(r"[^0-9A-Za-z_\-./ ]", "_", label)
+                mlflow.log_metrics({f"{key}.mean_gap": info["mean_gap"],
+                                    f"{key}.adversarial_accuracy": info["adversarial_accuracy"]})
+            tracking.log_figure(fig, "gap/figure2_gap_robustness.png")
+            mlflow.log_artifact(str(out_dir / "gap_robustness.json"), "gap")
+            summary["run_id"] = run.info.run_id
+    return summary

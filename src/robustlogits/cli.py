@@ -228,6 +228,25 @@ def analyze_manifold(
     typer.echo(f"figure and manifold.json in {out}" + (f"; run {summary['run_id']}" if "run_id" in summary else ""))
 
 
+@analyze_app.command("gap")
+@cli_errors
+def analyze_gap(
+    runs: str = typer.Option(..., help="attack run ids, comma separated (e.g. an ST and an AT model)"),
+    bins: int = typer.Option(10, help="logit-gap bins"),
+    max_gap: Optional[float] = typer.Option(None, help="upper edge of the last bin (default: 99th percentile)"),
+    out: str = typer.Option("outputs/gap", help="folder for the figure and gap_robustness.json"),
+    track: bool = typer.Option(True, help="log to MLflow"),
+):
+    """Figure 2: logit-gap distributions and adversarial accuracy per gap bin, from attack runs."""
+    from robustlogits.analyze_job import run_gap_job
+
+    summary = run_gap_job([s for s in re.split(r"[\s,]+", runs) if s], Path(out), bins, max_gap, track)
+    for label, info in summary["models"].items():
+        curve = ", ".join("-" if a is None else f"{a:.2f}" for a in info["bins"]["adversarial_accuracy"])
+        typer.echo(f"{label}: mean gap {info['mean_gap']:.3f}; adversarial accuracy per gap bin: {curve}")
+    typer.echo(f"figure and gap_robustness.json in {out}" + (f"; run {summary['run_id']}" if "run_id" in summary else ""))
+
+
 @app.command("config")
 @cli_errors
 def show_config(preset: str = typer.Option("smoke", help="preset to print")):
