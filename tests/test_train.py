@@ -53,7 +53,7 @@ def test_two_epoch_adversarial_run_logs_every_epoch_and_registers_checkpoints():
     assert run.data.params["adversary.eps"] == str(8 / 255)
     # Every per-epoch metric at steps 1 and 2, none duplicated.
     for key in ["train_loss", "train_accuracy", "test_accuracy", "train_clean_accuracy", "monitor_pgd_accuracy",
-                *STAT_KEYS]:
+                "checkpoint_test_accuracy", *STAT_KEYS]:
         assert history_steps(client, run_id, key) == [1, 2], key
     # One histogram per epoch on fixed bins, with every example counted.
     hists = train_job.load_histograms(run_id)

@@ -98,7 +98,7 @@ class EpochLogger:
             metrics.update(self.robustness_monitor())
         tracking.log_json({"epoch": e, "splits": histograms}, f"histograms/epoch_{e:04d}.json")
         if e in cfg.run.checkpoint_epochs:
-            metrics["test_accuracy"] = self.checkpoint(e)
+            metrics["checkpoint_test_accuracy"] = self.checkpoint(e)
         mlflow.log_metrics(metrics, step=e)
         # The state goes last: after a kill, resume restarts at the first epoch not fully logged.
         tracking.log_bytes(self.state.to_bytes(), STATE_ARTIFACT)
