@@ -165,7 +165,7 @@ def distill(
     typer.echo(f"run {run_id} finished; student registered as {cfg.registered_model_name()}")
 
 
-analyze_app = typer.Typer(help="The paper's analyses: Appendix C theory, manifold capacity.",
+analyze_app = typer.Typer(help="The paper's analyses: Appendix C theory (C.1-C.3), logit gaps (Fig. 2), manifolds (Fig. 5).",
                           no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
 app.add_typer(analyze_app, name="analyze")
 
