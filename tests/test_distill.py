@@ -49,6 +49,7 @@ def test_permute_k3_student_is_linked_attacked_and_listed(with_teachers):
     assert tags["teacher_name"] == AT and tags["teacher_version"] == "2"  # the Production teacher
     assert tags["manipulation"] == "permute" and tags["k"] == "3" and tags["loss"] == "l1"
     assert params["distill.manipulation"] == "permute" and params["distill.k"] == "3"
+    assert params["data.val_per_class"] == "0" and params["data.dataset"] == "synthetic"
     assert {"natural_accuracy", "adversarial_accuracy", "targets_teacher_error_rate",
             "targets_frac_argmax_changed", "train_gap_mean", "test_max_logit_skew"} <= set(metrics)
     assert metrics["adversarial_accuracy"] <= metrics["natural_accuracy"]

@@ -51,6 +51,7 @@ def test_two_epoch_adversarial_run_logs_every_epoch_and_registers_checkpoints():
     # Every value of the config is a param.
     assert set(flatten(cfg)) <= set(run.data.params)
     assert run.data.params["adversary.eps"] == str(8 / 255)
+    assert run.data.params["data.val_per_class"] == "0" and run.data.params["run.teacher_epoch"] == "2"
     # Every per-epoch metric at steps 1 and 2, none duplicated.
     for key in ["train_loss", "train_accuracy", "test_accuracy", "train_clean_accuracy", "monitor_pgd_accuracy",
                 "checkpoint_test_accuracy", *STAT_KEYS]:

@@ -229,6 +229,7 @@ def run_distill(cfg: DistillConfig, progress: bool | None = None) -> str:
     st_teacher = resolve_and_load(cfg.st_teacher_spec(), device=device) if d.manipulation == "hybrid" else None
     adopt_teacher_data(cfg, teacher)
     cfg.validate()
+    cfg.data.val_per_class = cfg.resolved_val_per_class()  # logged as what it is, not "None"
     torch.manual_seed(cfg.run.seed)
     bundle = load_bundle(cfg, device)
     for who in filter(None, (teacher, st_teacher)):

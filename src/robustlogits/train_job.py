@@ -152,6 +152,9 @@ def run_training(cfg: TrainConfig, resume: str | None = None, progress: bool | N
         if status == "FINISHED":
             raise UserError(f"run {resume} already FINISHED; nothing to resume")
     cfg.validate()
+    # Log what will actually happen, not "None": defaults that depend on other values are resolved.
+    cfg.data.val_per_class = cfg.resolved_val_per_class()
+    cfg.run.teacher_epoch = cfg.resolved_teacher_epoch()
     device = resolve_device(cfg.run.device)
     torch.manual_seed(cfg.run.seed)
     bundle = load_bundle(cfg, device)
