@@ -108,6 +108,7 @@ BAD = [
     (["--manipulation", "hybrid", "--st-teacher", "no-st-model"], "no registered model named 'no-st-model'"),
     (["--teacher", "missing-teacher"], "no registered model named 'missing-teacher'"),
     (["--teacher", AT, "--teacher-stage", "Staging"], "has no version in stage 'Staging'"),
+    (["--n-examples", "100000"], "larger than the test split"),
 ]
 
 

@@ -118,11 +118,16 @@ def model_class_count(model: torch.nn.Module, device: torch.device, image_shape=
     return int(count)
 
 
+def check_n_examples(n_examples: int | None, test: Split) -> None:
+    """Called before a run exists, so an impossible request fails without leaving anything behind."""
+    if n_examples is not None and n_examples > len(test):
+        raise UserError(f"n-examples {n_examples} is larger than the test split ({len(test)} images)")
+
+
 def attack_split(model: torch.nn.Module, test: Split, num_classes: int, cfg: AttackConfig,
                  device: torch.device, progress: bool | None = None) -> AttackResult:
     """Attack a stratified, seeded subset (or all) of a test split; shared with distillation."""
-    if cfg.n_examples is not None and cfg.n_examples > len(test):
-        raise UserError(f"n-examples {cfg.n_examples} is larger than the test split ({len(test)} images)")
+    check_n_examples(cfg.n_examples, test)
     if cfg.n_examples is not None:
         test = test.subset(stratified_indices(test.labels.cpu().numpy(), cfg.n_examples, cfg.seed))
     if progress is None:
@@ -157,8 +162,7 @@ def run_attack(cfg: AttackConfig, progress: bool | None = None) -> tuple[str, At
     classes = model_class_count(resolved.model, device)
     if classes != raw.num_classes:
         raise UserError(f"{resolved.describe()} outputs {classes} classes but {dataset} has {raw.num_classes}")
-    if cfg.n_examples is not None and cfg.n_examples > len(test):
-        raise UserError(f"n-examples {cfg.n_examples} is larger than the test split ({len(test)} images)")
+    check_n_examples(cfg.n_examples, test)
     tags = {"robustlogits.job": "attack", "model_uri": resolved.uri, "dataset": dataset}
     tags |= {k: v for k, v in (("model_name", resolved.name), ("model_version", resolved.version),
                                ("source_run_id", resolved.source_run_id)) if v}

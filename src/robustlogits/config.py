@@ -7,6 +7,7 @@ logged as an MLflow param under its dotted name, so a run's params fully describ
 from __future__ import annotations
 
 import dataclasses
+import types
 import typing
 from dataclasses import dataclass, field
 
@@ -322,7 +323,7 @@ def coerce(raw, hint, name: str = "value"):
     if not isinstance(raw, str):
         return raw
     origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)) and type(None) in args:
+    if origin in (typing.Union, types.UnionType) and type(None) in args:
         if raw.lower() in ("none", "null", ""):
             return None
         hint = next(a for a in args if a is not type(None))

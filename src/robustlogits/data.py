@@ -267,7 +267,8 @@ def _extract_archive(archive: Path) -> Path:
     target = cache_root() / "extracted" / f"{archive.name.split('.')[0]}-{_fingerprint([archive])}"
     if (target / ".complete").is_file():
         return target
-    tmp = Path(tempfile.mkdtemp(dir=target.parent if target.parent.exists() else _mkdir(target.parent)))
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent))
     try:
         with tarfile.open(archive) as tar:
             tar.extractall(tmp, filter="data")
@@ -280,11 +281,6 @@ def _extract_archive(archive: Path) -> Path:
         shutil.rmtree(target)
     os.replace(tmp, target)
     return target
-
-
-def _mkdir(path: Path) -> Path:
-    path.mkdir(parents=True, exist_ok=True)
-    return path
 
 
 def _try_torchvision_download(dataset: str, looked: list[str]) -> Path | None:

@@ -23,8 +23,9 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from robustlogits import tracking
-from robustlogits.attack_job import (AttackConfig, ResolvedModel, attack_split, log_attack_result,
-                                     model_class_count, resolve_and_load, synthetic_params_from_run)
+from robustlogits.attack_job import (AttackConfig, ResolvedModel, attack_split, check_n_examples,
+                                     log_attack_result, model_class_count, resolve_and_load,
+                                     synthetic_params_from_run)
 from robustlogits.config import TrainConfig, flatten, preset
 from robustlogits.data import Split, augment, to_float
 from robustlogits.errors import UserError
@@ -237,6 +238,8 @@ def run_distill(cfg: DistillConfig, progress: bool | None = None) -> str:
         if classes != bundle.num_classes:
             raise UserError(f"teacher {who.describe()} outputs {classes} classes but {cfg.data.dataset} has {bundle.num_classes}")
     cfg.check_k(bundle.num_classes)
+    if d.attack:
+        check_n_examples(d.attack_n_examples, bundle.test)
 
     logits_run, targets, reused = obtain_teacher_logits(teacher, cfg, bundle.train, bundle.digest, bundle.num_classes,
                                                         d.teacher_logits_run)

@@ -52,20 +52,6 @@ def _shown_bins(fractions: np.ndarray, mass: float = 0.995) -> tuple[int, int]:
     return int(occupied.min()), max(upper + 1, int(occupied.min()) + 2)
 
 
-def distribution_overlay(named_values: dict[str, np.ndarray], quantity: str, bins: int = 60):
-    """Histograms of several models' values on shared bins (e.g. ST vs AT gaps, Figure 2A)."""
-    fig, ax = plt.subplots(figsize=(6, 4))
-    all_values = np.concatenate(list(named_values.values()))
-    edges = np.linspace(min(0.0, all_values.min()), np.percentile(all_values, 99.5), bins + 1)
-    for name, values in named_values.items():
-        ax.hist(values, bins=edges, alpha=0.55, density=True, label=f"{name} (mean {np.mean(values):.2f})")
-    ax.set_xlabel(QUANTITY_LABEL.get(quantity, quantity))
-    ax.set_ylabel("density")
-    ax.legend()
-    fig.tight_layout()
-    return fig
-
-
 def gap_robustness_figure(models: dict[str, tuple[np.ndarray, np.ndarray]], edges: np.ndarray):
     """Figure 2: (A) clean logit-gap distributions, (B) adversarial accuracy per gap bin."""
     fig, (ax_a, ax_b) = plt.subplots(1, 2, figsize=(11, 4))

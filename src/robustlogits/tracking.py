@@ -103,25 +103,25 @@ def log_params(params: dict[str, Any]) -> None:
     mlflow.log_params({k: ("None" if v is None else str(v))[:6000] for k, v in params.items()})
 
 
-def log_json(obj: Any, artifact_file: str) -> None:
+def _log_file(artifact_file: str, write) -> None:
+    """Write into a temporary file, then upload it whole: the store never sees a partial file."""
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / Path(artifact_file).name
-        path.write_text(json.dumps(obj, indent=1))
-        mlflow.log_artifact(str(path), str(Path(artifact_file).parent) if "/" in artifact_file else None)
+        write(path)
+        folder = str(Path(artifact_file).parent)
+        mlflow.log_artifact(str(path), None if folder == "." else folder)
+
+
+def log_json(obj: Any, artifact_file: str) -> None:
+    _log_file(artifact_file, lambda path: path.write_text(json.dumps(obj, indent=1)))
 
 
 def log_bytes(blob: bytes, artifact_file: str) -> None:
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / Path(artifact_file).name
-        path.write_bytes(blob)
-        mlflow.log_artifact(str(path), str(Path(artifact_file).parent) if "/" in artifact_file else None)
+    _log_file(artifact_file, lambda path: path.write_bytes(blob))
 
 
 def log_arrays(artifact_file: str, **arrays: np.ndarray) -> None:
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / Path(artifact_file).name
-        np.savez(path, **arrays)
-        mlflow.log_artifact(str(path), str(Path(artifact_file).parent) if "/" in artifact_file else None)
+    _log_file(artifact_file, lambda path: np.savez(path, **arrays))
 
 
 def log_figure(fig, artifact_file: str) -> None:

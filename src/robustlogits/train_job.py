@@ -19,7 +19,7 @@ from mlflow.tracking import MlflowClient
 
 from robustlogits import tracking
 from robustlogits.config import TrainConfig, apply_overrides, flatten
-from robustlogits.data import DataBundle, build_bundle, load_raw, stratified_indices
+from robustlogits.data import DataBundle, build_bundle, load_raw, stratified_indices, to_float
 from robustlogits.errors import UserError
 from robustlogits.figures import evolution_figure
 from robustlogits.logits import compute_logits, logit_report
@@ -113,7 +113,7 @@ class EpochLogger:
         gen = torch.Generator(device=split.labels.device).manual_seed(self.cfg.run.seed)
         try:
             for start in range(0, len(split), self.cfg.run.eval_batch_size):
-                x = split.images[start:start + self.cfg.run.eval_batch_size].float() / 255
+                x = to_float(split.images[start:start + self.cfg.run.eval_batch_size])
                 y = split.labels[start:start + self.cfg.run.eval_batch_size]
                 with torch.no_grad():
                     correct_clean += int((model(x).argmax(1) == y).sum())
