@@ -14,7 +14,8 @@ import torch
 from mlflow.tracking import MlflowClient
 from typer.testing import CliRunner
 
-from robustlogits import train_job
+from robustlogits import train_job, training_run
+from robustlogits.data import load_bundle
 from robustlogits.cli import app
 from robustlogits.config import apply_overrides, flatten, preset
 from robustlogits.logits import compute_logits
@@ -57,7 +58,7 @@ def test_two_epoch_adversarial_run_logs_every_epoch_and_registers_checkpoints():
                 "checkpoint_test_accuracy", *STAT_KEYS]:
         assert history_steps(client, run_id, key) == [1, 2], key
     # One histogram per epoch on fixed bins, with every example counted.
-    hists = train_job.load_histograms(run_id)
+    hists = training_run.load_histograms(run_id)
     assert sorted(hists) == [1, 2]
     for split, n in (("train", 64), ("test", 160)):
         h1, h2 = hists[1][split]["gap"], hists[2][split]["gap"]
@@ -75,8 +76,8 @@ def test_two_epoch_adversarial_run_logs_every_epoch_and_registers_checkpoints():
     uri, mv = train_job.tracking.resolve_model(name, stage="Production")
     model = train_job.tracking.load_model(uri)
     assert isinstance(model, torch.nn.Module) and mv.tags["epoch"] == "2"
-    saved = train_job.checkpoint_test_logits(run_id, 2)
-    raw = train_job.load_bundle(cfg, torch.device("cpu")).test
+    saved = training_run.checkpoint_test_logits(run_id, 2)
+    raw = load_bundle(cfg, torch.device("cpu")).test
     np.testing.assert_allclose(compute_logits(model, raw.images).numpy(), saved["logits"], atol=1e-4)
     accuracy = (saved["logits"].argmax(1) == saved["labels"]).mean()
     assert float(versions[-1].tags["natural_accuracy"]) == pytest.approx(accuracy, abs=1e-4)
@@ -90,14 +91,14 @@ def test_resume_after_interruption_matches_uninterrupted_run(monkeypatch):
     cfg = test_config("standard", "optim.epochs=3", "run.checkpoint_epochs=3", "monitor.robust_every=0")
     full = train_job.run_training(cfg, progress=False)
 
-    original = train_job.EpochLogger.__call__
+    original = training_run.EpochLogger.__call__
 
     def killed_during_epoch_3(self, result):
         if result.epoch == 3:
             raise KeyboardInterrupt("simulated kill")
         original(self, result)
 
-    monkeypatch.setattr(train_job.EpochLogger, "__call__", killed_during_epoch_3)
+    monkeypatch.setattr(training_run.EpochLogger, "__call__", killed_during_epoch_3)
     with pytest.raises(KeyboardInterrupt):
         train_job.run_training(test_config("standard", "optim.epochs=3", "run.checkpoint_epochs=3",
                                            "monitor.robust_every=0"), progress=False)
@@ -106,7 +107,7 @@ def test_resume_after_interruption_matches_uninterrupted_run(monkeypatch):
     assert client.get_run(interrupted).info.status == "FAILED"
     assert history_steps(client, interrupted, "train_loss") == [1, 2]
 
-    monkeypatch.setattr(train_job.EpochLogger, "__call__", original)
+    monkeypatch.setattr(training_run.EpochLogger, "__call__", original)
     resumed = train_job.run_training(preset("smoke"), resume=interrupted, progress=False)  # config comes from the run
     assert resumed == interrupted
     assert client.get_run(resumed).info.status == "FINISHED"
@@ -115,8 +116,8 @@ def test_resume_after_interruption_matches_uninterrupted_run(monkeypatch):
         a = [m.value for m in client.get_metric_history(full, key)]
         b = [m.value for m in client.get_metric_history(resumed, key)]
         np.testing.assert_allclose(a, b, rtol=1e-5, err_msg=key)
-    np.testing.assert_allclose(train_job.checkpoint_test_logits(full, 3)["logits"],
-                               train_job.checkpoint_test_logits(resumed, 3)["logits"], atol=1e-5)
+    np.testing.assert_allclose(training_run.checkpoint_test_logits(full, 3)["logits"],
+                               training_run.checkpoint_test_logits(resumed, 3)["logits"], atol=1e-5)
 
 
 def test_resume_refuses_a_finished_run():

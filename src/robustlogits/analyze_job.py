@@ -40,7 +40,7 @@ def logits_of_run(spec: str) -> tuple[np.ndarray, np.ndarray, str]:
         raise UserError(f"no run {run_id!r} in the tracking store") from None
     label = run.data.tags.get("mlflow.runName", run_id[:8])
     if run.data.tags.get("robustlogits.job") == "attack":
-        from robustlogits.attack_job import load_attack_result
+        from robustlogits.attack_records import load_attack_result
 
         result = load_attack_result(run_id)
         return result.clean_logits, result.label, label
@@ -90,9 +90,10 @@ def run_manifold_job(model_specs: list[str], settings, out_dir: Path, data_dir: 
                      device: str = "auto", progress: bool | None = None) -> dict:
     """MFTMA per stage for each model; a parent run with the Figure 5 plot, a nested run per model
     whose metrics use the stage index as step (so the MLflow UI draws them against depth)."""
-    from robustlogits.attack_job import load_test_split, resolve_and_load, synthetic_params_from_run
+    from robustlogits.data import load_test_split
+    from robustlogits.model_store import resolve_and_load, synthetic_params_from_run
     from robustlogits.manifold_pipeline import analyse_model, choose_images, figure5, figure_a8
-    from robustlogits.train_job import resolve_device
+    from robustlogits.device import resolve_device
 
     if not model_specs:
         raise UserError("give at least one model (registry URI, registered name, or runs:/ID/PATH)")
@@ -159,7 +160,7 @@ def run_gap_job(attack_runs: list[str], out_dir: Path, bins: int = 10, max_gap: 
                 track: bool = True, experiment: str = "robustlogits") -> dict:
     """Figure 2: clean logit-gap distributions (A) and adversarial accuracy per gap bin (B),
     from the per-example artifacts of `attack` runs (or a distillation's final attack)."""
-    from robustlogits.attack_job import load_attack_result
+    from robustlogits.attack_records import load_attack_result
     from robustlogits.figures import gap_robustness_figure
     from robustlogits.logits import max_logit_and_gap
 

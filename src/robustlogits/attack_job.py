@@ -8,19 +8,19 @@ the registry version. Every check happens before the run exists; the tag only af
 
 from __future__ import annotations
 
-import tempfile
 from dataclasses import dataclass
-from pathlib import Path
 
 import mlflow
 import torch
 from mlflow.tracking import MlflowClient
 
 from robustlogits import tracking
-from robustlogits.attacks import SUITES, AttackResult, evaluate_robustness
-from robustlogits.data import Split, build_bundle, load_raw, stratified_indices
+from robustlogits.attack_records import log_attack_result
+from robustlogits.attacks import SUITES, AttackResult, attack_split, check_n_examples
+from robustlogits.data import load_test_split
+from robustlogits.device import resolve_device
 from robustlogits.errors import UserError
-from robustlogits.train_job import resolve_device
+from robustlogits.model_store import model_class_count, resolve_and_load, synthetic_params_from_run
 
 
 @dataclass
@@ -53,100 +53,9 @@ class AttackConfig:
         if self.n_iter < 1 or self.n_restarts < 1:
             raise UserError("n_iter and n_restarts must be >= 1")
 
-
-@dataclass
-class ResolvedModel:
-    """A loaded model plus what the registry and its source run say about it."""
-
-    uri: str
-    model: torch.nn.Module
-    name: str | None
-    version: str | None
-    model_id: str | None
-    source_run_id: str | None
-    dataset: str | None
-    data_dir: str | None
-    tags: dict
-
-    def describe(self) -> str:
-        return f"{self.name} v{self.version}" if self.name else self.uri
-
-
-def resolve_and_load(spec: str, *, stage=None, alias=None, version=None, device="cpu") -> ResolvedModel:
-    """Registry URI, registered name + stage/alias/version, or runs:/ URI -> loaded model and lineage."""
-    uri, mv = tracking.resolve_model(spec, stage=stage, alias=alias, version=version)
-    model = tracking.load_model(uri, device)
-    source_run = mv.run_id if mv is not None else uri[len("runs:/"):].split("/", 1)[0]
-    params = {}
-    if source_run:
-        try:
-            params = MlflowClient().get_run(source_run).data.params
-        except Exception:  # noqa: BLE001 - a model outliving its run is still attackable
-            params = {}
-    tags = dict(mv.tags) if mv is not None else {}
-    data_dir = params.get("data.data_dir")
-    return ResolvedModel(
-        uri=uri, model=model, name=mv.name if mv else None, version=str(mv.version) if mv else None,
-        model_id=getattr(mv, "model_id", None) if mv else None, source_run_id=source_run,
-        dataset=tags.get("dataset") or params.get("data.dataset"),
-        data_dir=None if data_dir in (None, "None", "") else data_dir, tags=tags,
-    )
-
-
-def load_test_split(dataset: str, data_dir: str | None, device: torch.device, synthetic_params: dict | None = None):
-    raw = load_raw(dataset, data_dir, synthetic=synthetic_params)
-    bundle = build_bundle(raw, val_per_class=0, split_seed=0, train_subset=None, stats_subset=1,
-                          heldout_subset=None, device=device)
-    return bundle.test, raw
-
-
-def synthetic_params_from_run(run_id: str | None) -> dict | None:
-    """Synthetic data is regenerated from the source run's settings (tests and tiny demos)."""
-    if not run_id:
-        return None
-    params = MlflowClient().get_run(run_id).data.params
-    keys = {"train_per_class": "data.synthetic_train_per_class", "test_per_class": "data.synthetic_test_per_class",
-            "num_classes": "data.synthetic_classes", "size": "data.synthetic_size"}
-    return {k: int(params[v]) for k, v in keys.items() if v in params} or None
-
-
-def model_class_count(model: torch.nn.Module, device: torch.device, image_shape=(3, 32, 32)) -> int:
-    count = getattr(model, "num_classes", None)
-    if count is None:
-        with torch.no_grad():
-            count = model.eval()(torch.zeros(2, *image_shape, device=device)).shape[1]
-    return int(count)
-
-
-def check_n_examples(n_examples: int | None, test: Split) -> None:
-    """Called before a run exists, so an impossible request fails without leaving anything behind."""
-    if n_examples is not None and n_examples > len(test):
-        raise UserError(f"n-examples {n_examples} is larger than the test split ({len(test)} images)")
-
-
-def attack_split(model: torch.nn.Module, test: Split, num_classes: int, cfg: AttackConfig,
-                 device: torch.device, progress: bool | None = None) -> AttackResult:
-    """Attack a stratified, seeded subset (or all) of a test split; shared with distillation."""
-    check_n_examples(cfg.n_examples, test)
-    if cfg.n_examples is not None:
-        test = test.subset(stratified_indices(test.labels.cpu().numpy(), cfg.n_examples, cfg.seed))
-    if progress is None:
-        import sys
-
-        progress = sys.stderr.isatty()
-    return evaluate_robustness(model, test.images, test.labels, indices=test.indices, eps=cfg.eps,
-                               n_iter=cfg.n_iter, n_restarts=cfg.n_restarts, seed=cfg.seed, suite=cfg.suite,
-                               batch_size=cfg.batch_size, device=device, progress=progress, n_classes=num_classes)
-
-
-def log_attack_result(result: AttackResult, prefix: str = "") -> None:
-    """Metrics (optionally prefixed) and the per-example table as CSV (people) and npz (exact)."""
-    mlflow.log_metrics({f"{prefix}{k}": v for k, v in result.metrics().items() if v == v})
-    with tempfile.TemporaryDirectory() as tmp:
-        result.save(tmp, stem=f"{prefix}attack".strip("_"))
-        mlflow.log_artifacts(tmp, "attack")
-    if result.warnings:
-        mlflow.set_tag(f"{prefix}autoattack_warnings", " | ".join(result.warnings)[:5000])
+    def attack_settings(self) -> dict:
+        return dict(n_examples=self.n_examples, eps=self.eps, n_iter=self.n_iter, n_restarts=self.n_restarts,
+                    seed=self.seed, suite=self.suite, batch_size=self.batch_size)
 
 
 def run_attack(cfg: AttackConfig, progress: bool | None = None) -> tuple[str, AttackResult]:
@@ -171,7 +80,7 @@ def run_attack(cfg: AttackConfig, progress: bool | None = None) -> tuple[str, At
         tracking.log_params({f"attack.{k}": v for k, v in vars(cfg).items()})
         tracking.log_model_inputs([resolved.model_id])
         tracking.log_dataset_input(dataset, raw.digest, f"test/{raw.source}", "evaluation", len(test))
-        result = attack_split(resolved.model, test, raw.num_classes, cfg, device, progress)
+        result = attack_split(resolved.model, test, raw.num_classes, device=device, progress=progress, **cfg.attack_settings())
         log_attack_result(result)
         run_id = run.info.run_id
     if resolved.name and resolved.version:
@@ -183,10 +92,3 @@ def run_attack(cfg: AttackConfig, progress: bool | None = None) -> tuple[str, At
                                      f"{cfg.suite} eps={cfg.eps:.5f} n={result.n_examples}")
     return run_id, result
 
-
-def load_attack_result(run_id: str) -> AttackResult:
-    folder = tracking.download_artifact(run_id, "attack")
-    paths = sorted(Path(folder).glob("*_result.npz"))
-    if not paths:
-        raise UserError(f"run {run_id} has no attack result artifact")
-    return AttackResult.load(paths[0])

@@ -598,3 +598,29 @@ def _run_stage(
             bs = max(1, bs // 2)
             log.warning("%s: CUDA out of memory, restarting the stage with batch size %d", name, bs)
             torch.cuda.empty_cache()
+
+
+def check_n_examples(n_examples: int | None, test) -> None:
+    """Called before a run exists, so an impossible request fails without leaving anything behind."""
+    if n_examples is not None and n_examples > len(test):
+        raise UserError(f"n-examples {n_examples} is larger than the test split ({len(test)} images)")
+
+
+def attack_split(model: torch.nn.Module, test, num_classes: int, *, n_examples: int | None = None,
+                 eps: float = 8 / 255, n_iter: int = 100, n_restarts: int = 1, seed: int = 0,
+                 suite: str = "apgd-ce-dlr", batch_size: int | None = None, device=None,
+                 progress: bool | None = None) -> AttackResult:
+    """Attack a stratified, seeded subset (or all) of a test `Split`: the attack job's and a
+    distillation's final attack are the same call."""
+    from robustlogits.data import stratified_indices
+
+    check_n_examples(n_examples, test)
+    if n_examples is not None:
+        test = test.subset(stratified_indices(test.labels.cpu().numpy(), n_examples, seed))
+    if progress is None:
+        import sys
+
+        progress = sys.stderr.isatty()
+    return evaluate_robustness(model, test.images, test.labels, indices=test.indices, eps=eps, n_iter=n_iter,
+                               n_restarts=n_restarts, seed=seed, suite=suite, batch_size=batch_size, device=device,
+                               progress=progress, n_classes=num_classes)

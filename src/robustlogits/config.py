@@ -90,8 +90,10 @@ class RunConfig:
     training: str = "standard"
     seed: int = 0
     device: str = "auto"
-    # bf16 autocast for training forward/backward (AMX CPUs, GPUs); evaluation stays fp32.
-    amp: bool = True
+    # bf16 autocast for training forward/backward: auto = where the hardware runs bf16 natively
+    # (AMX / AVX-512-BF16 CPUs, Ampere+ GPUs), fp32 elsewhere; true/false force it. Evaluation
+    # and reported attacks stay fp32. The choice made is logged as `run.precision`.
+    amp: str = "auto"
     channels_last: bool = True
     # Epochs whose model is logged, registered and whose full test logits are saved.
     checkpoint_epochs: tuple[int, ...] = ()
@@ -157,6 +159,9 @@ class TrainConfig:
         _choice("model.arch", self.model.arch, tuple(ARCHS))
         _choice("adversary.method", self.adversary.method, ATTACK_METHODS)
         _choice("adversary.bn_mode", self.adversary.bn_mode, BN_MODES)
+        from robustlogits.device import normalise_amp
+
+        self.run.amp = normalise_amp(self.run.amp)
         o, a = self.optim, self.adversary
         if o.epochs < 1:
             raise UserError(f"optim.epochs must be >= 1, got {o.epochs}")
@@ -258,7 +263,7 @@ def _test() -> TrainConfig:
     cfg.monitor.bins = 40
     cfg.run.checkpoint_epochs = (1, 2)
     cfg.run.eval_batch_size = 256
-    cfg.run.amp = False
+    cfg.run.amp = "false"
     return cfg
 
 

@@ -427,6 +427,25 @@ def build_bundle(raw: RawDataset, *, val_per_class: int, split_seed: int, train_
 
 # --- batches and augmentation -------------------------------------------------------------------
 
+def load_bundle(cfg, device: torch.device) -> DataBundle:
+    """The splits a training config asks for (`cfg`: a TrainConfig), on `device`."""
+    d = cfg.data
+    raw = load_raw(d.dataset, d.data_dir, synthetic=dict(
+        train_per_class=d.synthetic_train_per_class, test_per_class=d.synthetic_test_per_class,
+        num_classes=d.synthetic_classes, size=d.synthetic_size))
+    return build_bundle(raw, val_per_class=cfg.resolved_val_per_class(), split_seed=d.split_seed,
+                        train_subset=d.train_subset, stats_subset=d.stats_subset,
+                        heldout_subset=d.heldout_subset, device=device)
+
+
+def load_test_split(dataset: str, data_dir: str | None, device: torch.device, synthetic_params: dict | None = None):
+    """The whole official test split (and the raw dataset it came from)."""
+    raw = load_raw(dataset, data_dir, synthetic=synthetic_params)
+    bundle = build_bundle(raw, val_per_class=0, split_seed=0, train_subset=None, stats_subset=1,
+                          heldout_subset=None, device=device)
+    return bundle.test, raw
+
+
 def augment(images: torch.Tensor, generator: torch.Generator, pad: int = 4) -> torch.Tensor:
     """Random crop (zero padding) and horizontal flip for a whole uint8 batch at once."""
     n, c, h, w = images.shape

@@ -23,16 +23,16 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from robustlogits import tracking
-from robustlogits.attack_job import (AttackConfig, ResolvedModel, attack_split, check_n_examples,
-                                     log_attack_result, model_class_count, resolve_and_load,
-                                     synthetic_params_from_run)
-from robustlogits.config import TrainConfig, flatten, preset
-from robustlogits.data import Split, augment, to_float
+from robustlogits.attack_records import log_attack_result
+from robustlogits.attacks import attack_split, check_n_examples
+from robustlogits.config import TrainConfig, preset
+from robustlogits.data import Split, augment, load_bundle, to_float
+from robustlogits.device import resolve_amp, resolve_device
 from robustlogits.errors import UserError
 from robustlogits.manipulations import MANIPULATIONS, manipulate, manipulation_report
-from robustlogits.models import build_model
-from robustlogits.train_job import EpochLogger, finish, load_bundle, resolve_device
-from robustlogits.training import DISTILLATION_LOSSES, distillation_objective, fit, make_state
+from robustlogits.model_store import ResolvedModel, model_class_count, resolve_and_load, synthetic_params_from_run
+from robustlogits.training import DISTILLATION_LOSSES, distillation_objective
+from robustlogits.training_run import log_run_inputs, new_state, train_tracked
 
 TEACHER_LOGITS_JOB = "teacher-logits"
 
@@ -154,10 +154,10 @@ def averaged_teacher_logits(teacher: torch.nn.Module, split: Split, n_augment: i
 
 
 def teacher_logits_key(teacher: ResolvedModel, digest: str, split: Split, d: DistillSettings) -> str:
-    payload = {"teacher": teacher.model_id or teacher.uri, "name": teacher.name, "version": teacher.version,
-               "data": digest, "indices": hashlib.sha256(split.indices.astype(np.int64).tobytes()).hexdigest(),
-               "n_augment": d.n_augment, "bn": d.teacher_bn, "seed": d.teacher_logits_seed}
-    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:24]
+    return tracking.job_key({
+        "teacher": teacher.model_id or teacher.uri, "name": teacher.name, "version": teacher.version, "data": digest,
+        "indices": hashlib.sha256(split.indices.astype(np.int64).tobytes()).hexdigest(),
+        "n_augment": d.n_augment, "bn": d.teacher_bn, "seed": d.teacher_logits_seed})
 
 
 def load_teacher_logits(run_id: str, split: Split, num_classes: int, dataset: str) -> torch.Tensor:
@@ -185,12 +185,8 @@ def obtain_teacher_logits(teacher: ResolvedModel, cfg: DistillConfig, split: Spl
     if explicit_run:
         return explicit_run, load_teacher_logits(explicit_run, split, num_classes, dataset), True
     key = teacher_logits_key(teacher, digest, split, cfg.distill)
-    client = MlflowClient()
-    found = client.search_runs(
-        [e.experiment_id for e in client.search_experiments()],
-        filter_string=f"tags.teacher_logits_key = '{key}' and attributes.status = 'FINISHED'", max_results=1)
-    if found:
-        run_id = found[0].info.run_id
+    run_id = tracking.find_finished_run(key, tag="teacher_logits_key")
+    if run_id:
         return run_id, load_teacher_logits(run_id, split, num_classes, dataset), True
     d = cfg.distill
     logits = averaged_teacher_logits(teacher.model, split, d.n_augment, d.teacher_bn, d.teacher_logits_seed,
@@ -250,10 +246,8 @@ def run_distill(cfg: DistillConfig, progress: bool | None = None) -> str:
                              st_targets=st_targets, seed=d.manipulation_seed)
     report = manipulation_report(targets, manipulated, bundle.train.labels)
 
-    model = build_model(cfg.model.arch, bundle.num_classes, cfg.data.dataset).to(device)
-    if cfg.run.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    state = make_state(model, cfg.optim, device, cfg.run.seed)
+    amp = resolve_amp(cfg.run.amp, device)
+    state = new_state(cfg, bundle.num_classes, device)
     objective = distillation_objective(manipulated, d.loss, d.temperature)
     lineage = {"teacher_name": teacher.name, "teacher_version": teacher.version,
                "teacher_run_id": teacher.source_run_id, "teacher_uri": teacher.uri, "manipulation": d.manipulation,
@@ -267,20 +261,16 @@ def run_distill(cfg: DistillConfig, progress: bool | None = None) -> str:
                               tags={"robustlogits.job": "distill", "dataset": cfg.data.dataset,
                                     "arch": cfg.model.arch, "preset": cfg.preset} | lineage) as run:
         run_id = run.info.run_id
-        tracking.log_params(flatten(cfg))
+        log_run_inputs(cfg, bundle, amp)
         mlflow.log_param("teacher_logits_reused", reused)
         tracking.log_model_inputs([m.model_id for m in (teacher, st_teacher) if m is not None])
-        tracking.log_dataset_input(cfg.data.dataset, bundle.digest, bundle.source, "training", len(bundle.train))
-        tracking.log_json(bundle.split_record, "data/split.json")
         mlflow.log_metrics({f"targets_{k}": float(v) for k, v in report.items()})
-        fit(state, bundle.train, objective, cfg.optim, amp=cfg.run.amp, channels_last=cfg.run.channels_last,
-            on_epoch_end=EpochLogger(cfg, bundle, state, run_id, version_tags=lineage), progress=progress)
-        finish(cfg, state, run_id)
+        train_tracked(cfg, bundle, state, objective, run_id, amp, version_tags=lineage, progress=progress)
         result = None
         if d.attack:
-            attack_cfg = AttackConfig(model="", n_examples=d.attack_n_examples, n_iter=d.attack_n_iter,
-                                      seed=cfg.run.seed, eps=cfg.adversary.eps)
-            result = attack_split(model, bundle.test, bundle.num_classes, attack_cfg, device, progress)
+            result = attack_split(state.model, bundle.test, bundle.num_classes, n_examples=d.attack_n_examples,
+                                  n_iter=d.attack_n_iter, seed=cfg.run.seed, eps=cfg.adversary.eps, device=device,
+                                  progress=progress)
             log_attack_result(result)
     versions = state.extra.get("versions", {})
     if result is not None and versions:

@@ -10,6 +10,7 @@ Guarantees the rest of the code relies on:
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -97,6 +98,26 @@ def managed_run(experiment: str, run_name: str | None = None, run_id: str | None
             os.environ["MLFLOW_RUN_ID"] = launcher_run
         with contextlib.suppress(ValueError):
             signal.signal(signal.SIGTERM, previous)
+
+
+# --- keyed work: "find the FINISHED run with this key, or run it" ------------------------------
+
+KEY_TAG = "robustlogits.key"
+
+
+def job_key(payload: dict[str, Any]) -> str:
+    """A unit of work's identity: a hash of its resolved config and the identities of its inputs
+    (model versions, data digest, artifact digests). Equal keys mean the same result."""
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:24]
+
+
+def find_finished_run(key: str, tag: str = KEY_TAG) -> str | None:
+    """The newest FINISHED run (any experiment) tagged with this key, or None."""
+    client = MlflowClient()
+    found = client.search_runs([e.experiment_id for e in client.search_experiments()],
+                               filter_string=f"tags.`{tag}` = '{key}' and attributes.status = 'FINISHED'",
+                               order_by=["attributes.start_time DESC"], max_results=1)
+    return found[0].info.run_id if found else None
 
 
 def log_params(params: dict[str, Any]) -> None:
@@ -252,6 +273,19 @@ def resolve_model(spec: str, *, stage: str | None = None, alias: str | None = No
         what = f"alias {alias!r}" if alias is not None else f"version {version}"
         raise UserError(f"registered model {name!r} has no {what}: {str(exc).splitlines()[0]}") from None
     return f"models:/{name}/{mv.version}", mv
+
+
+def logged_model_id(mv) -> str | None:
+    """The MLflow 3 logged-model id behind a registry version. Some stores (sqlite) leave the
+    version's `model_id` empty; its source `models:/m-...` still names the logged model."""
+    if mv is None:
+        return None
+    if getattr(mv, "model_id", None):
+        return mv.model_id
+    source = getattr(mv, "source", "") or ""
+    if source.startswith("models:/m-"):
+        return source[len("models:/"):].split("/", 1)[0]
+    return None
 
 
 def load_model(model_uri: str, device: torch.device | str = "cpu") -> torch.nn.Module:

@@ -1,0 +1,52 @@
+"""Precision chosen by the machine: `run.amp = auto` asks the hardware, true/false force it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from robustlogits import device as dev
+from robustlogits.config import preset
+from robustlogits.errors import UserError
+
+
+@pytest.mark.parametrize("setting, expected", [("true", True), ("false", False), (True, True), (False, False),
+                                               ("1", True), ("off", False)])
+def test_forced_settings_win_over_the_hardware(setting, expected, monkeypatch):
+    monkeypatch.setattr(dev, "bf16_is_native", lambda device: not expected)
+    assert dev.resolve_amp(setting, torch.device("cpu")) is expected
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_auto_follows_native_bf16(native, monkeypatch):
+    monkeypatch.setattr(dev, "bf16_is_native", lambda device: native)
+    assert dev.resolve_amp("auto", torch.device("cpu")) is native
+    assert dev.precision_name(native) == ("bf16-autocast" if native else "fp32")
+
+
+@pytest.mark.parametrize("flags, native", [("fpu avx2 fma", False), ("fpu avx512f avx512_bf16", True),
+                                          ("amx_bf16 amx_tile", True), ("avx512f avx512_vnni", False)])
+def test_cpuinfo_flags_decide_native_bf16(flags, native):
+    assert dev.cpuinfo_has_native_bf16(f"processor : 0\nflags\t\t: {flags}\n") is native
+
+
+def test_bad_amp_setting_is_one_clear_error():
+    cfg = preset("test")
+    cfg.run.amp = "maybe"
+    with pytest.raises(UserError, match="run.amp must be one of auto, true, false"):
+        cfg.validate()
+
+
+def test_presets_default_to_auto_and_log_the_choice(monkeypatch):
+    from mlflow.tracking import MlflowClient
+
+    from robustlogits.train_job import run_training
+
+    assert preset("smoke").run.amp == "auto" and preset("paper").run.amp == "auto"
+    monkeypatch.setattr(dev, "bf16_is_native", lambda device: False)
+    cfg = preset("test")
+    cfg.run.amp = "auto"
+    cfg.optim.epochs = 1
+    cfg.run.checkpoint_epochs = (1,)
+    params = MlflowClient().get_run(run_training(cfg, progress=False)).data.params
+    assert params["run.amp"] == "auto" and params["run.precision"] == "fp32"
