@@ -17,6 +17,7 @@ from robustlogits.cli import app
 from robustlogits.data import make_synthetic, build_bundle
 from robustlogits.distill_job import averaged_teacher_logits, students_of
 from robustlogits.models import build_model
+from robustlogits.tracking import logged_model_id
 
 REPO = Path(__file__).resolve().parents[1]
 AT, ST, STUDENT = "synthetic-cnn-tiny-at", "synthetic-cnn-tiny-st", "synthetic-cnn-tiny-student"
@@ -67,6 +68,20 @@ def test_permute_k3_student_is_linked_attacked_and_listed(with_teachers):
     assert v.tags["teacher_run_id"] == with_teachers["runs"]["adversarial"]
     assert v.tags["teacher_logits_run"] == logits_run.info.run_id and "adversarial_accuracy" in v.tags
     assert all(s.tags["teacher_name"] == AT for s in students_of(AT))
+    # The closing line says what was built from what, and how it fared.
+    assert f"from teacher {AT} version 2 (permute k=3)" in result.output
+    assert f"natural {metrics['natural_accuracy']:.4f}, adversarial {metrics['adversarial_accuracy']:.4f}" in result.output
+    # The teacher's side lists its students; the student's logged model holds its attack's metrics.
+    assert f"{STUDENT}/{v.version} (permute k=3" in client.get_model_version(AT, "2").tags["students"]
+    model = client.get_logged_model(logged_model_id(v))
+    assert model.source_run_id == run.info.run_id
+    linked = {x.key: x.value for x in model.metrics}
+    assert linked["adversarial_accuracy"] == pytest.approx(metrics["adversarial_accuracy"])
+    assert {"checkpoint_test_accuracy", "train_gap_mean"} <= set(linked)
+    assert [o.model_id for o in run.outputs.model_outputs] == [model.model_id]
+    assert v.tags["attacked_natural_accuracy"] == f"{metrics['natural_accuracy']:.4f}"
+    # Teacher-logit runs are artifacts, not trainings: they have an experiment of their own.
+    assert client.get_experiment(logits_run.info.experiment_id).name == "robustlogits-teacher-logits"
 
 
 def test_teacher_logits_are_reused_not_recomputed(with_teachers):

@@ -69,7 +69,7 @@ def test_two_epoch_adversarial_run_logs_every_epoch_and_registers_checkpoints():
     versions = sorted(client.search_model_versions(f"name='{name}'"), key=lambda v: int(v.version))
     assert [v.tags["epoch"] for v in versions] == ["1", "2"]
     for v in versions:
-        assert {"training", "seed", "dataset", "arch", "preset", "natural_accuracy"} <= set(v.tags)
+        assert {"training", "seed", "dataset", "arch", "preset", "test_accuracy"} <= set(v.tags)
         assert v.tags["training"] == "adversarial" and v.run_id == run_id
     assert client.get_model_version_by_alias(name, "teacher").version == versions[-1].version
     # The registered teacher loads back as an nn.Module that reproduces the saved test logits.
@@ -80,11 +80,45 @@ def test_two_epoch_adversarial_run_logs_every_epoch_and_registers_checkpoints():
     raw = load_bundle(cfg, torch.device("cpu")).test
     np.testing.assert_allclose(compute_logits(model, raw.images).numpy(), saved["logits"], atol=1e-4)
     accuracy = (saved["logits"].argmax(1) == saved["labels"]).mean()
-    assert float(versions[-1].tags["natural_accuracy"]) == pytest.approx(accuracy, abs=1e-4)
+    assert float(versions[-1].tags["test_accuracy"]) == pytest.approx(accuracy, abs=1e-4)
+    assert "natural_accuracy" not in versions[-1].tags  # that name belongs to attacks (their example subset)
     # Figures, the split record and the dataset input.
     artifacts = {f.path for f in client.list_artifacts(run_id, "figures")}
     assert {"figures/max_logit_evolution.png", "figures/gap_evolution.png"} <= artifacts
     assert run.inputs.dataset_inputs and run.inputs.dataset_inputs[0].dataset.digest
+
+
+def test_epoch_histogram_images_and_checkpoint_model_metrics():
+    """The UI's step slider (one image per epoch, step = epoch) and the models table (metrics of each
+    checkpoint's logged model, ranked by search_logged_models)."""
+    import mlflow
+    from PIL import Image
+
+    cfg = test_config("standard", "optim.epochs=3", "run.checkpoint_epochs=1,3", "monitor.robust_every=0")
+    run_id = train_job.run_training(cfg, progress=False)
+    client = MlflowClient()
+    # Images logged with a key and step: MLflow stores them under images/ as KEY+step+N+...png.
+    images = [f.path for f in client.list_artifacts(run_id, "images")]
+    pngs = sorted(p for p in images if p.endswith(".png") and training_run.HISTOGRAM_IMAGE_KEY in p)
+    steps = sorted(int(p.split("+step+")[1].split("+")[0]) for p in pngs)
+    assert steps == [1, 2, 3]
+    first = Image.open(client.download_artifacts(run_id, pngs[0]))
+    assert first.size[0] >= 400 and first.size[1] >= 150 and len(np.unique(np.asarray(first.convert("L")))) > 10
+    # Each checkpoint is a logged model of this run with its epoch's metrics linked to it.
+    run = client.get_run(run_id)
+    models = mlflow.search_logged_models(experiment_ids=[run.info.experiment_id], output_format="list",
+                                         order_by=[{"field_name": "metrics.checkpoint_test_accuracy", "ascending": False}])
+    assert len(models) == 2 and {m.source_run_id for m in models} == {run_id}
+    for m in models:
+        linked = {x.key: x for x in m.metrics}
+        assert {"checkpoint_test_accuracy", "test_accuracy", "train_clean_accuracy", *STAT_KEYS} <= set(linked)
+        assert len({x.step for x in m.metrics}) == 1
+    accuracies = [{x.key: x.value for x in m.metrics}["checkpoint_test_accuracy"] for m in models]
+    assert accuracies == sorted(accuracies, reverse=True)
+    by_epoch = {int(next(x.step for x in m.metrics)): m for m in models}
+    assert sorted(by_epoch) == [1, 3]
+    history = {m.step: m.value for m in client.get_metric_history(run_id, "checkpoint_test_accuracy")}
+    assert {e: {x.key: x.value for x in by_epoch[e].metrics}["checkpoint_test_accuracy"] for e in by_epoch} == history
 
 
 def test_resume_after_interruption_matches_uninterrupted_run(monkeypatch):

@@ -85,7 +85,21 @@ def train(
         user_teacher = teacher_epoch is not None or any(o.startswith("run.teacher_epoch") for o in extra)
         cfg.fit_schedule_to_epochs(keep_teacher=user_teacher)  # preset checkpoints follow --epochs
     run_id = run_training(cfg, resume=resume)
-    typer.echo(f"run {run_id} finished; registered model {cfg.registered_model_name()}")
+    typer.echo(training_summary(run_id))
+
+
+def training_summary(run_id: str) -> str:
+    """The closing line, from what the run itself recorded (a resumed run's config is its own)."""
+    from robustlogits.tracking import run_record
+
+    tags, metrics = run_record(run_id)
+    line = f"run {run_id} finished"
+    if tags.get("registered_model"):
+        line += f"; registered model {tags['registered_model']} version(s) {tags.get('registered_versions', '?')}"
+    if tags.get("teacher_version"):
+        line += f", teacher = version {tags['teacher_version']}"
+    held = next((k for k in ("val_accuracy", "test_accuracy") if k in metrics), None)
+    return line + (f"; final {held} {metrics[held]:.4f}" if held else "")
 
 
 def _eps(text: str) -> float:
@@ -162,7 +176,23 @@ def distill(
     apply_overrides(cfg, [f"{key}={value}" for key, value in pairs if value is not None])
     apply_overrides(cfg, [*set_, *split_overrides(overrides)])
     run_id = run_distill(cfg)
-    typer.echo(f"run {run_id} finished; student registered as {cfg.registered_model_name()}")
+    typer.echo(distill_summary(run_id))
+
+
+def distill_summary(run_id: str) -> str:
+    from robustlogits.tracking import run_record
+
+    tags, metrics = run_record(run_id)
+    line = (f"run {run_id} finished; student {tags.get('registered_model', '?')} version "
+            f"{tags.get('registered_versions', '?')} from teacher {tags.get('teacher_name')} "
+            f"version {tags.get('teacher_version')} ({tags.get('manipulation')}"
+            + (f" k={tags['k']}" if tags.get("k") else "") + ")")
+    if "adversarial_accuracy" in metrics:
+        line += (f"; on {int(metrics.get('n_examples', 0))} test examples: natural "
+                 f"{metrics['natural_accuracy']:.4f}, adversarial {metrics['adversarial_accuracy']:.4f}")
+    elif "checkpoint_test_accuracy" in metrics:
+        line += f"; test accuracy {metrics['checkpoint_test_accuracy']:.4f} (not attacked)"
+    return line
 
 
 analyze_app = typer.Typer(help="The paper's analyses: Appendix C theory (C.1-C.3), logit gaps (Fig. 2), manifolds (Fig. 5).",

@@ -84,7 +84,10 @@ def managed_run(experiment: str, run_name: str | None = None, run_id: str | None
     try:
         run = mlflow.start_run(run_id=run_id, run_name=None if run_id else run_name, tags=tags, nested=nested)
         yield run
-    except BaseException:
+    except BaseException as exc:
+        failed = run.info.run_id if run is not None else adopted
+        if failed:
+            record_failure(failed, exc)
         if run is not None:
             mlflow.end_run("FAILED")
         elif adopted:  # the run exists but could not be started: never leave it RUNNING
@@ -98,6 +101,26 @@ def managed_run(experiment: str, run_name: str | None = None, run_id: str | None
             os.environ["MLFLOW_RUN_ID"] = launcher_run
         with contextlib.suppress(ValueError):
             signal.signal(signal.SIGTERM, previous)
+
+
+ERROR_TAG = "error"
+TRACEBACK_ARTIFACT = "error/traceback.txt"
+
+
+def record_failure(run_id: str, exc: BaseException) -> None:
+    """A FAILED run says why in the store: the one-line error as a tag, the traceback as an artifact.
+    Best effort: a store that just failed must not hide the original exception."""
+    import traceback
+
+    line = f"{type(exc).__name__}: {exc}".splitlines()[0] if str(exc) else type(exc).__name__
+    text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    client = MlflowClient()
+    with contextlib.suppress(Exception):
+        client.set_tag(run_id, ERROR_TAG, line[:5000])
+    with contextlib.suppress(Exception), tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / Path(TRACEBACK_ARTIFACT).name
+        path.write_text(text)
+        client.log_artifact(run_id, str(path), str(Path(TRACEBACK_ARTIFACT).parent))
 
 
 # --- keyed work: "find the FINISHED run with this key, or run it" ------------------------------
@@ -118,6 +141,12 @@ def find_finished_run(key: str, tag: str = KEY_TAG) -> str | None:
                                filter_string=f"tags.`{tag}` = '{key}' and attributes.status = 'FINISHED'",
                                order_by=["attributes.start_time DESC"], max_results=1)
     return found[0].info.run_id if found else None
+
+
+def run_record(run_id: str) -> tuple[dict[str, str], dict[str, float]]:
+    """A finished run's tags and latest metrics: what closing messages report, read from the store."""
+    data = MlflowClient().get_run(run_id).data
+    return dict(data.tags), dict(data.metrics)
 
 
 def log_params(params: dict[str, Any]) -> None:
