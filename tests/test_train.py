@@ -154,6 +154,32 @@ def test_resume_after_interruption_matches_uninterrupted_run(monkeypatch):
                                training_run.checkpoint_test_logits(resumed, 3)["logits"], atol=1e-5)
 
 
+def test_resumed_adversarial_run_names_the_model_it_registered(monkeypatch, caplog):
+    original = training_run.EpochLogger.__call__
+
+    def killed_in_epoch_2(self, result):
+        if result.epoch == 2:
+            raise KeyboardInterrupt("simulated kill")
+        original(self, result)
+
+    monkeypatch.setattr(training_run.EpochLogger, "__call__", killed_in_epoch_2)
+    with caplog.at_level("INFO", logger="robustlogits"):
+        killed = CliRunner().invoke(app, ["train", "--preset", "test", "--training", "adversarial",
+                                          "--set", "monitor.robust_every=0"])
+    assert killed.exit_code == 130
+    # No terminal here (as under `mlflow run`): the epoch reports its progress in lines, every 10%.
+    assert "epoch 1/2: 10% (" in caplog.text and "epoch 1/2: 100% (" in caplog.text
+    run_id = all_runs()[0].info.run_id
+    assert MlflowClient().get_run(run_id).data.tags["error"] == "KeyboardInterrupt: simulated kill"
+    monkeypatch.setattr(training_run.EpochLogger, "__call__", original)
+    resumed = CliRunner().invoke(app, ["train", "--resume", run_id])  # CLI defaults say "standard"
+    assert resumed.exit_code == 0, resumed.output
+    assert f"run {run_id} finished; registered model synthetic-cnn-tiny-at version(s) 1,2" in resumed.output
+    assert "-st" not in resumed.output
+    tags = MlflowClient().get_run(run_id).data.tags
+    assert "error" not in tags and tags["previous_error"] == "KeyboardInterrupt: simulated kill"
+
+
 def test_resume_refuses_a_finished_run():
     run_id = train_job.run_training(test_config("standard", "optim.epochs=1", "run.checkpoint_epochs=1"), progress=False)
     with pytest.raises(train_job.UserError, match="already FINISHED"):
@@ -166,6 +192,10 @@ def test_nan_loss_fails_the_run_and_registers_nothing():
     assert "loss became" in result.output
     runs = all_runs()
     assert [r.info.status for r in runs] == ["FAILED"]
+    # The store says why: the one-line error as a tag, the traceback as an artifact.
+    assert "loss became nan" in runs[0].data.tags["error"]
+    trace = train_job.tracking.download_artifact(runs[0].info.run_id, "error/traceback.txt").read_text()
+    assert "Traceback" in trace and "loss became" in trace
     assert MlflowClient().search_registered_models() == [] or not MlflowClient().search_model_versions("")
 
 

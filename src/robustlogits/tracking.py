@@ -123,6 +123,15 @@ def record_failure(run_id: str, exc: BaseException) -> None:
         client.log_artifact(run_id, str(path), str(Path(TRACEBACK_ARTIFACT).parent))
 
 
+def clear_failure(run_id: str) -> None:
+    """A resumed run is no longer failed: its last error moves to `previous_error` (the traceback stays)."""
+    client = MlflowClient()
+    error = client.get_run(run_id).data.tags.get(ERROR_TAG)
+    if error:
+        client.set_tag(run_id, "previous_error", error)
+        client.delete_tag(run_id, ERROR_TAG)
+
+
 # --- keyed work: "find the FINISHED run with this key, or run it" ------------------------------
 
 KEY_TAG = "robustlogits.key"

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import io
 import math
-import sys
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -19,6 +18,7 @@ from robustlogits.config import AdversaryConfig, OptimConfig
 from robustlogits.data import Split, augment, iterate_batches, to_float
 from robustlogits.errors import UserError
 from robustlogits.perturb import LinfPGD, autocast
+from robustlogits.progress import Progress
 
 
 class TrainingDiverged(UserError):
@@ -152,14 +152,12 @@ def fit(state: TrainState, split: Split, objective: Objective, optim: OptimConfi
         on_epoch_end: Callable[[EpochResult], None] | None = None, progress: bool | None = None) -> TrainState:
     """Train from `state.epoch` to `optim.epochs`, calling `on_epoch_end` after every epoch."""
     model, device = state.model, split.labels.device
-    if progress is None:
-        progress = sys.stderr.isatty()
     for epoch in range(state.epoch + 1, optim.epochs + 1):
         model.train()
         lr = state.optimizer.param_groups[0]["lr"]
         total_loss, correct, seen = 0.0, 0, 0
         started = time.perf_counter()
-        bar = _progress(len(split), f"{objective.name} epoch {epoch}/{optim.epochs}", progress)
+        bar = Progress(len(split), f"{objective.name} epoch {epoch}/{optim.epochs}", "img", progress)
         for step, idx in enumerate(iterate_batches(len(split), optim.batch_size, state.generator, drop_last=True)):
             idx = idx.to(device)
             x = to_float(augment(split.images[idx], state.generator), channels_last)
@@ -180,11 +178,9 @@ def fit(state: TrainState, split: Split, objective: Objective, optim: OptimConfi
             total_loss += loss.item() * n
             correct += int((logits.argmax(1) == y).sum())
             seen += n
-            if bar is not None:
-                bar.update(n)
-                bar.set_postfix(loss=f"{total_loss / seen:.3f}", acc=f"{correct / seen:.3f}", refresh=False)
-        if bar is not None:
-            bar.close()
+            bar.set_postfix(loss=f"{total_loss / seen:.3f}", acc=f"{correct / seen:.3f}")
+            bar.update(n)
+        bar.close()
         state.scheduler.step()
         state.epoch = epoch
         result = EpochResult(epoch, total_loss / max(seen, 1), correct / max(seen, 1),
@@ -194,11 +190,3 @@ def fit(state: TrainState, split: Split, objective: Objective, optim: OptimConfi
         if on_epoch_end is not None:
             on_epoch_end(result)
     return state
-
-
-def _progress(total: int, desc: str, enabled: bool):
-    if not enabled:
-        return None
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc=desc, unit="img", unit_scale=True, leave=False, dynamic_ncols=True)

@@ -1,0 +1,52 @@
+"""Progress on long work: a bar on a terminal, a log line every 10% elsewhere (e.g. under
+`mlflow run`, whose output is a log, not a terminal), or nothing when asked for silence."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+log = logging.getLogger("robustlogits")
+
+
+class Progress:
+    """`enabled`: True = bar, False = silent, None = a bar on a terminal, else lines every `every`."""
+
+    def __init__(self, total: int, desc: str, unit: str = "it", enabled: bool | None = None, every: float = 0.1):
+        self.total, self.desc, self.unit, self.every = max(int(total), 0), desc, unit, every
+        self.done, self.postfix, self._next_line = 0, "", every
+        if enabled is None:
+            enabled = sys.stderr.isatty() or "lines"
+        self.mode = "lines" if enabled == "lines" else ("bar" if enabled else "off")
+        self.bar = None
+        if self.mode == "bar":
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=self.total, desc=desc, unit=unit, unit_scale=unit == "img", leave=False,
+                            dynamic_ncols=True)
+
+    def update(self, n: int = 1) -> None:
+        self.done += n
+        if self.bar is not None:
+            self.bar.update(n)
+        elif self.mode == "lines" and self.total:
+            while self.done / self.total >= self._next_line - 1e-9 and self._next_line <= 1 + 1e-9:
+                log.info("%s: %d%% (%d/%d %s)%s", self.desc, round(100 * self._next_line), self.done, self.total,
+                         self.unit, f" {self.postfix}" if self.postfix else "")
+                self._next_line += self.every
+
+    def set_postfix(self, **values) -> None:
+        self.postfix = " ".join(f"{k} {v}" for k, v in values.items())
+        if self.bar is not None:
+            self.bar.set_postfix(values, refresh=False)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+    def __enter__(self) -> "Progress":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
