@@ -168,12 +168,16 @@ def test_headline_mlflow_run_command(with_teachers):
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"
     proc = subprocess.run(
         [sys.executable, "-m", "mlflow", "run", str(REPO), "-e", "distill", "--env-manager", "local",
-         "-P", "manipulation=permute", "-P", "k=3", "-P", "preset=test",
-         "-P", "overrides=distill.teacher_logits_seed=123"],  # fresh teacher logits: a run of their own
+         "-P", "distill.manipulation=permute", "-P", "distill.k=3", "-P", "preset=test",
+         "-P", "distill.teacher_logits_seed=123"],  # fresh teacher logits: a run of their own
         env=env, capture_output=True, text=True, timeout=300, cwd=with_teachers["root"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     latest = max(runs("distill"), key=lambda r: r.info.start_time)
     assert latest.info.status == "FINISHED"
+    assert "'manipulation'" not in str(set(latest.data.params)) and latest.data.params["distill.k"] == "3"
+    assert f"from teacher {AT} version 2 (permute k=3); on " in proc.stdout and "adversarial 0." in proc.stdout
+    # No --experiment-name: the launcher filed it under Default, and the job says so (once).
+    assert proc.stderr.count("mlflow run filed this run under experiment 'Default'") == 1
     assert latest.data.tags["manipulation"] == "permute" and latest.data.tags["teacher_name"] == AT
     assert "mlflow.project.entryPoint" in latest.data.tags  # the launcher's own run was adopted
     assert latest.data.params["teacher_logits_reused"] == "False"
@@ -182,3 +186,32 @@ def test_headline_mlflow_run_command(with_teachers):
     launched = [r for r in runs() if "mlflow.project.entryPoint" in r.data.tags and r.info.start_time >= latest.info.start_time - 60_000]
     assert [r.info.run_id for r in launched] == [latest.info.run_id]  # no empty launcher run left behind
     assert all(r.info.status != "RUNNING" for r in runs())
+
+
+def test_lineage_in_a_sqlite_store_teacher_is_input_student_is_output(tmp_path, monkeypatch):
+    """sqlite leaves a registry version's model_id empty (its source is models:/m-...): the
+    teacher's logged model must still be the student run's input, so the run page links them."""
+    import mlflow
+
+    from robustlogits.config import preset
+    from robustlogits.train_job import run_training
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    mlflow.set_tracking_uri(uri)
+    cfg = preset("test")
+    cfg.run.training = "adversarial"
+    cfg.optim.epochs, cfg.run.checkpoint_epochs, cfg.run.teacher_epoch = 1, (1,), 1
+    cfg.monitor.robust_every = 0
+    run_training(cfg, progress=False)
+    client = MlflowClient()
+    teacher_version = client.get_model_version(AT, "1")
+    assert teacher_version.source.startswith("models:/m-")
+    result = distill("--manipulation", "none", "--no-attack", "--epochs", "1")
+    assert result.exit_code == 0, result.output
+    run = client.get_run(run_id_of(result))
+    assert [i.model_id for i in run.inputs.model_inputs] == [logged_model_id(teacher_version)]
+    student = students_of(AT, 1)[0]
+    assert [o.model_id for o in run.outputs.model_outputs] == [logged_model_id(student)]
+    assert client.get_logged_model(logged_model_id(student)).source_run_id == run.info.run_id
+    assert client.get_model_version(AT, "1").tags["students"].startswith(f"{STUDENT}/{student.version} (none")

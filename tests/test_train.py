@@ -256,14 +256,30 @@ def test_mlflow_run_entry_point_with_local_env_manager(tmp_path, isolated_store)
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"
     proc = subprocess.run(
         [sys.executable, "-m", "mlflow", "run", str(REPO), "-e", "train", "--env-manager", "local",
-         "-P", "training=adversarial", "-P", "preset=test", "-P", "overrides=optim.epochs=1 run.checkpoint_epochs=1",
+         "-P", "run.training=adversarial", "-P", "preset=test", "-P", "optim.epochs=1", "-P", "run.checkpoint_epochs=1",
          "--experiment-name", "mlproject-test"],
         env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     runs = all_runs()
     assert [r.info.status for r in runs] == ["FINISHED"]
-    assert runs[0].data.params["run.training"] == "adversarial" and runs[0].data.params["optim.epochs"] == "1"
+    params = runs[0].data.params
+    assert params["run.training"] == "adversarial" and params["optim.epochs"] == "1"
+    # Each value once, under the name the run's config uses; no launcher-only duplicates, no ''.
+    assert set(params) == set(flatten(preset("test"))) | {"run.precision"}
+    assert "''" not in params.values()
+    assert "registered model synthetic-cnn-tiny-at version(s) 1" in proc.stdout
     assert str(MlflowClient().get_model_version_by_alias("synthetic-cnn-tiny-at", "teacher").version) == "1"
+
+
+def test_mlflow_run_rejects_parameters_the_run_would_log_twice(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_RUN_ID")}
+    proc = subprocess.run([sys.executable, str(REPO / "entrypoints" / "train.py"), "--training", "adversarial"],
+                          env=env, capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        "error: unknown MLproject parameter 'training': pass values under the names the run logs them as, "
+        "e.g. -P run.training=adversarial (`robustlogits config` lists every key)"]
+    assert all_runs() == []
 
 
 @pytest.mark.realdata

@@ -111,7 +111,7 @@ def _eps(text: str) -> float:
 @app.command()
 @cli_errors
 def attack(
-    model: str = typer.Option(..., help="models:/NAME@ALIAS, models:/NAME/STAGE, models:/NAME/VERSION, a registered NAME, or runs:/ID/PATH"),
+    model: str = typer.Option("", help="models:/NAME@ALIAS, models:/NAME/STAGE, models:/NAME/VERSION, a registered NAME, or runs:/ID/PATH"),
     stage: Optional[str] = typer.Option(None, help="with a registered NAME: the stage to pull (default Production)"),
     alias: Optional[str] = typer.Option(None, help="with a registered NAME: the alias to pull"),
     version: Optional[str] = typer.Option(None, help="with a registered NAME: the version to pull"),
@@ -285,6 +285,29 @@ def show_config(preset: str = typer.Option("smoke", help="preset to print")):
 
     for key, value in flatten(make_preset(preset)).items():
         typer.echo(f"{key}={value}")
+
+
+def mlproject_args(argv: list[str], *, options_prefix: str | None = None, plain: tuple[str, ...] = ()) -> list[str]:
+    """MLproject parameters arrive as `--section.field VALUE`, named exactly as the run's params,
+    so `mlflow run` logs each value once under one name. They become `--set section.field=VALUE`
+    (or, with `options_prefix`, the command's own `--field` option); `plain` names pass as is."""
+    out, i = [], 0
+    while i < len(argv):
+        name, value = argv[i], argv[i + 1] if i + 1 < len(argv) else ""
+        key = name[2:] if name.startswith("--") else name
+        if options_prefix and key.startswith(options_prefix + "."):
+            out += [f"--{key[len(options_prefix) + 1:].replace('_', '-')}", value]
+        elif not options_prefix and "." in key:
+            out += ["--set", f"{key}={value}"]
+        elif key in plain:
+            out += [f"--{key.replace('_', '-')}", value]
+        else:
+            example = f"-P {options_prefix}.n_examples=500" if options_prefix else "-P run.training=adversarial"
+            typer.echo(f"error: unknown MLproject parameter {key!r}: pass values under the names the run logs "
+                       f"them as, e.g. {example} (`robustlogits config` lists every key)", err=True)
+            raise SystemExit(2)
+        i += 2
+    return out
 
 
 def single_command(fn) -> typer.Typer:

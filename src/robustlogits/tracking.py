@@ -28,6 +28,7 @@ from mlflow.tracking import MlflowClient
 
 from robustlogits.errors import UserError
 
+log = logging.getLogger(__name__)
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 PIP_REQUIREMENTS = ["torch", "torchvision", "robustlogits"]
@@ -42,13 +43,24 @@ def configure_store() -> str:
     return uri
 
 
-def check_store(experiment: str) -> str:
+_warned_launches: set[str] = set()
+
+
+def check_store(experiment: str, adopt_launched: bool = True) -> str:
     """Open the store and experiment up front so an unusable store fails before any work."""
     uri = configure_store()
-    launched = os.environ.get("MLFLOW_RUN_ID")
+    launched = os.environ.get("MLFLOW_RUN_ID") if adopt_launched else None
     try:
         if launched:  # under `mlflow run`: the launcher chose the experiment and created the run
-            return MlflowClient().get_run(launched).info.experiment_id
+            client = MlflowClient()
+            exp_id = client.get_run(launched).info.experiment_id
+            chosen = client.get_experiment(exp_id).name
+            if chosen != experiment and launched not in _warned_launches:
+                _warned_launches.add(launched)
+                log.warning("mlflow run filed this run under experiment %r, not %r: add `--experiment-name %s` "
+                            "to the mlflow run command to keep runs together", chosen, experiment, experiment)
+            mlflow.set_experiment(experiment_id=exp_id)  # an earlier fresh run may have switched it
+            return exp_id
         exp = mlflow.get_experiment_by_name(experiment)
         exp_id = exp.experiment_id if exp else mlflow.create_experiment(experiment)
         mlflow.set_experiment(experiment_id=exp_id)
@@ -68,7 +80,7 @@ def managed_run(experiment: str, run_name: str | None = None, run_id: str | None
     unless `fresh` asks for a separate run (e.g. a reusable teacher-logit artifact).
     """
     if not nested:
-        check_store(experiment)
+        check_store(experiment, adopt_launched=not fresh and run_id is None)
     previous = signal.getsignal(signal.SIGTERM)
 
     def on_sigterm(signum, frame):
@@ -159,7 +171,10 @@ def run_record(run_id: str) -> tuple[dict[str, str], dict[str, float]]:
 
 
 def log_params(params: dict[str, Any]) -> None:
-    mlflow.log_params({k: ("None" if v is None else str(v))[:6000] for k, v in params.items()})
+    """Log params the active run does not have yet: under `mlflow run` the launcher has already
+    logged the `-P` values, under these same names and as the user spelled them."""
+    existing = MlflowClient().get_run(mlflow.active_run().info.run_id).data.params
+    mlflow.log_params({k: ("None" if v is None else str(v))[:6000] for k, v in params.items() if k not in existing})
 
 
 def _log_file(artifact_file: str, write) -> None:
