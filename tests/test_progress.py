@@ -21,3 +21,10 @@ def test_silent_when_asked(caplog):
     with caplog.at_level(logging.INFO, logger="robustlogits"), Progress(10, "phase", enabled=False) as bar:
         bar.update(10)
     assert not caplog.records
+
+
+def test_a_jump_over_several_tenths_is_one_line(caplog):
+    with caplog.at_level(logging.INFO, logger="robustlogits"), Progress(10, "attack", "ex") as bar:
+        bar.update(3)
+        bar.update(7)
+    assert [r.getMessage() for r in caplog.records] == ["attack: 30% (3/10 ex)", "attack: 100% (10/10 ex)"]

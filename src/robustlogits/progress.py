@@ -29,11 +29,11 @@ class Progress:
         self.done += n
         if self.bar is not None:
             self.bar.update(n)
-        elif self.mode == "lines" and self.total:
-            while self.done / self.total >= self._next_line - 1e-9 and self._next_line <= 1 + 1e-9:
-                log.info("%s: %d%% (%d/%d %s)%s", self.desc, round(100 * self._next_line), self.done, self.total,
-                         self.unit, f" {self.postfix}" if self.postfix else "")
-                self._next_line += self.every
+        elif self.mode == "lines" and self.total and self.done / self.total >= self._next_line - 1e-9:
+            crossed = min(int(self.done / self.total / self.every + 1e-9) * self.every, 1.0)  # one line per jump
+            log.info("%s: %d%% (%d/%d %s)%s", self.desc, round(100 * crossed), self.done, self.total,
+                     self.unit, f" {self.postfix}" if self.postfix else "")
+            self._next_line = crossed + self.every
 
     def set_postfix(self, **values) -> None:
         self.postfix = " ".join(f"{k} {v}" for k, v in values.items())
