@@ -177,3 +177,14 @@ def test_pgd_updates_in_place_and_equals_the_textbook_attack():
         counts[steps] = allocations.count
         assert torch.equal(got, expected)
     assert counts[6] == counts[1]  # set-up only: no batch-sized allocation per step
+
+
+def test_negative_sync_every_is_one_clear_error():
+    from robustlogits.config import preset
+    from robustlogits.errors import UserError
+
+    cfg = preset("test")
+    cfg.run.sync_every = -1
+    with pytest.raises(UserError, match="run.sync_every must be >= 0"):
+        cfg.validate()
+    assert preset("paper").run.compile is False and preset("paper").run.sync_every == 50
