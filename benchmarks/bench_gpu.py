@@ -276,7 +276,7 @@ def main():
     print(f"KD epoch: ours {ours:8.2f} s | reference (teacher on every batch) {ref:8.2f} s | {ref / ours:6.2f}x; "
           f"teacher-logit pass ({args.n_augment} augmentations) {teacher_pass:.2f} s once per run")
     if syncs is not None:
-        print(f"host synchronisations in a 20-step AT epoch of ours (sync_every=0): {syncs}")
+        print(f"host synchronisations in a 20-step AT epoch of ours (sync_every=0; 1 expected, the epoch-end read): {syncs}")
 
     ours_rate, ref_rate = attack_rates(args, at_model, bundle, device)
     print(f"APGD-CE + APGD-DLR ({args.attack_iter} iterations, 1 restart): ours {ours_rate:8.1f} examples/s | "
