@@ -51,7 +51,8 @@ def train_tracked(cfg: TrainConfig, bundle: DataBundle, state: TrainState, objec
                   amp: bool, version_tags: dict | None = None, progress: bool | None = None) -> TrainState:
     """The one loop, logging every epoch into the active run, then the run's closing artifacts."""
     fit(state, bundle.train, objective, cfg.optim, amp=amp, channels_last=cfg.run.channels_last,
-        compile=cfg.run.compile, sync_every=cfg.run.sync_every, on_epoch_end=EpochLogger(cfg, bundle, state, run_id, version_tags, amp), progress=progress)
+        compile=cfg.run.compile, sync_every=cfg.run.sync_every,
+        on_epoch_end=EpochLogger(cfg, bundle, state, run_id, version_tags, amp), progress=progress)
     finish(cfg, state, run_id)
     return state
 
