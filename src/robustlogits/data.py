@@ -505,9 +505,12 @@ def to_float(images: torch.Tensor, channels_last: bool = False) -> torch.Tensor:
 
 
 def iterate_batches(n: int, batch_size: int, generator: torch.Generator | None = None, drop_last: bool = False):
-    """Index batches over range(n); shuffled when a generator is given (the loop owns its RNG)."""
+    """Index batches over range(n); shuffled when a generator is given (the loop owns its RNG).
+
+    The shuffled order stays on the generator's device, so a GPU loop never copies indices
+    from the host (a blocking transfer per step)."""
     if generator is not None:
-        order = torch.randperm(n, generator=generator, device=generator.device).cpu()
+        order = torch.randperm(n, generator=generator, device=generator.device)
     else:
         order = torch.arange(n)
     stop = n - n % batch_size if drop_last and n >= batch_size else n

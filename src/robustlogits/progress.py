@@ -35,7 +35,7 @@ class Progress:
                      self.unit, f" {self.postfix}" if self.postfix else "")
             self._next_line = crossed + self.every
 
-    def set_postfix(self, **values) -> None:
+    def set_postfix(self, refresh: bool = False, **values) -> None:
         self.postfix = " ".join(f"{k} {v}" for k, v in values.items())
         if self.bar is not None:
             self.bar.set_postfix(values, refresh=False)

@@ -54,7 +54,7 @@ def train_tracked(cfg: TrainConfig, bundle: DataBundle, state: TrainState, objec
     logger = EpochLogger(cfg, bundle, state, run_id, version_tags, amp)
     try:
         fit(state, bundle.train, objective, cfg.optim, amp=amp, channels_last=cfg.run.channels_last,
-            on_epoch_end=logger, progress=progress)
+            compile=cfg.run.compile, sync_every=cfg.run.sync_every, on_epoch_end=logger, progress=progress)
     finally:
         logger.close()
     finish(cfg, state, run_id)
