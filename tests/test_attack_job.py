@@ -120,5 +120,4 @@ def test_mlproject_attack_parameters_are_the_logged_names():
     argv = ["--attack.model", "models:/m@teacher", "--attack.n_examples", "500", "--attack.eps", "8/255"]
     assert mlproject_args(argv, options_prefix="attack") == [
         "--model", "models:/m@teacher", "--n-examples", "500", "--eps", "8/255"]
-    with pytest.raises(SystemExit):
-        mlproject_args(["--model", "models:/m@teacher"], options_prefix="attack")
+    assert mlproject_args(["--model", "models:/m@teacher"], options_prefix="attack") == ["--model", "models:/m@teacher"]

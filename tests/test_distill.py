@@ -168,13 +168,13 @@ def test_headline_mlflow_run_command(with_teachers):
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"
     proc = subprocess.run(
         [sys.executable, "-m", "mlflow", "run", str(REPO), "-e", "distill", "--env-manager", "local",
-         "-P", "distill.manipulation=permute", "-P", "distill.k=3", "-P", "preset=test",
+         "-P", "manipulation=permute", "-P", "k=3", "-P", "preset=test",  # the product's own usage
          "-P", "distill.teacher_logits_seed=123"],  # fresh teacher logits: a run of their own
         env=env, capture_output=True, text=True, timeout=300, cwd=with_teachers["root"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     latest = max(runs("distill"), key=lambda r: r.info.start_time)
     assert latest.info.status == "FINISHED"
-    assert "'manipulation'" not in str(set(latest.data.params)) and latest.data.params["distill.k"] == "3"
+    assert latest.data.params["distill.manipulation"] == "permute" and latest.data.params["distill.k"] == "3"
     assert f"from teacher {AT} version 2 (permute k=3); on " in proc.stdout and "adversarial 0." in proc.stdout
     # No --experiment-name: the launcher filed it under Default, and the job says so (once).
     assert proc.stderr.count("mlflow run filed this run under experiment 'Default'") == 1

@@ -271,13 +271,23 @@ def test_mlflow_run_entry_point_with_local_env_manager(tmp_path, isolated_store)
     assert str(MlflowClient().get_model_version_by_alias("synthetic-cnn-tiny-at", "teacher").version) == "1"
 
 
-def test_mlflow_run_rejects_parameters_the_run_would_log_twice(tmp_path):
+def test_short_mlproject_names_map_to_logged_keys():
+    from robustlogits.cli import mlproject_args
+
+    assert mlproject_args(["--training", "adversarial", "--data_dir", "d", "--optim.lr", "0.1", "--preset", "smoke"],
+                          plain=("preset",)) == [
+        "--set", "run.training=adversarial", "--set", "data.data_dir=d", "--set", "optim.lr=0.1", "--preset", "smoke"]
+    assert mlproject_args(["--manipulation", "permute", "--k", "3"], plain=("preset",)) == [
+        "--set", "distill.manipulation=permute", "--set", "distill.k=3"]
+
+
+def test_mlflow_run_rejects_unknown_parameters(tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_RUN_ID")}
-    proc = subprocess.run([sys.executable, str(REPO / "entrypoints" / "train.py"), "--training", "adversarial"],
+    proc = subprocess.run([sys.executable, str(REPO / "entrypoints" / "train.py"), "--trainig", "adversarial"],
                           env=env, capture_output=True, text=True, timeout=120, cwd=REPO)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
-        "error: unknown MLproject parameter 'training': pass values under the names the run logs them as, "
+        "error: unknown MLproject parameter 'trainig': pass a config key as the run logs it, "
         "e.g. -P run.training=adversarial (`robustlogits config` lists every key)"]
     assert all_runs() == []
 

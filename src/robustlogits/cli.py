@@ -287,24 +287,43 @@ def show_config(preset: str = typer.Option("smoke", help="preset to print")):
         typer.echo(f"{key}={value}")
 
 
-def mlproject_args(argv: list[str], *, options_prefix: str | None = None, plain: tuple[str, ...] = ()) -> list[str]:
-    """MLproject parameters arrive as `--section.field VALUE`, named exactly as the run's params,
-    so `mlflow run` logs each value once under one name. They become `--set section.field=VALUE`
-    (or, with `options_prefix`, the command's own `--field` option); `plain` names pass as is."""
+# Short MLproject names accepted beside the logged (dotted) ones, so the product's own usage
+# `mlflow run . -e distill -P manipulation=permute -P k=3` works. A short name is recorded by the
+# `mlflow run` launcher as typed and by the job under its dotted name; dotted names appear once.
+MLPROJECT_ALIASES = {
+    "training": "run.training", "dataset": "data.dataset", "arch": "model.arch", "data_dir": "data.data_dir",
+    "epochs": "optim.epochs", "seed": "run.seed", "checkpoint_epochs": "run.checkpoint_epochs",
+    "teacher_epoch": "run.teacher_epoch", "overrides": None,
+    **{name: f"distill.{name}" for name in ("manipulation", "k", "teacher", "teacher_stage", "teacher_alias",
+                                            "teacher_version", "st_teacher", "fix_mode", "loss", "temperature")},
+}
+
+
+def mlproject_args(argv: list[str], *, options_prefix: str | None = None, plain: tuple[str, ...] = (),
+                   aliases: dict[str, str | None] | None = None) -> list[str]:
+    """MLproject parameters arrive as `--section.field VALUE`, named as the run's params, so `mlflow
+    run` logs each value once under one name. They become `--set section.field=VALUE` (or, with
+    `options_prefix`, the command's own `--field` option); `plain` names pass as is; `aliases`
+    maps short names to dotted ones (None: a space-separated list of `section.field=value`)."""
+    aliases = MLPROJECT_ALIASES if aliases is None else aliases
     out, i = [], 0
     while i < len(argv):
         name, value = argv[i], argv[i + 1] if i + 1 < len(argv) else ""
         key = name[2:] if name.startswith("--") else name
+        if options_prefix and "." not in key and key not in plain:
+            key = f"{options_prefix}.{key}"
         if options_prefix and key.startswith(options_prefix + "."):
             out += [f"--{key[len(options_prefix) + 1:].replace('_', '-')}", value]
-        elif not options_prefix and "." in key:
-            out += ["--set", f"{key}={value}"]
         elif key in plain:
             out += [f"--{key.replace('_', '-')}", value]
+        elif not options_prefix and key in aliases:
+            dotted = aliases[key]
+            out += ["--overrides", value] if dotted is None else ["--set", f"{dotted}={value}"]
+        elif not options_prefix and "." in key:
+            out += ["--set", f"{key}={value}"]
         else:
-            example = f"-P {options_prefix}.n_examples=500" if options_prefix else "-P run.training=adversarial"
-            typer.echo(f"error: unknown MLproject parameter {key!r}: pass values under the names the run logs "
-                       f"them as, e.g. {example} (`robustlogits config` lists every key)", err=True)
+            typer.echo(f"error: unknown MLproject parameter {key!r}: pass a config key as the run logs it, e.g. "
+                       "-P run.training=adversarial (`robustlogits config` lists every key)", err=True)
             raise SystemExit(2)
         i += 2
     return out
