@@ -9,16 +9,23 @@ of a ResNet-18 would not fit in memory) and analysed with MFTMA (`robustlogits.m
 
 from __future__ import annotations
 
+import json
 import math
+import re
 import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 
+import mlflow
 import numpy as np
 import torch
 
-from robustlogits.data import Split, stratified_indices
+from robustlogits import tracking
+from robustlogits.data import Split, load_test_split, stratified_indices
+from robustlogits.device import resolve_device
 from robustlogits.errors import UserError
 from robustlogits.manifold import ManifoldResult, manifold_analysis, simulated_capacity
+from robustlogits.model_store import resolve_and_load, synthetic_params_from_run
 from robustlogits.models import extract_stages, stage_names
 from robustlogits.perturb import LinfPGD
 
@@ -35,6 +42,9 @@ class ManifoldSettings:
     seed: int = 0
     simulated: bool = False     # also bisect for the empirical capacity (slow; Figure A.8)
     batch_size: int = 250
+    definitions: str = "reference"    # R_M, D_M as the MFTMA reference code ("printed": the paper's A.4)
+    center_method: str = "reference"  # centre-structure removal as the reference code ("principal", "none")
+    center_reps: int = 10             # random starts per K of the reference's subspace optimisation
 
     def validate(self, n_test: int) -> None:
         if not 2 <= self.n_images <= n_test:
@@ -45,6 +55,12 @@ class ManifoldSettings:
             raise UserError(f"n-features must be >= 1, got {self.n_features}")
         if self.eps < 0 or self.pgd_steps < 0:
             raise UserError("eps and pgd-steps must be >= 0")
+        if self.definitions not in ("reference", "printed"):
+            raise UserError(f"definitions must be reference or printed, got {self.definitions!r}")
+        if self.center_method not in ("reference", "principal", "none"):
+            raise UserError(f"center-method must be reference, principal or none, got {self.center_method!r}")
+        if self.center_reps < 1:
+            raise UserError(f"center-reps must be >= 1, got {self.center_reps}")
 
 
 @dataclass
@@ -142,7 +158,10 @@ def analyse_model(model: torch.nn.Module, label: str, images: Split, settings: M
         flat, width = features[stage]
         # [P*M, N] image-major -> (P manifolds, N features, M points)
         X = flat.reshape(settings.n_images, settings.n_perturbations, -1).transpose(0, 2, 1)
-        result = manifold_analysis(X, kappa=settings.kappa, n_t=settings.n_t, seed=settings.seed)
+        result = manifold_analysis(X, kappa=settings.kappa, n_t=settings.n_t, seed=settings.seed,
+                                   center_null_space=settings.center_method != "none",
+                                   center_method="principal" if settings.center_method == "none" else settings.center_method,
+                                   center_reps=settings.center_reps, definitions=settings.definitions)
         simulated = simulated_capacity(X, seed=settings.seed) if settings.simulated else None
         out.stages.append(StageResult(stage, width, result, simulated))
         if bar is not None:
@@ -202,3 +221,55 @@ def figure_a8(results: list[ModelManifolds]):
     ax.legend(fontsize=8)
     fig.tight_layout()
     return fig
+
+
+def run(model_specs: list[str], settings, out_dir: Path, data_dir: str | None = None,
+                     dataset: str | None = None, track: bool = True, experiment: str = "robustlogits",
+                     device: str = "auto", progress: bool | None = None) -> dict:
+    """MFTMA per stage for each model; a parent run with the Figure 5 plot, a nested run per model
+    whose metrics use the stage index as step (so the MLflow UI draws them against depth)."""
+    if not model_specs:
+        raise UserError("give at least one model (registry URI, registered name, or runs:/ID/PATH)")
+    if track:
+        tracking.check_store(experiment)
+    dev = resolve_device(device)
+    models = [resolve_and_load(spec, device=dev) for spec in model_specs]
+    datasets = {dataset or m.dataset for m in models}
+    if None in datasets or len(datasets) != 1:
+        raise UserError(f"models must share one known dataset (found {sorted(map(str, datasets))}); pass --dataset")
+    name = datasets.pop()
+    synthetic = synthetic_params_from_run(models[0].source_run_id) if name == "synthetic" else None
+    test, _ = load_test_split(name, data_dir or models[0].data_dir, dev, synthetic)
+    settings.validate(len(test))
+    images = choose_images(test, settings)
+    results = [analyse_model(m.model, m.describe(), images, settings, progress) for m in models]
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    summary = {"settings": vars(settings), "dataset": name, "image_indices": images.indices.tolist(),
+               "models": {r.label: {"uri": m.uri, **r.table(), "details": [s.result.to_dict() for s in r.stages]}
+                          for r, m in zip(results, models)}}
+    (out_dir / "manifold.json").write_text(json.dumps(summary, indent=1, default=str))
+    figures = {"figure5_manifold.png": figure5(results)}
+    if settings.simulated:
+        figures["figure_a8_mean_field_vs_simulated.png"] = figure_a8(results)
+    for filename, fig in figures.items():
+        fig.savefig(out_dir / filename, dpi=120)
+    if track:
+        with tracking.managed_run(experiment, run_name="analyze-manifold",
+                                  tags={"robustlogits.job": "analyze-manifold", "dataset": name}) as parent:
+            tracking.log_params({f"manifold.{k}": v for k, v in vars(settings).items()} | {"models": model_specs})
+            tracking.log_model_inputs([m.model_id for m in models])
+            for result, model in zip(results, models):
+                with tracking.managed_run(experiment, run_name=f"manifold {result.label}", nested=True,
+                                          tags={"robustlogits.job": "analyze-manifold-model", "model_uri": model.uri,
+                                                "stages": ",".join(s.stage for s in result.stages)}):
+                    for step, stage in enumerate(result.stages):
+                        mlflow.log_metrics(stage.metrics(), step=step)
+                for stage in result.stages:
+                    mlflow.log_metrics({re.sub(r"[^0-9A-Za-z_\-./ ]", "_", f"{result.label}.{stage.stage}.{k}"): v
+                                        for k, v in stage.metrics().items()}, run_id=parent.info.run_id)
+            for filename, fig in figures.items():
+                tracking.log_figure(fig, f"manifold/{filename}")
+            mlflow.log_artifact(str(out_dir / "manifold.json"), "manifold")
+            summary["run_id"] = parent.info.run_id
+    return summary
