@@ -29,7 +29,7 @@ from robustlogits.data import load_test_split, stratified_indices, to_float
 from robustlogits.device import resolve_device
 from robustlogits.errors import UserError
 from robustlogits.model_format import load_state
-from robustlogits.models import EXTERNAL_ARCH, NORMALISATION, Normalized, build_model, buildable
+from robustlogits.models import EXTERNAL_ARCH, NORMALISATION, ExternalModel, Normalized, build_model, buildable
 
 STATE_DICT_KEYS = ("state_dict", "model_state_dict", "model", "net", "state")
 STRIPPED_PREFIXES = ("module.", "_orig_mod.")  # DataParallel / DistributedDataParallel, torch.compile
@@ -141,9 +141,16 @@ def read_checkpoint(path: Path, trust_pickle: bool) -> tuple[str, object]:
             return "torchscript", torch.jit.load(str(path), map_location="cpu")
         except Exception as exc:  # noqa: BLE001
             raise UserError(f"cannot load TorchScript archive {path}: {str(exc).splitlines()[0]}") from None
+    with open(path, "rb") as f:
+        is_pickle = f.read(1) == b"\x80"  # torch's legacy format starts with a pickle protocol byte
+    if not zipfile.is_zipfile(path) and not is_pickle:
+        raise UserError(f"cannot read {path} as a PyTorch checkpoint: neither a torch.save file, "
+                        "a TorchScript archive nor .safetensors")
     try:
         content = torch.load(str(path), map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
+    except pickle.UnpicklingError as exc:
+        if "Weights only load failed" not in str(exc):  # not a torch file at all
+            raise UserError(f"cannot read {path} as a PyTorch checkpoint: {str(exc).splitlines()[0]}") from None
         content = _pickled_object(path, trust_pickle)
     except Exception as exc:  # noqa: BLE001
         raise UserError(f"cannot read {path} as a PyTorch checkpoint: {str(exc).splitlines()[0]}") from None
@@ -159,6 +166,7 @@ def _pickled_object(path: Path, trust_pickle: bool) -> object:
         names = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
     except Exception:  # noqa: BLE001 - legacy (non-zip) files cannot be inspected
         names = []
+    names = sorted(names, key=lambda n: n.startswith(("torch.", "collections.")))  # the unusual ones first
     named = f" (it names {', '.join(names[:3])}{'...' if len(names) > 3 else ''})" if names else ""
     if not trust_pickle:
         raise UserError(f"{path} is a pickled Python object{named}; loading it runs code from the file: "
@@ -235,7 +243,8 @@ def _as_exportable(net: nn.Module, what: str) -> nn.Module:
     try:
         from torch._export.converter import TS2EPConverter
 
-        return TS2EPConverter(net, (torch.rand(2, 3, 32, 32),)).convert().module()
+        graph = TS2EPConverter(net, (torch.rand(2, 3, 32, 32),)).convert().module()
+        return ExternalModel(graph, num_classes=0, arch="torchscript")  # eval-only, like any exported graph
     except Exception as exc:  # noqa: BLE001
         raise UserError(f"cannot convert TorchScript {what} to an exported graph ({str(exc).splitlines()[0][:200]}); "
                         "pass --arch so its weights are loaded into a known architecture") from None
