@@ -108,6 +108,10 @@ def test_torchscript_import_without_arch_is_kept_as_a_graph_and_attacked(tmp_pat
     torch.testing.assert_close(loaded(x), net(x), rtol=1e-4, atol=1e-4)
     _, attack = run_attack(AttackConfig(model="models:/ext-ts/1", n_examples=20, n_iter=2), progress=False)
     assert attack.n_examples == 20
+    cfg = distill_preset("test")
+    cfg.distill.teacher, cfg.distill.teacher_version, cfg.distill.attack = "ext-ts", "1", False
+    cfg.optim.epochs = 1
+    assert MlflowClient().get_run(run_distill(cfg, progress=False)).data.tags["teacher_name"] == "ext-ts"
 
 
 def test_pickled_module_needs_trust_and_loads_after_its_class_is_gone(tmp_path, monkeypatch):
