@@ -21,6 +21,7 @@ X = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
 
 
 def logged(model: nn.Module, name: str = "m", register: str | None = None):
+    tracking.check_store("robustlogits")  # this test's store, whatever experiment an earlier test set
     with mlflow.start_run():
         info = tracking.log_torch_model(model, name)
     if register:
@@ -30,6 +31,7 @@ def logged(model: nn.Module, name: str = "m", register: str | None = None):
 
 def legacy_logged(model: nn.Module, register: str):
     """What `log_torch_model` wrote before the spec format: a pickled eager module."""
+    tracking.check_store("robustlogits")
     with mlflow.start_run():
         info = mlflow.pytorch.log_model(model.eval(), name="legacy", serialization_format="pickle",
                                         pip_requirements=["torch"])
