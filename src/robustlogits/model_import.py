@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import pickle
+import warnings
 import zipfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -138,7 +139,9 @@ def read_checkpoint(path: Path, trust_pickle: bool) -> tuple[str, object]:
             raise UserError(f"cannot read {path} as safetensors: {str(exc).splitlines()[0]}") from None
     if is_torchscript(path):
         try:
-            return "torchscript", torch.jit.load(str(path), map_location="cpu")
+            with warnings.catch_warnings():  # torch.jit is deprecated; reading an archive is still the only way
+                warnings.simplefilter("ignore", FutureWarning)
+                return "torchscript", torch.jit.load(str(path), map_location="cpu")
         except Exception as exc:  # noqa: BLE001
             raise UserError(f"cannot load TorchScript archive {path}: {str(exc).splitlines()[0]}") from None
     with open(path, "rb") as f:
@@ -243,7 +246,9 @@ def _as_exportable(net: nn.Module, what: str) -> nn.Module:
     try:
         from torch._export.converter import TS2EPConverter
 
-        graph = TS2EPConverter(net, (torch.rand(2, 3, 32, 32),)).convert().module()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            graph = TS2EPConverter(net, (torch.rand(2, 3, 32, 32),)).convert().module()
         return ExternalModel(graph, num_classes=0, arch="torchscript")  # eval-only, like any exported graph
     except Exception as exc:  # noqa: BLE001
         raise UserError(f"cannot convert TorchScript {what} to an exported graph ({str(exc).splitlines()[0][:200]}); "
