@@ -63,6 +63,8 @@ def test_model_is_stored_as_spec_and_weights_and_rebuilt_from_them():
     loaded = tracking.load_model(info.model_uri)
     assert isinstance(loaded, models.Normalized) and not loaded.training and loaded.stages == model.stages
     torch.testing.assert_close(loaded(X), model(X))
+    by_run = resolve_and_load(f"runs:/{info.run_id}/m").model  # also through a run's URI
+    torch.testing.assert_close(by_run(X), model(X))
 
 
 def test_mlflow_load_model_still_works_without_pickle(monkeypatch):

@@ -305,8 +305,20 @@ def load_model(model_uri: str, device: torch.device | str = "cpu") -> torch.nn.M
     allowlist): nothing stored in the tracking server is executed."""
     from robustlogits import model_format
 
+    from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+
     try:
         with tempfile.TemporaryDirectory() as tmp:
+            repo = get_artifact_repository(model_uri)
+            names = {Path(f.path).name for f in repo.list_artifacts("")}
+            if "extra_files" in names:  # spec format: spec and weights suffice, not the pt2 copy
+                folder = Path(repo.download_artifacts("extra_files", dst_path=tmp)).parent
+                spec = model_format.ArchitectureSpec.from_json(
+                    (folder / "extra_files" / model_format.SPEC_FILE).read_text())
+                if spec.builder != model_format.FACTORY:  # an exported graph: MLflow's own folder
+                    repo.download_artifacts("data", dst_path=tmp)
+                    repo.download_artifacts("MLmodel", dst_path=tmp)
+                return model_format.load_model_dir(folder, device)
             local = mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=tmp)
             return model_format.load_model_dir(Path(local), device)
     except UserError as exc:
