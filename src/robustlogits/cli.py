@@ -195,6 +195,39 @@ def distill_summary(run_id: str) -> str:
     return line
 
 
+@app.command("import")
+@cli_errors
+def import_model(
+    checkpoint: Optional[str] = typer.Option(None, help="TorchScript archive, state dict (.pt/.pth/.safetensors) or pickled module"),
+    name: str = typer.Option(..., help="registered model name to create a version of"),
+    arch: Optional[str] = typer.Option(None, help="architecture for a state dict: one of ours (resnet18, cnn-small, ...) or torchvision:NAME"),
+    dataset: str = typer.Option("cifar10", help="cifar10 | cifar100 | synthetic: what the model classifies"),
+    normalization: Optional[str] = typer.Option(None, help="none | cifar10 | cifar100 | MEAN,STD | M1,M2,M3,S1,S2,S3: what the network expects its [0,1] input standardised with (default: the checkpoint's own, else none)"),
+    trust_pickle: bool = typer.Option(False, help="allow a pickled module (loading it runs code from the file)"),
+    robustbench: Optional[str] = typer.Option(None, help="import this RobustBench model (package and weights already on the machine)"),
+    model_dir: str = typer.Option("./models", help="RobustBench's model folder (MODEL_DIR/DATASET/THREAT_MODEL/NAME.pt)"),
+    threat_model: str = typer.Option("Linf", help="RobustBench threat model"),
+    data_dir: Optional[str] = typer.Option(None, help="where the test images for the check are"),
+    check_images: int = typer.Option(200, help="stratified test images the model is checked and scored on"),
+    stage: Optional[str] = typer.Option(None, help="move the new version to this stage (e.g. Production)"),
+    alias: Optional[str] = typer.Option(None, help="give the new version this alias (e.g. teacher)"),
+    device: str = typer.Option("auto"),
+    experiment: str = typer.Option("robustlogits"),
+):
+    """Register a model trained elsewhere; attack, distill and analyze then use it like our own."""
+    from robustlogits.model_import import ImportConfig, run_import
+
+    cfg = ImportConfig(name=name, checkpoint=_blank(checkpoint), arch=_blank(arch), dataset=dataset,
+                       normalization=_blank(normalization) if normalization != "none" else "none",
+                       trust_pickle=trust_pickle, robustbench=_blank(robustbench), model_dir=model_dir,
+                       threat_model=threat_model, data_dir=_blank(data_dir), check_images=check_images,
+                       stage=_blank(stage), alias=_blank(alias), device=device, experiment=experiment)
+    result = run_import(cfg, log=lambda msg: typer.echo(msg, err=True))
+    typer.echo(f"registered {result['name']} version {result['version']} (run {result['run_id']}): natural accuracy "
+               f"{result['natural_accuracy']:.4f} on {result['n_images']} test images; format {result['source_format']}, "
+               f"normalisation {result['normalization']}, sha256 {result['source_sha256'][:16]}")
+
+
 analyze_app = typer.Typer(help="The paper's analyses: Appendix C theory (C.1-C.3), logit gaps (Fig. 2), confidence ranks "
                           "(Fig. 3A/B), error classes (3C), average overlap (3D, B.6), image grids (B.2, B.3), manifolds (Fig. 5).",
                           no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)

@@ -123,20 +123,77 @@ ARCHS: dict[str, Callable[[int], tuple[nn.Module, dict[str, str]]]] = {
 }
 
 
-def build_model(arch: str, num_classes: int, dataset: str = "cifar10") -> Normalized:
+TORCHVISION_PREFIX = "torchvision:"
+
+
+def _torchvision(name: str, num_classes: int) -> tuple[nn.Module, dict[str, str]]:
+    """A torchvision classifier, untrained; its parametrised top-level children (all but the head)
+    are the stages."""
+    import torchvision
+
+    if name not in torchvision.models.list_models(module=torchvision.models):
+        raise UserError(f"unknown torchvision architecture {name!r}; see torchvision.models.list_models()")
+    net = torchvision.models.get_model(name, weights=None, num_classes=num_classes)
+    parametrised = [n for n, child in net.named_children() if any(True for _ in child.parameters())]
+    return net, {n: n for n in parametrised[:-1]}
+
+
+def buildable(arch: str) -> bool:
+    return arch in ARCHS or arch.startswith(TORCHVISION_PREFIX)
+
+
+def build_net(arch: str, num_classes: int) -> tuple[nn.Module, dict[str, str]]:
+    """The bare network and its stages: ours by name, torchvision's as `torchvision:NAME`."""
+    if arch.startswith(TORCHVISION_PREFIX):
+        return _torchvision(arch[len(TORCHVISION_PREFIX):], num_classes)
     if arch not in ARCHS:
-        raise UserError(f"unknown arch {arch!r}; choose one of: {', '.join(ARCHS)}")
-    net, stages = ARCHS[arch](num_classes)
-    mean, std = NORMALISATION.get(dataset, NORMALISATION["synthetic"])
+        raise UserError(f"unknown arch {arch!r}; choose one of: {', '.join(ARCHS)} (or torchvision:NAME)")
+    return ARCHS[arch](num_classes)
+
+
+def build_model(arch: str, num_classes: int, dataset: str = "cifar10",
+                normalization: tuple | None = None) -> Normalized:
+    """An untrained model; normalisation is the dataset's unless given as (mean, std)."""
+    net, stages = build_net(arch, num_classes)
+    mean, std = normalization or NORMALISATION.get(dataset, NORMALISATION["synthetic"])
     return Normalized(net, mean, std, arch, num_classes, stages)
 
 
-def stage_names(model: Normalized) -> list[str]:
+EXTERNAL_ARCH = "external"
+
+
+class ExternalModel(nn.Module):
+    """An imported network we have no architecture for, kept as an exported graph
+    (`torch.export`) that already includes its input normalisation.
+
+    The graph was exported in eval mode and cannot switch modes; asking for training mode is
+    refused rather than silently ignored. Its only stages are the input and the logits.
+    """
+
+    def __init__(self, net: nn.Module, num_classes: int, arch: str = EXTERNAL_ARCH):
+        super().__init__()
+        self.net = net
+        self.arch = arch
+        self.num_classes = num_classes
+        self.stages: dict[str, str] = {}
+
+    def train(self, mode: bool = True) -> "ExternalModel":
+        if mode:
+            raise UserError("an imported model without an architecture runs in eval mode only "
+                            "(re-import it with --arch to get a trainable, per-stage model)")
+        self.training = False
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+def stage_names(model: nn.Module) -> list[str]:
     return ["input", *model.stages, "logits"]
 
 
 @torch.no_grad()
-def extract_stages(model: Normalized, x: torch.Tensor, names: list[str] | None = None) -> dict[str, torch.Tensor]:
+def extract_stages(model: nn.Module, x: torch.Tensor, names: list[str] | None = None) -> dict[str, torch.Tensor]:
     """Activations at named stages (flattened per example), captured with forward hooks."""
     names = names or stage_names(model)
     unknown = set(names) - set(stage_names(model))

@@ -241,19 +241,31 @@ def log_model_inputs(model_ids: list[str]) -> None:
 # --- models and the registry ------------------------------------------------------------------
 
 def log_torch_model(model: torch.nn.Module, name: str, image_shape=(3, 32, 32)):
-    """Pickled eager model: loads back as the same nn.Module class (attackable, usable as teacher)."""
+    """Log a model as weights plus architecture spec (see `model_format`), with MLflow's pickle-free
+    `pt2` graph beside them so `mlflow.pytorch.load_model` also works. Returns MLflow's model info
+    (`model_uri`, `model_id`)."""
+    from mlflow.models.signature import ModelSignature
+    from mlflow.types import Schema, TensorSpec
+
+    from robustlogits import model_format
+
     was_training = model.training
     model.eval()
     example = np.random.default_rng(0).random((2, *image_shape), dtype=np.float32)
+    classes = int(getattr(model, "num_classes", 0) or model(torch.from_numpy(example)).shape[1])
+    signature = ModelSignature(inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, *image_shape))]),
+                               outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, classes))]))
+    pytorch_logger = logging.getLogger("mlflow.pytorch")
+    level = pytorch_logger.level
     try:
-        pytorch_logger = logging.getLogger("mlflow.pytorch")
-        level = pytorch_logger.level
-        pytorch_logger.setLevel(logging.ERROR)  # the pickle-format caution is noted in the README
-        with warnings.catch_warnings():
+        pytorch_logger.setLevel(logging.ERROR)
+        with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
             warnings.simplefilter("ignore")
+            _, files = model_format.write_files(model, Path(tmp))
             info = mlflow.pytorch.log_model(
-                model, name=name, serialization_format="pickle", input_example=example,
-                pip_requirements=PIP_REQUIREMENTS,
+                model, name=name, serialization_format="pt2", input_example=example, signature=signature,
+                extra_files=[str(f) for f in files], pip_requirements=PIP_REQUIREMENTS,
+                validate_serving_input=False,  # our own load is tested; this one re-exports the graph
             )
     finally:
         pytorch_logger.setLevel(level)
@@ -342,7 +354,27 @@ def logged_model_id(mv) -> str | None:
 
 
 def load_model(model_uri: str, device: torch.device | str = "cpu") -> torch.nn.Module:
+    """Download a logged model and rebuild it from its spec and weights (legacy pickles through an
+    allowlist): nothing stored in the tracking server is executed."""
+    from robustlogits import model_format
+
+    from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+
     try:
-        return mlflow.pytorch.load_model(model_uri, map_location=torch.device(device))
+        with tempfile.TemporaryDirectory() as tmp:
+            repo = get_artifact_repository(model_uri)
+            names = {Path(f.path).name for f in repo.list_artifacts("")}
+            if "extra_files" in names:  # spec format: spec and weights suffice, not the pt2 copy
+                folder = Path(repo.download_artifacts("extra_files", dst_path=tmp)).parent
+                spec = model_format.ArchitectureSpec.from_json(
+                    (folder / "extra_files" / model_format.SPEC_FILE).read_text())
+                if spec.builder != model_format.FACTORY:  # an exported graph: MLflow's own folder
+                    repo.download_artifacts("data", dst_path=tmp)
+                    repo.download_artifacts("MLmodel", dst_path=tmp)
+                return model_format.load_model_dir(folder, device)
+            local = mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=tmp)
+            return model_format.load_model_dir(Path(local), device)
+    except UserError as exc:
+        raise UserError(f"cannot load model {model_uri}: {exc}") from None
     except Exception as exc:  # noqa: BLE001
         raise UserError(f"cannot load model {model_uri}: {str(exc).splitlines()[0]}") from None

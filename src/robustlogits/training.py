@@ -126,7 +126,8 @@ class TrainState:
         return buf.getvalue()
 
     def load_bytes(self, blob: bytes) -> None:
-        state = torch.load(io.BytesIO(blob), map_location="cpu", weights_only=False)
+        # weights_only: tensors, numbers, strings and containers; a state file never runs code.
+        state = torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])

@@ -1,0 +1,216 @@
+"""`robustlogits import`: external checkpoints in every format become registry versions that
+attack, distill and analyze use exactly like models trained here."""
+
+from __future__ import annotations
+
+import sys
+import types
+
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+from torch import nn
+from typer.testing import CliRunner
+
+from robustlogits import models
+from robustlogits.analyze_job import run_gap_job, run_manifold_job
+from robustlogits.attack_job import AttackConfig, run_attack
+from robustlogits.cli import app
+from robustlogits.distill_job import distill_preset, run_distill
+from robustlogits.manifold_pipeline import ManifoldSettings
+from robustlogits.model_store import resolve_and_load
+
+NORM = "0.5,0.25"  # the synthetic data's normalisation, as MEAN,STD
+
+
+class ForeignNet(nn.Module):
+    """Somebody else's architecture: not in our factory, normalises inside like RobustBench models."""
+
+    def __init__(self, num_classes: int = 10):
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                                      nn.AdaptiveAvgPool2d(2), nn.Flatten())
+        self.head = nn.Linear(32, num_classes)
+
+    def forward(self, x):
+        return self.head(self.features((x - 0.5) / 0.25))
+
+
+class WrongShape(nn.Module):
+    def forward(self, x):
+        return x.mean(1)  # [N, 32, 32]: not logits
+
+
+def cli(*args: str):
+    return CliRunner().invoke(app, ["import", *args])
+
+
+def registered_names() -> list[str]:
+    return [m.name for m in MlflowClient().search_registered_models()]
+
+
+def run_count() -> int:
+    client = MlflowClient()
+    return sum(len(client.search_runs([e.experiment_id])) for e in client.search_experiments())
+
+
+def tiny() -> models.Normalized:
+    torch.manual_seed(0)
+    return models.build_model("cnn-tiny", 10, "synthetic").eval()
+
+
+def test_state_dict_import_then_attack_distill_and_analyze(tmp_path):
+    source = tiny()
+    path = tmp_path / "weights.pt"
+    torch.save({"epoch": 7, "state_dict": {f"module.{k}": v for k, v in source.net.state_dict().items()}}, path)
+    result = cli("--checkpoint", str(path), "--name", "ext-sd", "--arch", "cnn-tiny", "--dataset", "synthetic",
+                 "--normalization", NORM, "--alias", "teacher", "--check-images", "40")
+    assert result.exit_code == 0, result.output
+    assert "natural accuracy" in result.output and "format state_dict" in result.output
+    mv = MlflowClient().get_model_version("ext-sd", "1")
+    assert mv.tags["dataset"] == "synthetic" and mv.tags["num_classes"] == "10" and mv.tags["arch"] == "cnn-tiny"
+    assert mv.tags["source_path"] == str(path.resolve()) and len(mv.tags["source_sha256"]) == 64
+    assert mv.tags["normalization"] == "mean=0.5,0.5,0.5 std=0.25,0.25,0.25" and mv.tags["source"] == "import"
+
+    resolved = resolve_and_load("ext-sd", alias="teacher")
+    x = torch.rand(3, 3, 32, 32)
+    torch.testing.assert_close(resolved.model(x), source(x))  # same normalisation, same weights
+    assert resolved.dataset == "synthetic" and resolved.model.stages == source.stages
+
+    attack_run, attack = run_attack(AttackConfig(model="ext-sd", version="1", n_examples=40, n_iter=3), progress=False)
+    assert 0 <= attack.adversarial_accuracy <= attack.natural_accuracy
+    cfg = distill_preset("test")
+    cfg.distill.teacher, cfg.distill.teacher_version = "ext-sd", "1"
+    cfg.distill.manipulation, cfg.distill.k = "permute", 3
+    cfg.distill.attack_n_examples, cfg.distill.attack_n_iter = 40, 3
+    cfg.optim.epochs = 1
+    student_run = run_distill(cfg, progress=False)
+    student = MlflowClient().get_run(student_run)
+    assert student.data.tags["teacher_name"] == "ext-sd" and student.info.status == "FINISHED"
+    gap = run_gap_job([attack_run], tmp_path / "gap", 4, None, track=False)
+    assert gap["models"]
+    manifold = run_manifold_job(["models:/ext-sd@teacher"], ManifoldSettings(n_images=4, n_perturbations=4, n_features=20,
+                                pgd_steps=0), tmp_path / "manifold", track=False, device="cpu", progress=False)
+    assert len(next(iter(manifold["models"].values()))["stage"]) == len(models.stage_names(source))
+
+
+def test_torchscript_import_without_arch_is_kept_as_a_graph_and_attacked(tmp_path):
+    net = ForeignNet().eval()
+    path = tmp_path / "scripted.pt"
+    torch.jit.save(torch.jit.trace(net, torch.rand(2, 3, 32, 32)), str(path))
+    result = cli("--checkpoint", str(path), "--name", "ext-ts", "--dataset", "synthetic", "--check-images", "40")
+    assert result.exit_code == 0, result.output
+    mv = MlflowClient().get_model_version("ext-ts", "1")
+    assert mv.tags["source_format"] == "torchscript" and "arch" not in mv.tags
+    loaded = resolve_and_load("ext-ts", version=1).model
+    assert isinstance(loaded, models.ExternalModel)
+    x = torch.rand(3, 3, 32, 32)
+    torch.testing.assert_close(loaded(x), net(x), rtol=1e-4, atol=1e-4)
+    _, attack = run_attack(AttackConfig(model="models:/ext-ts/1", n_examples=20, n_iter=2), progress=False)
+    assert attack.n_examples == 20
+    cfg = distill_preset("test")
+    cfg.distill.teacher, cfg.distill.teacher_version, cfg.distill.attack = "ext-ts", "1", False
+    cfg.optim.epochs = 1
+    assert MlflowClient().get_run(run_distill(cfg, progress=False)).data.tags["teacher_name"] == "ext-ts"
+
+
+def test_pickled_module_needs_trust_and_loads_after_its_class_is_gone(tmp_path, monkeypatch):
+    net = ForeignNet().eval()
+    path = tmp_path / "full.pt"
+    torch.save(net, path)
+    refused = cli("--checkpoint", str(path), "--name", "ext-pickle", "--dataset", "synthetic")
+    assert refused.exit_code == 2 and "--trust-pickle" in refused.output and "ForeignNet" in refused.output
+    assert "ext-pickle" not in registered_names() and run_count() == 0
+
+    ok = cli("--checkpoint", str(path), "--name", "ext-pickle", "--dataset", "synthetic", "--trust-pickle",
+             "--check-images", "20")
+    assert ok.exit_code == 0, ok.output
+    monkeypatch.delattr(sys.modules[__name__], "ForeignNet")  # the stored graph does not need the class
+    loaded = resolve_and_load("ext-pickle", version=1).model
+    x = torch.rand(2, 3, 32, 32)
+    torch.testing.assert_close(loaded(x), net(x), rtol=1e-4, atol=1e-4)
+
+
+def test_torchvision_architecture_by_name(tmp_path):
+    import torchvision
+
+    net = torchvision.models.get_model("resnet18", weights=None, num_classes=10).eval()
+    path = tmp_path / "tv.pth"
+    torch.save(net.state_dict(), path)
+    result = cli("--checkpoint", str(path), "--name", "ext-tv", "--arch", "torchvision:resnet18",
+                 "--dataset", "synthetic", "--normalization", "cifar10", "--check-images", "20")
+    assert result.exit_code == 0, result.output
+    loaded = resolve_and_load("ext-tv", version=1).model
+    assert loaded.arch == "torchvision:resnet18" and "layer4" in loaded.stages
+    mean, std = models.NORMALISATION["cifar10"]
+    x = torch.rand(2, 3, 32, 32)
+    expected = net((x - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1))
+    torch.testing.assert_close(loaded(x), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_robustbench_model_already_on_disk(tmp_path, monkeypatch):
+    """A stand-in for the robustbench package that follows its documented load_model API."""
+    calls = []
+
+    def load_model(model_name, model_dir="./models", dataset="cifar10", threat_model="Linf"):
+        calls.append((model_name, str(model_dir), dataset, threat_model))
+        net = ForeignNet()
+        net.load_state_dict(torch.load(f"{model_dir}/{dataset}/{threat_model}/{model_name}.pt", weights_only=True))
+        return net.eval()
+
+    package, utils = types.ModuleType("robustbench"), types.ModuleType("robustbench.utils")
+    utils.load_model, package.utils = load_model, utils
+    monkeypatch.setitem(sys.modules, "robustbench", package)
+    monkeypatch.setitem(sys.modules, "robustbench.utils", utils)
+
+    missing = cli("--robustbench", "Someone2024Robust", "--model-dir", str(tmp_path), "--name", "rb",
+                  "--dataset", "synthetic")
+    assert missing.exit_code == 2 and "not found" in missing.output and not calls
+
+    folder = tmp_path / "synthetic" / "Linf"
+    folder.mkdir(parents=True)
+    net = ForeignNet().eval()
+    torch.save(net.state_dict(), folder / "Someone2024Robust.pt")
+    ok = cli("--robustbench", "Someone2024Robust", "--model-dir", str(tmp_path), "--name", "rb",
+             "--dataset", "synthetic", "--check-images", "20")
+    assert ok.exit_code == 0, ok.output
+    assert calls == [("Someone2024Robust", str(tmp_path), "synthetic", "Linf")]
+    mv = MlflowClient().get_model_version("rb", "1")
+    assert mv.tags["robustbench_model"] == "Someone2024Robust" and mv.tags["normalization"] == "none"
+    x = torch.rand(2, 3, 32, 32)
+    torch.testing.assert_close(resolve_and_load("rb", version=1).model(x), net(x), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("make,args,message", [
+    (None, ["--arch", "cnn-tiny"], "does not exist"),
+    (lambda p: torch.save(models.build_model("resnet20", 10).net.state_dict(), p), ["--arch", "cnn-tiny"],
+     "missing keys"),
+    (lambda p: torch.save(models.build_model("cnn-tiny", 10).net.state_dict(), p), [], "pass --arch"),
+    (lambda p: torch.save(models.build_model("cnn-tiny", 10).net.state_dict(), p),
+     ["--arch", "cnn-tiny", "--normalization", "imagenet"], "unknown normalisation"),
+    (lambda p: torch.save(models.build_model("cnn-tiny", 5).net.state_dict(), p), ["--arch", "cnn-tiny"],
+     "shape mismatches"),
+    (lambda p: torch.jit.save(torch.jit.trace(WrongShape(), torch.rand(2, 3, 32, 32)), str(p)), [],
+     "expected \\[N, C\\]"),
+    (lambda p: p.write_text("not a checkpoint"), ["--arch", "cnn-tiny"], "cannot read"),
+])
+def test_bad_input_is_one_line_exit_2_and_registers_nothing(tmp_path, make, args, message):
+    path = tmp_path / "ckpt.pt"
+    if make:
+        make(path)
+    result = cli("--checkpoint", str(path), "--name", "bad", "--dataset", "synthetic", *args)
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and __import__("re").search(message, lines[0]), result.output
+    assert registered_names() == [] and run_count() == 0
+
+
+def test_mismatch_lists_the_keys(tmp_path):
+    path = tmp_path / "ckpt.pt"
+    state = models.build_model("cnn-tiny", 10).net.state_dict()
+    state["extra.weight"] = torch.zeros(1)
+    del state["fc.bias"]
+    torch.save(state, path)
+    result = cli("--checkpoint", str(path), "--name", "bad", "--dataset", "synthetic", "--arch", "cnn-tiny")
+    assert result.exit_code == 2
+    assert "missing keys (1): fc.bias" in result.output and "unexpected keys (1): extra.weight" in result.output
