@@ -404,7 +404,8 @@ def _model_versions(run_id: str) -> list[str]:
 
 
 def _after_trial(spec: dict, parent: str, state: dict) -> Callable:
-    """Optuna state on the child run; the parent's table and figures, at most every few seconds."""
+    """Optuna state on the child run; the parent's table after every trial, its figures at most
+    every `report_every_seconds` of this worker (drawing them costs about a second)."""
     every = float(spec.get("report_every_seconds", 0))
 
     def callback(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
@@ -415,8 +416,9 @@ def _after_trial(spec: dict, parent: str, state: dict) -> Callable:
         if trial.user_attrs.get("idle"):
             study.stop()
             return
-        if time.monotonic() - state.get("reported", -1e9) >= every:
-            refresh_report(study, parent)
+        due = time.monotonic() - state.get("reported", -1e9) >= every
+        refresh_report(study, parent, figures=due)
+        if due:
             state["reported"] = time.monotonic()
 
     return callback
@@ -506,8 +508,8 @@ def run_worker(study_name: str, storage_url: str, n_trials: int | None = None,
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             study.optimize(objective, n_trials=1, catch=(Exception,), callbacks=callbacks)
         ran += 1
-    if report_state.get("reported") is not None or ran:
-        refresh_report(study, parent)
+    if ran:
+        refresh_report(study, parent)  # the figures, whatever the throttle skipped
     return ran
 
 
@@ -595,8 +597,9 @@ def trials_csv(rows: list[dict]) -> str:
     return out.getvalue()
 
 
-def refresh_report(study: optuna.Study, parent: str | None = None) -> None:
-    """trials.csv plus the spec's report on the parent run. A report that fails is logged, not fatal."""
+def refresh_report(study: optuna.Study, parent: str | None = None, figures: bool = True) -> None:
+    """trials.csv plus (with `figures`) the spec's report on the parent run. A report that fails
+    is logged, not fatal: the trials themselves are safe in the storage."""
     parent = parent or parent_run_id(study)
     spec = study.user_attrs[SPEC_ATTR]
     client = MlflowClient()
@@ -608,8 +611,8 @@ def refresh_report(study: optuna.Study, parent: str | None = None) -> None:
         st = status(study)
         for key, value in {"study_complete_trials": st.complete, "study_failed_trials": len(st.failed)}.items():
             client.log_metric(parent, key, value)
-        if spec.get("report") in REPORTS:
+        if figures and spec.get("report") in REPORTS:
             REPORTS[spec["report"]](study, parent)
-    except Exception as exc:  # noqa: BLE001 - the trials themselves are safe in the storage
+    except Exception as exc:  # noqa: BLE001
         log.warning("could not refresh the report of study %s: %s", study.study_name, exc)
 
