@@ -59,6 +59,7 @@ class SweepSettings:
     workers_per_device: int = 1
     heartbeat: int = 10
     sampler_seed: int = 0
+    create_only: bool = False   # create the study and queue the grid; workers join elsewhere
     overrides: list[str] = field(default_factory=list)
 
 
@@ -76,8 +77,12 @@ class SweepResult:
     storage: str
     parent_run_id: str
     status: study_engine.StudyStatus
+    created_only: bool = False
 
     def message(self) -> str:
+        if self.created_only:
+            return (f"study {self.study} ready: {self.status.summary()}; workers join with "
+                    f"`robustlogits sweep worker --study {self.study} --storage {study_engine.redact(self.storage)}`")
         state = "complete" if self.status.done else "not complete (run the same command again to resume)"
         return (f"study {self.study} {state}: {self.status.summary()}\n"
                 f"parent run {self.parent_run_id}; storage {study_engine.redact(self.storage)}")
@@ -278,6 +283,9 @@ def run_sweep(s: SweepSettings) -> SweepResult:
     added = study_engine.enqueue_items(study, p.items) if p.items else 0
     log.info("study %s: %d grid point(s) queued, %d trial(s) already there; parent run %s",
              p.name, added, len(study.get_trials(deepcopy=False)) - added, parent)
+    if s.create_only:
+        log.info("join with: robustlogits sweep worker --study %s --storage %s", p.name, study_engine.redact(url))
+        return SweepResult(p.name, url, parent, study_engine.status(study), created_only=True)
     try:
         with study_engine.driving(study):
             st = study_engine.run_workers(p.name, url, s.workers, workers_per_device=s.workers_per_device,
