@@ -368,8 +368,11 @@ def _objective(spec: dict, parent: str, experiment_id: str) -> Callable[[optuna.
         try:
             with tracking.child_runs(parent, experiment_id, tags=tags, on_start=started):
                 metrics = fn(dict(spec.get("base", {})) | params)
-        except Exception as exc:
-            trial.set_user_attr("error", f"{type(exc).__name__}: {exc}"[:2000])
+        except BaseException as exc:  # Ctrl-C included: the run ended FAILED, say so on it
+            with contextlib.suppress(Exception):
+                trial.set_user_attr("error", f"{type(exc).__name__}: {exc}"[:2000])
+                for run_id in scope.run_ids:
+                    MlflowClient().set_tag(run_id, "optuna.state", "FAIL")
             raise
         finally:
             _SCOPE.pop()
@@ -494,15 +497,10 @@ def run_worker(study_name: str, storage_url: str, n_trials: int | None = None,
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             optuna.storages.fail_stale_trials(study)
         now = status(study)
-        if fixed and not now.waiting:
-            if not now.running:
+        if not now.waiting and (fixed or not now.budget_left):
+            if not now.running or not heartbeat:  # without heartbeats a dead worker is never noticed
                 break
-            time.sleep(heartbeat or 1)  # another worker is busy; stay to retry its trial if it dies
-            continue
-        if not fixed and not now.waiting and not now.budget_left:
-            if not now.running or spec.get("n_trials") is None:
-                break
-            time.sleep(heartbeat or 1)
+            time.sleep(heartbeat)  # another worker is busy: stay to retry its trial if it dies
             continue
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
