@@ -164,3 +164,19 @@ def test_ctrl_c_fails_the_trial_and_its_run_and_leaves_a_resumable_study(tmp_pat
     status = se.run_workers("s", url, 1, heartbeat=1)
     assert status.done and status.complete == 4
     assert all(r.info.status != "RUNNING" for r in all_runs())
+
+
+def test_worker_devices_round_robin_and_per_device_limit(monkeypatch):
+    import torch
+
+    from robustlogits.device import resolve_device, worker_devices
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert worker_devices(3) == [None, None, None]  # CPU-only: simply N workers
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert worker_devices(4, workers_per_device=2) == ["cuda:0", "cuda:1", "cuda:0", "cuda:1"]
+    with pytest.raises(UserError, match="do not fit 2 GPU"):
+        worker_devices(5, workers_per_device=2)
+    monkeypatch.setenv("ROBUSTLOGITS_DEVICE", "cpu")
+    assert resolve_device("auto").type == "cpu"  # a worker's assigned device wins over "a GPU if any"
