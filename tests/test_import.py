@@ -12,12 +12,12 @@ from mlflow.tracking import MlflowClient
 from torch import nn
 from typer.testing import CliRunner
 
+from analysis.gaps import run as run_gap_job
+from analysis.manifolds import ManifoldSettings, run as run_manifold_job
 from robustlogits import models
-from robustlogits.analyze_job import run_gap_job, run_manifold_job
 from robustlogits.attack_job import AttackConfig, run_attack
 from robustlogits.cli import app
 from robustlogits.distill_job import distill_preset, run_distill
-from robustlogits.manifold_pipeline import ManifoldSettings
 from robustlogits.model_store import resolve_and_load
 
 NORM = "0.5,0.25"  # the synthetic data's normalisation, as MEAN,STD
