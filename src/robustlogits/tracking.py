@@ -10,6 +10,7 @@ Guarantees the rest of the code relies on:
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import hashlib
 import json
 import logging
@@ -76,6 +77,11 @@ def managed_run(experiment: str, run_name: str | None = None, run_id: str | None
 
     with contextlib.suppress(ValueError):  # not in the main thread: leave signals alone
         signal.signal(signal.SIGTERM, on_sigterm)
+    if not nested and run_id is None:
+        # a study step: its key on the job's own run (not on helper runs such as teacher logits)
+        # and the study's parent on every top-level run it starts, so the UI shows one tree
+        step = _STEP_TAGS.get()
+        tags = step["all"] | ({} if fresh else step["job"]) | (tags or {})
     run = None
     adopted = run_id or (None if nested or fresh else os.environ.get("MLFLOW_RUN_ID"))
     # MLflow consumes MLFLOW_RUN_ID on start and unsets it on end: a fresh run hides it throughout
@@ -100,9 +106,86 @@ def managed_run(experiment: str, run_name: str | None = None, run_id: str | None
             signal.signal(signal.SIGTERM, previous)
 
 
+@contextlib.contextmanager
+def parent_run(experiment: str, key: str, run_name: str, tags: dict[str, str] | None = None) -> Iterator[str]:
+    """A study's parent run, found again by its key (whatever its status) and reopened, held
+    open while steps (in this or other processes) nest under it by tag, then ended FINISHED or
+    FAILED like `managed_run`. Not the fluent active run, so jobs inside start their own runs.
+    Under `mlflow run` the launcher's run is adopted on first use."""
+    exp_id = check_store(experiment)
+    client = MlflowClient()
+    launched = os.environ.pop("MLFLOW_RUN_ID", None)
+    existing = find_runs_with_key(key, ("RUNNING", "FINISHED", "FAILED", "KILLED"))
+    if existing:
+        run_id = existing[0].info.run_id
+        client.update_run(run_id, status="RUNNING")
+        if launched and launched != run_id:  # the launcher's own run only points at the study
+            client.set_tag(launched, "robustlogits.study_run", run_id)
+            client.set_terminated(launched, "FINISHED")
+    elif launched:
+        run_id = launched
+        for name, value in ({KEY_TAG: key, "mlflow.runName": run_name} | (tags or {})).items():
+            client.set_tag(run_id, name, value)
+    else:
+        run_id = client.create_run(exp_id, run_name=run_name, tags={KEY_TAG: key} | (tags or {})).info.run_id
+    previous = signal.getsignal(signal.SIGTERM)
+
+    def on_sigterm(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    with contextlib.suppress(ValueError):
+        signal.signal(signal.SIGTERM, on_sigterm)
+    status = "FAILED"
+    try:
+        yield run_id
+        status = "FINISHED"
+    finally:
+        with contextlib.suppress(Exception):
+            client.set_terminated(run_id, status)
+        with contextlib.suppress(ValueError):
+            signal.signal(signal.SIGTERM, previous)
+
+
 # --- keyed work: "find the FINISHED run with this key, or run it" ------------------------------
 
 KEY_TAG = "robustlogits.key"
+PARENT_TAG = "mlflow.parentRunId"
+_STEP_TAGS: contextvars.ContextVar[dict] = contextvars.ContextVar("step_tags", default={"all": {}, "job": {}})
+
+
+@contextlib.contextmanager
+def step_runs(key: str, parent_run_id: str | None = None, extra: dict[str, str] | None = None) -> Iterator[None]:
+    """Runs started inside belong to a keyed step: the job's run gets the key tag (so
+    `find_finished_run` finds it), and every top-level run is nested under `parent_run_id`."""
+    shared = {PARENT_TAG: parent_run_id} if parent_run_id else {}
+    token = _STEP_TAGS.set({"all": shared | (extra or {}), "job": {KEY_TAG: key}})
+    try:
+        yield
+    finally:
+        _STEP_TAGS.reset(token)
+
+
+def find_runs_with_key(key: str, statuses: tuple[str, ...], tag: str = KEY_TAG) -> list:
+    """Runs (any experiment, newest first) tagged with this key and in one of these statuses."""
+    client = MlflowClient()
+    found = client.search_runs([e.experiment_id for e in client.search_experiments()],
+                               filter_string=f"tags.`{tag}` = '{key}'", order_by=["attributes.start_time DESC"])
+    return [r for r in found if r.info.status in statuses]
+
+
+def finished_runs_by_key(tag: str = KEY_TAG) -> dict[str, str]:
+    """Key -> newest FINISHED run id, for every keyed run in the store (one query, not one per key)."""
+    client = MlflowClient()
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    out: dict[str, str] = {}
+    token = None
+    while True:
+        page = client.search_runs(experiments, filter_string=f"tags.`{tag}` LIKE '%' and attributes.status = 'FINISHED'",
+                                  order_by=["attributes.start_time ASC"], max_results=1000, page_token=token)
+        out |= {r.data.tags[tag]: r.info.run_id for r in page}
+        token = page.token
+        if not token:
+            return out
 
 
 def job_key(payload: dict[str, Any]) -> str:

@@ -1,0 +1,160 @@
+"""The `reproduce` job: the paper's whole study as one resumable command, and a report beside the paper.
+
+It plans every step (`reproduce_plan`), checks the input, then runs the stages in order (train,
+attack, distill, analyze); within a stage the steps not yet done are independent work items run
+by the study engine's workers. All step runs nest under one parent run, which holds the report.
+Running it again finds every finished step by its key and only redoes what is missing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from robustlogits import tracking
+from robustlogits.errors import UserError
+from robustlogits.reproduce_plan import (STAGES, Step, build_plan, scale, scale_params, select, select_groups,
+                                         teacher_config)
+
+log = logging.getLogger(__name__)
+STUDY_JOB = "reproduce"
+
+
+@dataclass
+class ReproduceOptions:
+    scale: str = "smoke"
+    seeds: int | None = None          # default: the scale's
+    only: list[str] = field(default_factory=list)
+    skip: list[str] = field(default_factory=list)
+    workers: int = 1
+    storage: str | None = None        # Optuna storage shared with `sweep worker`s on other machines
+    out: str = "reproduce"
+    data_dir: str | None = None
+    dry_run: bool = False
+    experiment: str = "robustlogits-reproduce"
+
+
+@dataclass
+class Plan:
+    study_key: str
+    steps: list[Step]
+    chosen: list[Step]
+    done: dict[str, str | None]       # step name -> FINISHED run id (None: not done)
+    datasets: dict[str, str]
+    skipped_datasets: dict[str, str]
+
+
+def dataset_digests(datasets: tuple[str, ...], preset_name: str, data_dir: str | None) -> tuple[dict, dict]:
+    """Digest of each dataset present. CIFAR-10 (or the synthetic set) must be there; CIFAR-100 is
+    optional, looked for without a download."""
+    from robustlogits.data import load_raw
+
+    found, skipped = {}, {}
+    for dataset in datasets:
+        d = teacher_config(preset_name, dataset, "standard", 0).data
+        synthetic = dict(train_per_class=d.synthetic_train_per_class, test_per_class=d.synthetic_test_per_class,
+                         num_classes=d.synthetic_classes, size=d.synthetic_size)
+        if dataset == "cifar100":
+            previous = os.environ.get("ROBUSTLOGITS_NO_DOWNLOAD")
+            os.environ["ROBUSTLOGITS_NO_DOWNLOAD"] = "1"
+            try:
+                found[dataset] = load_raw(dataset, data_dir).digest
+            except UserError as exc:
+                skipped[dataset] = str(exc).split(". Looked")[0]
+            finally:
+                if previous is None:
+                    os.environ.pop("ROBUSTLOGITS_NO_DOWNLOAD", None)
+        else:
+            found[dataset] = load_raw(dataset, data_dir, synthetic=synthetic).digest
+    return found, skipped
+
+
+def check_storage(url: str | None) -> None:
+    """An Optuna storage that cannot be reached fails here, before anything runs."""
+    if not url:
+        return
+    try:
+        import sqlalchemy
+
+        with sqlalchemy.create_engine(url).connect():
+            pass
+    except Exception as exc:  # noqa: BLE001 - any connection problem means "cannot use it"
+        safe = url.split("@")[-1] if "@" in url else url
+        raise UserError(f"storage {safe} cannot be reached: {str(exc).splitlines()[0][:200]}") from None
+
+
+def make_plan(opts: ReproduceOptions) -> Plan:
+    """Validate everything and plan the study; nothing is written."""
+    sc = scale(opts.scale)
+    seeds = sc.seeds if opts.seeds is None else opts.seeds
+    if seeds < 1:
+        raise UserError(f"--seeds must be >= 1, got {seeds}")
+    if opts.workers < 1:
+        raise UserError(f"--workers must be >= 1, got {opts.workers}")
+    groups = select_groups(opts.only, opts.skip)
+    check_storage(opts.storage)
+    tracking.check_store(opts.experiment)
+    datasets, skipped = dataset_digests(sc.datasets, sc.preset, opts.data_dir)
+    steps = build_plan(sc, seeds, datasets, opts.data_dir)
+    chosen = select(steps, groups)
+    finished = tracking.finished_runs_by_key()
+    done = {s.name: finished.get(s.key) for s in steps}
+    by_name = {s.name: s for s in steps}
+    chosen_names = {s.name for s in chosen}
+    for step in chosen:
+        for ref in step.needs.values():
+            for name in ref if isinstance(ref, list) else [ref]:
+                if name not in chosen_names and not done[name]:
+                    raise UserError(f"step {step.name} needs {name} ({by_name[name].group}), which is neither done "
+                                    f"nor selected; drop --only/--skip {by_name[name].group}")
+    study_key = tracking.job_key({"job": STUDY_JOB, **scale_params(sc, seeds), "data": datasets})
+    return Plan(study_key, steps, chosen, done, datasets, skipped)
+
+
+def run_reproduce(opts: ReproduceOptions) -> dict:
+    """Plan, then (unless dry-run) run what is not done and write the report. Returns a summary."""
+    plan = make_plan(opts)
+    if opts.dry_run:
+        from robustlogits.reproduce_estimate import estimate
+
+        sources = estimate(plan.chosen)
+        return {"plan": plan, "throughput": sources}
+    sc = scale(opts.scale)
+    seeds = sc.seeds if opts.seeds is None else opts.seeds
+    run_name = f"reproduce-{sc.name}-{seeds}seeds"
+    with tracking.parent_run(opts.experiment, plan.study_key, run_name,
+                             {"robustlogits.job": STUDY_JOB, "scale": sc.name}) as parent:
+        _log_study_params(parent, scale_params(sc, seeds) | {f"data_digest.{k}": v for k, v in plan.datasets.items()})
+        keys = {s.name: s.key for s in plan.steps}
+        for stage in STAGES:
+            todo = [s for s in plan.chosen if s.stage == stage and not tracking.find_finished_run(s.key)]
+            if todo:
+                log.info("stage %s: %d step(s) to run", stage, len(todo))
+                run_stage(f"reproduce-{plan.study_key}-{stage}", [s.item(parent, keys) for s in todo], opts)
+        from robustlogits.reproduce_report import write_report
+
+        report = write_report(plan, sc, seeds, parent, Path(opts.out))
+    return {"plan": plan, "parent_run_id": parent, "report": report}
+
+
+def run_stage(study_name: str, items: list[dict], opts: ReproduceOptions) -> None:
+    """One stage's independent steps as a study of fixed work items on the study engine."""
+    from robustlogits.reproduce_steps import run_item
+
+    for item in items:
+        run_item(item)
+
+
+def _log_study_params(run_id: str, params: dict) -> None:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient()
+    logged = client.get_run(run_id).data.params
+    for key, value in params.items():
+        text = "None" if value is None else str(value)
+        if key not in logged:
+            with contextlib.suppress(Exception):
+                client.log_param(run_id, key, text[:6000])
