@@ -247,6 +247,94 @@ def analyze_gap(
     typer.echo(f"figure and gap_robustness.json in {out}" + (f"; run {summary['run_id']}" if "run_id" in summary else ""))
 
 
+sweep_app = typer.Typer(help="Optuna sweeps over teacher epoch and distillation loss (Figures A.6, A.7).",
+                        pretty_exceptions_enable=False, add_completion=False)
+app.add_typer(sweep_app, name="sweep")
+
+
+def _csv(text: Optional[str]) -> list[str]:
+    return [t for t in re.split(r"[\s,]+", text or "") if t]
+
+
+@sweep_app.callback(invoke_without_command=True)
+@cli_errors
+def sweep(
+    ctx: typer.Context,
+    teacher: Optional[str] = typer.Option(None, help="registered AT teacher name (its checkpoints are the epochs swept)"),
+    teacher_epochs: str = typer.Option("all", help="comma list of checkpoint epochs, or all"),
+    losses: str = typer.Option("l1", help="comma list: l1, kl, mse"),
+    temperatures: str = typer.Option("1", help="kl temperatures, comma list"),
+    manipulations: str = typer.Option("none", help="comma list: none, permute, average, correct-fix, hybrid"),
+    ks: Optional[str] = typer.Option(None, help="k values for permute/average/correct-fix, comma list"),
+    seeds: Optional[str] = typer.Option(None, help="student seeds, comma list (repeats give mean +- std)"),
+    lrs: Optional[str] = typer.Option(None, help="student learning rates, comma list"),
+    sampler: str = typer.Option("grid", help="grid (every point) | tpe | random"),
+    n_trials: Optional[int] = typer.Option(None, help="trial budget of tpe/random (the whole study, all workers)"),
+    objective: str = typer.Option("adversarial", help="adversarial | natural | natural,adversarial (Pareto)"),
+    preset: str = typer.Option("smoke", help="student/data/optimiser settings (as in distill)"),
+    data_dir: Optional[str] = typer.Option(None, help="default: found again from the teacher's data (digest checked)"),
+    study: Optional[str] = typer.Option(None, help="study name (default: derived from the search space)"),
+    storage: Optional[str] = typer.Option(None, help="SQLAlchemy URL (default: sqlite optuna.db beside the MLflow store)"),
+    workers: int = typer.Option(1, help="worker processes on this machine (threads each = cores / workers)"),
+    workers_per_device: int = typer.Option(1, help="workers sharing one GPU"),
+    heartbeat: int = typer.Option(10, help="seconds between worker heartbeats (a silent worker's trial is retried)"),
+    sampler_seed: int = typer.Option(0, help="seed of the tpe/random sampler"),
+    set_: List[str] = typer.Option([], "--set", help="any distill config value: section.field=value (repeatable)"),
+    overrides: Optional[str] = typer.Option(None, help="several section.field=value separated by spaces"),
+):
+    """Sweep teacher checkpoint x distillation loss (and manipulation, k, seed, lr) with Optuna."""
+    if ctx.invoked_subcommand:
+        return
+    from robustlogits.sweep import SweepSettings, run_sweep
+
+    if not _blank(teacher):
+        raise UserError("--teacher is required (a registered AT teacher name, e.g. cifar10-cnn-small-at)")
+    settings = SweepSettings(
+        teacher=teacher, teacher_epochs=_csv(teacher_epochs) or ["all"], losses=_csv(losses),
+        temperatures=_csv(temperatures), manipulations=_csv(manipulations), ks=_csv(_blank(ks)),
+        seeds=_csv(_blank(seeds)), lrs=_csv(_blank(lrs)), sampler=sampler, n_trials=n_trials or None,
+        objectives=_csv(objective), preset=preset, data_dir=_blank(data_dir), study=_blank(study),
+        storage=_blank(storage), workers=workers, workers_per_device=workers_per_device, heartbeat=heartbeat,
+        sampler_seed=sampler_seed, overrides=[*set_, *split_overrides(overrides)])
+    result = run_sweep(settings)
+    typer.echo(result.message())
+    if not result.status.done:
+        raise typer.Exit(1)
+
+
+@sweep_app.command("worker")
+@cli_errors
+def sweep_worker(
+    study: str = typer.Option(..., help="study name"),
+    storage: str = typer.Option(..., help="the study's SQLAlchemy URL, e.g. postgresql://user:pw@host/db"),
+    n_trials: Optional[int] = typer.Option(None, help="stop after this many trials (default: until none is left)"),
+    heartbeat: int = typer.Option(10, help="seconds between heartbeats (0: none)"),
+):
+    """Join a study from any machine that reaches its storage and MLFLOW_TRACKING_URI."""
+    from robustlogits import study_engine
+
+    ran = study_engine.run_worker(study, storage, n_trials, heartbeat or None)
+    st = study_engine.status(study_engine.load(study, storage, heartbeat or None))
+    typer.echo(f"worker ran {ran} trial(s); study {study}: {st.summary()}")
+
+
+@sweep_app.command("report")
+@cli_errors
+def sweep_report(
+    study: str = typer.Option(..., help="study name"),
+    storage: Optional[str] = typer.Option(None, help="default: sqlite optuna.db beside the MLflow store"),
+):
+    """Refresh a study's figures and trials.csv on its parent run and print the table."""
+    from robustlogits import study_engine
+
+    url = _blank(storage) or study_engine.default_storage()
+    loaded = study_engine.load(study, url, None)
+    study_engine.refresh_report(loaded)
+    rows = study_engine.trial_rows(loaded)
+    typer.echo(study_engine.trials_csv(rows).rstrip())
+    typer.echo(f"study {study}: {study_engine.status(loaded).summary()}; parent run {study_engine.parent_run_id(loaded)}")
+
+
 @app.command("config")
 @cli_errors
 def show_config(preset: str = typer.Option("smoke", help="preset to print")):

@@ -8,6 +8,7 @@ AMD servers). `run.amp = auto` therefore asks the machine instead of assuming.
 from __future__ import annotations
 
 import functools
+import os
 from pathlib import Path
 
 import torch
@@ -18,8 +19,9 @@ AMP_SETTINGS = ("auto", "true", "false")
 
 
 def resolve_device(name: str) -> torch.device:
+    """`auto`: the device a study worker was given (ROBUSTLOGITS_DEVICE), else a GPU if any."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = os.environ.get("ROBUSTLOGITS_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
         device = torch.device(name)
     except RuntimeError:
@@ -78,3 +80,17 @@ def resolve_amp(setting, device: torch.device) -> bool:
 def precision_name(amp: bool) -> str:
     """What a run logs as `run.precision`, so runs on different machines stay comparable."""
     return "bf16-autocast" if amp else "fp32"
+
+
+def worker_devices(n_workers: int, workers_per_device: int = 1) -> list[str | None]:
+    """The device of each of N local study workers: GPUs round-robin, `workers_per_device` on
+    each (several small runs can share a GPU one run cannot fill); None on CPU-only machines."""
+    if workers_per_device < 1:
+        raise UserError(f"--workers-per-device must be >= 1, got {workers_per_device}")
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if not gpus:
+        return [None] * n_workers
+    if n_workers > gpus * workers_per_device:
+        raise UserError(f"{n_workers} workers do not fit {gpus} GPU(s) x {workers_per_device} workers per device; "
+                        "raise --workers-per-device or lower --workers")
+    return [f"cuda:{i % gpus}" for i in range(n_workers)]

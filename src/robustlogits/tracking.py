@@ -18,8 +18,9 @@ import os
 import signal
 import tempfile
 import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import mlflow
 import numpy as np
@@ -68,6 +69,7 @@ def managed_run(experiment: str, run_name: str | None = None, run_id: str | None
     Under `mlflow run`, MLFLOW_RUN_ID names the run the project launcher created; we adopt it,
     unless `fresh` asks for a separate run (e.g. a reusable teacher-logit artifact).
     """
+    child = None if nested or fresh or run_id else _CHILD_RUNS.get()
     if not nested:
         check_store(experiment)
     previous = signal.getsignal(signal.SIGTERM)
@@ -77,18 +79,17 @@ def managed_run(experiment: str, run_name: str | None = None, run_id: str | None
 
     with contextlib.suppress(ValueError):  # not in the main thread: leave signals alone
         signal.signal(signal.SIGTERM, on_sigterm)
-    if not nested and run_id is None:
-        # a study step: its key on the job's own run (not on helper runs such as teacher logits)
-        # and the study's parent on every top-level run it starts, so the UI shows one tree
-        step = _STEP_TAGS.get()
-        tags = step["all"] | ({} if fresh else step["job"]) | (tags or {})
     run = None
-    adopted = run_id or (None if nested or fresh else os.environ.get("MLFLOW_RUN_ID"))
+    adopted = run_id or (None if nested or fresh or child else os.environ.get("MLFLOW_RUN_ID"))
     # MLflow consumes MLFLOW_RUN_ID on start and unsets it on end: a fresh run hides it throughout
     # and puts it back afterwards, so the launcher's run is still there for the main job.
-    launcher_run = os.environ.pop("MLFLOW_RUN_ID", None) if fresh else None
+    launcher_run = os.environ.pop("MLFLOW_RUN_ID", None) if fresh or child else None
     try:
-        run = mlflow.start_run(run_id=run_id, run_name=None if run_id else run_name, tags=tags, nested=nested)
+        run = mlflow.start_run(run_id=run_id, run_name=None if run_id else run_name, nested=nested,
+                               tags=child.tags_for(tags) if child else tags,
+                               experiment_id=child.experiment_id if child else None)
+        if child and child.on_start:
+            child.on_start(run.info.run_id)
         yield run
     except BaseException:
         if run is not None:
@@ -104,6 +105,60 @@ def managed_run(experiment: str, run_name: str | None = None, run_id: str | None
             os.environ["MLFLOW_RUN_ID"] = launcher_run
         with contextlib.suppress(ValueError):
             signal.signal(signal.SIGTERM, previous)
+
+
+# --- child runs: a study's trials nest under its parent run -----------------------------------
+
+@dataclass
+class ChildRuns:
+    """How top-level runs opened inside `child_runs` are placed: under a parent, with extra tags."""
+
+    parent_run_id: str | None = None
+    experiment_id: str | None = None
+    tags: dict[str, str] = field(default_factory=dict)
+    on_start: Callable[[str], None] | None = None
+
+    def tags_for(self, tags: dict[str, str] | None) -> dict[str, str]:
+        out = dict(tags or {}) | self.tags
+        if self.parent_run_id:
+            out["mlflow.parentRunId"] = self.parent_run_id
+        return out
+
+
+_CHILD_RUNS: contextvars.ContextVar[ChildRuns | None] = contextvars.ContextVar("robustlogits_child_runs", default=None)
+
+
+@contextlib.contextmanager
+def child_runs(parent_run_id: str | None = None, experiment_id: str | None = None,
+               tags: dict[str, str] | None = None, on_start: Callable[[str], None] | None = None) -> Iterator[ChildRuns]:
+    """Jobs run inside this context open their (top-level, non-fresh) run as a child of
+    `parent_run_id`, in its experiment, with `tags` added; `on_start` hears each new run id at once.
+
+    Nested contexts add to the outer one, so a study can place trials and a keyed task can add
+    its key tag without any job knowing. Jobs need no change: `managed_run` reads the context.
+    """
+    outer = _CHILD_RUNS.get() or ChildRuns()
+    callbacks = [cb for cb in (outer.on_start, on_start) if cb]
+    inner = ChildRuns(parent_run_id or outer.parent_run_id, experiment_id or outer.experiment_id,
+                      outer.tags | {k: str(v) for k, v in (tags or {}).items()},
+                      (lambda rid: [cb(rid) for cb in callbacks]) if callbacks else None)
+    token = _CHILD_RUNS.set(inner)
+    try:
+        yield inner
+    finally:
+        _CHILD_RUNS.reset(token)
+
+
+def end_run_if_running(run_id: str, status: str = "FAILED") -> bool:
+    """Close a run a dead process left RUNNING; a run that already ended is left as it is."""
+    client = MlflowClient()
+    try:
+        if client.get_run(run_id).info.status != "RUNNING":
+            return False
+        client.set_terminated(run_id, status)
+        return True
+    except MlflowException:
+        return False
 
 
 @contextlib.contextmanager
@@ -149,22 +204,6 @@ def parent_run(experiment: str, key: str, run_name: str, tags: dict[str, str] | 
 # --- keyed work: "find the FINISHED run with this key, or run it" ------------------------------
 
 KEY_TAG = "robustlogits.key"
-PARENT_TAG = "mlflow.parentRunId"
-_STEP_TAGS: contextvars.ContextVar[dict] = contextvars.ContextVar("step_tags", default={"all": {}, "job": {}})
-
-
-@contextlib.contextmanager
-def step_runs(key: str, parent_run_id: str | None = None, extra: dict[str, str] | None = None) -> Iterator[None]:
-    """Runs started inside belong to a keyed step: the job's run gets the key tag (so
-    `find_finished_run` finds it), and every top-level run is nested under `parent_run_id`."""
-    shared = {PARENT_TAG: parent_run_id} if parent_run_id else {}
-    token = _STEP_TAGS.set({"all": shared | (extra or {}), "job": {KEY_TAG: key}})
-    try:
-        yield
-    finally:
-        _STEP_TAGS.reset(token)
-
-
 def find_runs_with_key(key: str, statuses: tuple[str, ...], tag: str = KEY_TAG) -> list:
     """Runs (any experiment, newest first) tagged with this key and in one of these statuses."""
     client = MlflowClient()
