@@ -36,7 +36,11 @@ from __future__ import annotations
 import json
 import math
 import pathlib
+import re
+from pathlib import Path
 from typing import Sequence
+
+import mlflow
 
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -44,7 +48,9 @@ from matplotlib.colors import LogNorm
 from matplotlib.figure import Figure
 from scipy import optimize
 
+from robustlogits import tracking
 from robustlogits.errors import UserError
+from robustlogits.test_logits import logits_of_run
 
 PAPER_THRESHOLD = 3.5
 CORRECT_BRANCHES = ("+", "-")
@@ -883,3 +889,43 @@ def _fig_empirical(stats: dict, c: int, thr: float, upper: float, path: pathlib.
     ax_h.legend(fontsize=7)
     ax_s.legend(fontsize=7, markerscale=3)
     fig.savefig(path, dpi=110)
+
+
+# ----------------------------------------------------------------------------- the tracked job
+
+def _flat_numbers(tree: dict, prefix: str = "") -> dict[str, float]:
+    out = {}
+    for key, value in tree.items():
+        name = re.sub(r"[^0-9A-Za-z_\-./ ]", "_", f"{prefix}{key}")
+        if isinstance(value, dict):
+            out |= _flat_numbers(value, f"{name}.")
+        elif isinstance(value, (int, float)) and not isinstance(value, bool) and np.isfinite(value):
+            out[name] = float(value)
+    return out
+
+
+def run(out_dir: Path, class_counts=(10, 100), error_rate: float = 0.196, omega_correct: float = 1.0,
+                   omega_wrong: float = 1.0, logits_runs: list[str] = (), track: bool = True,
+                   experiment: str = "robustlogits") -> dict:
+    out_dir = Path(out_dir)
+    if track:
+        tracking.check_store(experiment)
+    models = [logits_of_run(spec) for spec in logits_runs]  # resolve runs before writing anything
+    if models and len({z.shape[1] for z, _, _ in models}) != 1:
+        raise UserError("the runs given have different class counts; compare runs of one dataset")
+    summary = run_theory(out_dir, class_counts=tuple(class_counts), error_rate=error_rate,
+                         omega_correct=omega_correct, omega_wrong=omega_wrong)
+    if models:
+        summary["empirical"] = place_empirical([(z, y, name) for z, y, name in models], None,
+                                               out_dir / "fig_empirical_admissible.png")
+        (out_dir / "theory.json").write_text(json.dumps(summary, indent=1, default=str))
+    if track:
+        with tracking.managed_run(experiment, run_name="analyze-theory", tags={"robustlogits.job": "analyze-theory"}):
+            tracking.log_params({"class_counts": list(class_counts), "error_rate": error_rate,
+                                 "omega_correct": omega_correct, "omega_wrong": omega_wrong,
+                                 "logits_runs": list(logits_runs)})
+            metrics = {k: v for k, v in _flat_numbers(summary).items() if not k.startswith("files")}
+            mlflow.log_metrics(dict(list(metrics.items())[:900]))
+            mlflow.log_artifacts(str(out_dir), "theory")
+            summary["run_id"] = mlflow.active_run().info.run_id
+    return summary

@@ -165,7 +165,8 @@ def distill(
     typer.echo(f"run {run_id} finished; student registered as {cfg.registered_model_name()}")
 
 
-analyze_app = typer.Typer(help="The paper's analyses: Appendix C theory (C.1-C.3), logit gaps (Fig. 2), manifolds (Fig. 5).",
+analyze_app = typer.Typer(help="The paper's analyses: Appendix C theory (C.1-C.3), logit gaps (Fig. 2), confidence ranks "
+                          "(Fig. 3A/B), error classes (3C), average overlap (3D, B.6), image grids (B.2, B.3), manifolds (Fig. 5).",
                           no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
 app.add_typer(analyze_app, name="analyze")
 
@@ -182,7 +183,7 @@ def analyze_theory(
     track: bool = typer.Option(True, help="log figures and numbers to an MLflow run"),
 ):
     """Appendix C: admissible max logits (C.1), mean-field loss surface (C.2), FGSM gap change (C.3)."""
-    from robustlogits.analyze_job import run_theory_job
+    from analysis.theory import run as run_theory_job
 
     try:
         counts = [int(c) for c in classes.replace(" ", "").split(",") if c]
@@ -215,8 +216,7 @@ def analyze_manifold(
     device: str = typer.Option("auto"),
 ):
     """Figure 5: manifold capacity, radius, dimension and centre correlation per stage (MFTMA)."""
-    from robustlogits.analyze_job import run_manifold_job
-    from robustlogits.manifold_pipeline import ManifoldSettings
+    from analysis.manifolds import ManifoldSettings, run as run_manifold_job
 
     specs = [s for s in re.split(r"[\s,]+", models or "") if s] + list(more_models or [])
     settings = ManifoldSettings(n_images=n_images, n_perturbations=n_perturbations, n_features=n_features,
@@ -238,13 +238,135 @@ def analyze_gap(
     track: bool = typer.Option(True, help="log to MLflow"),
 ):
     """Figure 2: logit-gap distributions and adversarial accuracy per gap bin, from attack runs."""
-    from robustlogits.analyze_job import run_gap_job
+    from analysis.gaps import run as run_gap_job
 
     summary = run_gap_job([s for s in re.split(r"[\s,]+", runs) if s], Path(out), bins, max_gap, track)
     for label, info in summary["models"].items():
         curve = ", ".join("-" if a is None else f"{a:.2f}" for a in info["bins"]["adversarial_accuracy"])
         typer.echo(f"{label}: mean gap {info['mean_gap']:.3f}; adversarial accuracy per gap bin: {curve}")
     typer.echo(f"figure and gap_robustness.json in {out}" + (f"; run {summary['run_id']}" if "run_id" in summary else ""))
+
+MODELS_HELP = "models to compare (registered names, models:/ or runs:/ URIs); more may follow as arguments"
+GROUP_HELP = "NAME=MODEL,MODEL,... (repeatable), e.g. --group ST=a,b,c --group AT=d,e,f (default: by training, ST/AT)"
+
+
+def _specs(models: Optional[str], more: Optional[List[str]]) -> list[str]:
+    return [s for s in re.split(r"[\s,]+", models or "") if s] + [s for s in more or [] if s]
+
+
+def _done(summary: dict, out: str, what: str) -> None:
+    typer.echo(f"figures and {what}.json in {out}" + (f"; run {summary['run_id']}" if summary.get("run_id") else ""))
+
+
+@analyze_app.command("ranks")
+@cli_errors
+def analyze_ranks(
+    models: Optional[str] = typer.Option(None, "--models", help=MODELS_HELP),
+    more_models: Optional[List[str]] = typer.Argument(None, help="further models"),
+    group: List[str] = typer.Option([], "--group", help=GROUP_HELP),
+    class_name: Optional[str] = typer.Option(None, "--class", help="class of the Figure 3A scatter, name or index (default: frog, else the first)"),
+    score: str = typer.Option("softmax", help="softmax (the paper's) | logit"),
+    target: str = typer.Option("label", help="confidence in the true class (label) or the predicted one (top)"),
+    dataset: Optional[str] = typer.Option(None, help="default: the models' dataset"),
+    data_dir: Optional[str] = typer.Option(None, help="default: the first model's training data directory"),
+    out: str = typer.Option("outputs/ranks", help="folder for the figures and ranks.json"),
+    track: bool = typer.Option(True, help="log to MLflow"),
+    device: str = typer.Option("auto"),
+):
+    """Figure 3A/B: per-class confidence rank order of every pair of models."""
+    from analysis.ranks import run
+
+    summary = run(_specs(models, more_models), group, class_name=_blank(class_name), score=score, target=target,
+                  out_dir=Path(out), data_dir=_blank(data_dir), dataset=_blank(dataset), device=device, track=track)
+    for name, stats in summary["group_stats"].items():
+        typer.echo(f"{name}: {100 * stats['mean']:.1f}% +- {100 * stats['std']:.1f}% of examples ranked far apart "
+                   f"({stats['n_pairs']} pair{'s' if stats['n_pairs'] > 1 else ''})")
+    _done(summary, out, "ranks")
+
+
+@analyze_app.command("errors")
+@cli_errors
+def analyze_errors(
+    models: Optional[str] = typer.Option(None, "--models", help=MODELS_HELP),
+    more_models: Optional[List[str]] = typer.Argument(None, help="further models"),
+    group: List[str] = typer.Option([], "--group", help=GROUP_HELP),
+    attack_runs: Optional[str] = typer.Option(None, help="attack run ids (default: each model version's newest attack run)"),
+    dataset: Optional[str] = typer.Option(None, help="default: the models' dataset"),
+    data_dir: Optional[str] = typer.Option(None, help="default: the first model's training data directory"),
+    out: str = typer.Option("outputs/errors", help="folder for the figure and errors.json"),
+    track: bool = typer.Option(True, help="log to MLflow"),
+    device: str = typer.Option("auto"),
+):
+    """Figure 3C: rank of each error's predicted class in its true class's mean logit vector."""
+    from analysis.errors import run
+
+    summary = run(_specs(models, more_models), group, attack_runs=_specs(attack_runs, None), out_dir=Path(out),
+                  data_dir=_blank(data_dir), dataset=_blank(dataset), device=device, track=track)
+    for label, entry in summary["models"].items():
+        line = f"{label}: natural errors at rank 2..4: " + ", ".join(f"{v:.2f}" for v in entry["natural"][1:4])
+        if entry["adversarial"] is not None:
+            line += "; adversarial: " + ", ".join(f"{v:.2f}" for v in entry["adversarial"][1:4])
+        typer.echo(line)
+    _done(summary, out, "errors")
+
+
+@analyze_app.command("overlap")
+@cli_errors
+def analyze_overlap(
+    models: Optional[str] = typer.Option(None, "--models", help=MODELS_HELP),
+    more_models: Optional[List[str]] = typer.Argument(None, help="further models"),
+    group: List[str] = typer.Option([], "--group", help=GROUP_HELP),
+    seed: int = typer.Option(0, help="seed of the within-class permutation (control)"),
+    dataset: Optional[str] = typer.Option(None, help="default: the models' dataset"),
+    data_dir: Optional[str] = typer.Option(None, help="default: the first model's training data directory"),
+    out: str = typer.Option("outputs/overlap", help="folder for the figure and overlap.json"),
+    track: bool = typer.Option(True, help="log to MLflow"),
+    device: str = typer.Option("auto"),
+):
+    """Figure 3D / B.6: average overlap AO@k of the models' per-example logit rank orders."""
+    from analysis.overlap import run
+
+    summary = run(_specs(models, more_models), group, seed=seed, out_dir=Path(out), data_dir=_blank(data_dir),
+                  dataset=_blank(dataset), device=device, track=track)
+    for name, entry in summary["group_curves"].items():
+        for kind, stats in entry.items():
+            cells = ", ".join(f"{m:.3f}+-{s:.3f}" for m, s in list(zip(stats["mean"], stats["std"]))[:5])
+            typer.echo(f"{name} [{kind}]: AO@1..5 {cells}")
+    _done(summary, out, "overlap")
+
+
+@analyze_app.command("images")
+@cli_errors
+def analyze_images(
+    models: Optional[str] = typer.Option(None, "--models", help=MODELS_HELP),
+    more_models: Optional[List[str]] = typer.Argument(None, help="further models"),
+    group: List[str] = typer.Option([], "--group", help=GROUP_HELP),
+    class_name: Optional[str] = typer.Option(None, "--class", help="class of the Figure B.2 quadrants (default: frog, else the first)"),
+    score: str = typer.Option("softmax", help="softmax | logit confidence"),
+    per_quadrant: int = typer.Option(16, help="images shown per quadrant"),
+    seed_classes: Optional[str] = typer.Option(None, help="classes of the B.3 seed images (default: the first five)"),
+    n_neighbours: int = typer.Option(5, help="nearest images per seed (cosine similarity of logits)"),
+    n_random_seeds: int = typer.Option(1000, help="random seeds for the same-class-neighbour fraction"),
+    seed: int = typer.Option(0),
+    dataset: Optional[str] = typer.Option(None, help="default: the models' dataset"),
+    data_dir: Optional[str] = typer.Option(None, help="default: the first model's training data directory"),
+    out: str = typer.Option("outputs/images", help="folder for the figures and images.json"),
+    track: bool = typer.Option(True, help="log to MLflow"),
+    device: str = typer.Option("auto"),
+):
+    """Figures B.2 (confidence quadrants of one class) and B.3 (nearest images by logit cosine)."""
+    from analysis.images import run
+
+    summary = run(_specs(models, more_models), group, class_name=_blank(class_name), score=score, per_quadrant=per_quadrant,
+                  seed_classes=_specs(seed_classes, None) or None, n_neighbours=n_neighbours,
+                  n_random_seeds=n_random_seeds, seed=seed, out_dir=Path(out), data_dir=_blank(data_dir),
+                  dataset=_blank(dataset), device=device, track=track)
+    q = summary["quadrants"]
+    typer.echo(f"class {q['class']}: Spearman {q['spearman']:.3f} between {q['model_a']} and {q['model_b']}")
+    for label, entry in summary["neighbours"]["models"].items():
+        if "same_class_fraction" in entry:
+            typer.echo(f"{label}: {100 * entry['same_class_fraction']:.1f}% of logit neighbours share the seed's class")
+    _done(summary, out, "images")
 
 
 sweep_app = typer.Typer(help="Optuna sweeps over teacher epoch and distillation loss (Figures A.6, A.7).",

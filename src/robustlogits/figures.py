@@ -50,28 +50,3 @@ def _shown_bins(fractions: np.ndarray, mass: float = 0.995) -> tuple[int, int]:
         return 0, fractions.shape[1]
     upper = max(int(np.searchsorted(np.cumsum(row), mass * row.sum())) for row in fractions if row.sum() > 0)
     return int(occupied.min()), max(upper + 1, int(occupied.min()) + 2)
-
-
-def gap_robustness_figure(models: dict[str, tuple[np.ndarray, np.ndarray]], edges: np.ndarray):
-    """Figure 2: (A) clean logit-gap distributions, (B) adversarial accuracy per gap bin."""
-    fig, (ax_a, ax_b) = plt.subplots(1, 2, figsize=(11, 4))
-    centres = (edges[:-1] + edges[1:]) / 2
-    for name, (gap, robust) in models.items():
-        ax_a.hist(np.clip(gap, edges[0], edges[-1]), bins=edges, density=True, alpha=0.5,
-                  label=f"{name} (mean {gap.mean():.2f})")
-        which = np.clip(np.digitize(gap, edges) - 1, 0, len(edges) - 2)
-        counts = np.bincount(which, minlength=len(centres))
-        hits = np.bincount(which, weights=robust.astype(float), minlength=len(centres))
-        shown = counts > 0
-        ax_b.plot(centres[shown], hits[shown] / counts[shown], marker="o", label=name)
-    ax_a.set_xlabel(QUANTITY_LABEL["gap"] + " (clean)")
-    ax_a.set_ylabel("density")
-    ax_a.set_title("A: logit gaps")
-    ax_a.legend(fontsize=8)
-    ax_b.set_xlabel(QUANTITY_LABEL["gap"] + " (clean)")
-    ax_b.set_ylabel("adversarial accuracy")
-    ax_b.set_ylim(-0.02, 1.02)
-    ax_b.set_title("B: adversarial accuracy by logit gap")
-    ax_b.legend(fontsize=8)
-    fig.tight_layout()
-    return fig

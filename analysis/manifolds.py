@@ -9,16 +9,23 @@ of a ResNet-18 would not fit in memory) and analysed with MFTMA (`robustlogits.m
 
 from __future__ import annotations
 
+import json
 import math
+import re
 import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 
+import mlflow
 import numpy as np
 import torch
 
-from robustlogits.data import Split, stratified_indices
+from robustlogits import tracking
+from robustlogits.data import Split, load_test_split, stratified_indices
+from robustlogits.device import resolve_device
 from robustlogits.errors import UserError
 from robustlogits.manifold import ManifoldResult, manifold_analysis, simulated_capacity
+from robustlogits.model_store import resolve_and_load, synthetic_params_from_run
 from robustlogits.models import extract_stages, stage_names
 from robustlogits.perturb import LinfPGD
 
@@ -202,3 +209,55 @@ def figure_a8(results: list[ModelManifolds]):
     ax.legend(fontsize=8)
     fig.tight_layout()
     return fig
+
+
+def run(model_specs: list[str], settings, out_dir: Path, data_dir: str | None = None,
+                     dataset: str | None = None, track: bool = True, experiment: str = "robustlogits",
+                     device: str = "auto", progress: bool | None = None) -> dict:
+    """MFTMA per stage for each model; a parent run with the Figure 5 plot, a nested run per model
+    whose metrics use the stage index as step (so the MLflow UI draws them against depth)."""
+    if not model_specs:
+        raise UserError("give at least one model (registry URI, registered name, or runs:/ID/PATH)")
+    if track:
+        tracking.check_store(experiment)
+    dev = resolve_device(device)
+    models = [resolve_and_load(spec, device=dev) for spec in model_specs]
+    datasets = {dataset or m.dataset for m in models}
+    if None in datasets or len(datasets) != 1:
+        raise UserError(f"models must share one known dataset (found {sorted(map(str, datasets))}); pass --dataset")
+    name = datasets.pop()
+    synthetic = synthetic_params_from_run(models[0].source_run_id) if name == "synthetic" else None
+    test, _ = load_test_split(name, data_dir or models[0].data_dir, dev, synthetic)
+    settings.validate(len(test))
+    images = choose_images(test, settings)
+    results = [analyse_model(m.model, m.describe(), images, settings, progress) for m in models]
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    summary = {"settings": vars(settings), "dataset": name, "image_indices": images.indices.tolist(),
+               "models": {r.label: {"uri": m.uri, **r.table(), "details": [s.result.to_dict() for s in r.stages]}
+                          for r, m in zip(results, models)}}
+    (out_dir / "manifold.json").write_text(json.dumps(summary, indent=1, default=str))
+    figures = {"figure5_manifold.png": figure5(results)}
+    if settings.simulated:
+        figures["figure_a8_mean_field_vs_simulated.png"] = figure_a8(results)
+    for filename, fig in figures.items():
+        fig.savefig(out_dir / filename, dpi=120)
+    if track:
+        with tracking.managed_run(experiment, run_name="analyze-manifold",
+                                  tags={"robustlogits.job": "analyze-manifold", "dataset": name}) as parent:
+            tracking.log_params({f"manifold.{k}": v for k, v in vars(settings).items()} | {"models": model_specs})
+            tracking.log_model_inputs([m.model_id for m in models])
+            for result, model in zip(results, models):
+                with tracking.managed_run(experiment, run_name=f"manifold {result.label}", nested=True,
+                                          tags={"robustlogits.job": "analyze-manifold-model", "model_uri": model.uri,
+                                                "stages": ",".join(s.stage for s in result.stages)}):
+                    for step, stage in enumerate(result.stages):
+                        mlflow.log_metrics(stage.metrics(), step=step)
+                for stage in result.stages:
+                    mlflow.log_metrics({re.sub(r"[^0-9A-Za-z_\-./ ]", "_", f"{result.label}.{stage.stage}.{k}"): v
+                                        for k, v in stage.metrics().items()}, run_id=parent.info.run_id)
+            for filename, fig in figures.items():
+                tracking.log_figure(fig, f"manifold/{filename}")
+            mlflow.log_artifact(str(out_dir / "manifold.json"), "manifold")
+            summary["run_id"] = parent.info.run_id
+    return summary
