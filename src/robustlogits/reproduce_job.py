@@ -35,6 +35,7 @@ class ReproduceOptions:
     data_dir: str | None = None
     dry_run: bool = False
     experiment: str = "robustlogits-reproduce"
+    heartbeat: int = 10               # seconds; a silent worker's step is queued again after 3 beats
 
 
 @dataclass
@@ -130,22 +131,41 @@ def run_reproduce(opts: ReproduceOptions) -> dict:
         _log_study_params(parent, scale_params(sc, seeds) | {f"data_digest.{k}": v for k, v in plan.datasets.items()})
         keys = {s.name: s.key for s in plan.steps}
         for stage in STAGES:
-            todo = [s for s in plan.chosen if s.stage == stage and not tracking.find_finished_run(s.key)]
+            finished = tracking.finished_runs_by_key()
+            todo: dict[str, Step] = {}
+            for step in plan.chosen:  # one item per key: a sweep point equal to a student is that student
+                if step.stage == stage and step.key not in finished:
+                    todo.setdefault(step.key, step)
             if todo:
                 log.info("stage %s: %d step(s) to run", stage, len(todo))
-                run_stage(f"reproduce-{plan.study_key}-{stage}", [s.item(parent, keys) for s in todo], opts)
+                run_stage(f"reproduce-{plan.study_key}-{stage}", [s.item(keys) for s in todo.values()], opts, parent)
         from robustlogits.reproduce_report import write_report
 
         report = write_report(plan, sc, seeds, parent, Path(opts.out))
     return {"plan": plan, "parent_run_id": parent, "report": report}
 
 
-def run_stage(study_name: str, items: list[dict], opts: ReproduceOptions) -> None:
-    """One stage's independent steps as a study of fixed work items on the study engine."""
-    from robustlogits.reproduce_steps import run_item
+def run_stage(study_name: str, items: list[dict], opts: ReproduceOptions, parent: str) -> None:
+    """One stage's independent steps as a study of fixed work items on the study engine: local
+    workers run them, and with a shared `--storage` so can `sweep worker`s on other machines.
+    The stage study's own parent run nests under the reproduce run, so the UI shows one tree."""
+    from mlflow.tracking import MlflowClient
 
-    for item in items:
-        run_item(item)
+    from robustlogits import study_engine
+    from robustlogits.reproduce_steps import DONE_METRIC, STAGE_TASK
+
+    storage = opts.storage or study_engine.default_storage()
+    spec = {"task": STAGE_TASK, "module": "robustlogits.reproduce_steps", "kind": "reproduce-stage",
+            "sampler": "items", "objectives": [DONE_METRIC], "experiment": opts.experiment}
+    study = study_engine.open_study(study_name, storage, ["maximize"], spec, opts.heartbeat)
+    MlflowClient().set_tag(study_engine.parent_run_id(study), "mlflow.parentRunId", parent)
+    added = study_engine.enqueue_items(study, items)
+    log.info("study %s: %d item(s) queued; other machines join with: robustlogits sweep worker --study %s "
+             "--storage %s", study_name, added, study_name, study_engine.redact(storage))
+    with study_engine.driving(study):
+        status = study_engine.run_workers(study_name, storage, opts.workers, heartbeat=opts.heartbeat)
+    if not status.done:
+        raise UserError(f"stage study {study_name} did not finish: {status.summary()}")
 
 
 def _log_study_params(run_id: str, params: dict) -> None:

@@ -73,7 +73,8 @@ SCALES: dict[str, Scale] = {
 }
 
 # Step groups for --only / --skip, in the order the study runs them.
-GROUPS = ("train", "attack", "distill", "sweeps", "gap", "theory", "manifold")
+CROSS_MODEL = ("ranks", "errors", "overlap", "images")   # Figures 3A-B, 3C, 3D / B.6, B.2-B.3
+GROUPS = ("train", "attack", "distill", "sweeps", "gap", "theory", "manifold", *CROSS_MODEL)
 
 
 @dataclass
@@ -87,12 +88,11 @@ class Step:
     key: str = ""
     estimate_s: float = 0.0
 
-    def item(self, parent_run_id: str | None, keys: dict[str, str]) -> dict:
+    def item(self, keys: dict[str, str]) -> dict:
         """The work item a worker receives: the step with its upstream steps' keys resolved."""
         def resolve(ref):
             return [keys[r] for r in ref] if isinstance(ref, list) else keys[ref]
-        return {"step": self.name, "task": self.task, "key": self.key, "parent": parent_run_id,
-                "args": self.args, "inputs": {role: resolve(ref) for role, ref in self.needs.items()}}
+        return {"step": self.name, "task": self.task, "key": self.key, "args": self.args, "inputs": {role: resolve(ref) for role, ref in self.needs.items()}}
 
 
 def scale(name: str) -> Scale:
@@ -180,10 +180,20 @@ def _dataset_steps(sc: Scale, seeds: int, dataset: str, digest: str, data_dir: s
         models |= {"robust student (normal)": f"distill/{dataset}/s0/normal",
                    "non-robust student (correct-fix-1)": f"distill/{dataset}/s0/correct-fix-1"}
     steps.append(Step(f"analyze/{dataset}/manifold", "manifold", "analyze", "reproduce-manifold",
-                      {"labels": list(models), "epoch": teacher_epoch, "n_images": sc.manifold_images,
+                      {"labels": list(models), "epochs": [teacher_epoch if "teacher" in label else None
+                                                          for label in models], "n_images": sc.manifold_images,
                        "n_perturbations": sc.manifold_perturbations, "n_features": sc.manifold_features,
                        "pgd_steps": sc.manifold_pgd_steps, "data_dir": data_dir},
                       {"models": list(models.values())}))
+    teachers_all = [(f"{kind.upper()} s{seed}", f"train/{dataset}/{kind}/s{seed}") for kind in ("at", "st")
+                    for seed in range(seeds)]
+    for analysis in CROSS_MODEL:
+        needs = {"models": [name for _, name in teachers_all]}
+        if analysis == "errors":
+            needs["attacks"] = [name.replace("train/", "attack/", 1) for _, name in teachers_all]
+        steps.append(Step(f"analyze/{dataset}/{analysis}", analysis, "analyze", "reproduce-cross-model",
+                          {"analysis": analysis, "labels": [label for label, _ in teachers_all],
+                           "epochs": [teacher_epoch] * len(teachers_all), "data_dir": data_dir}, needs))
     return steps
 
 

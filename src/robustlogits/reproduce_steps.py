@@ -15,25 +15,19 @@ from typing import Callable
 
 from mlflow.tracking import MlflowClient
 
-from robustlogits import tracking
+from robustlogits import study_engine, tracking
 from robustlogits.errors import UserError
 
 log = logging.getLogger(__name__)
+STAGE_TASK = "reproduce-step"
+DONE_METRIC = "step_done"
 STEP_TAG = "robustlogits.step"
-STUDY_TAG = "robustlogits.study"
-TASKS: dict[str, Callable[[dict], dict[str, float]]] = {}
 
 
-def task(name: str):
-    def register(fn):
-        TASKS[name] = fn
-        return fn
-    return register
-
-
+@study_engine.task(STAGE_TASK)
 def run_item(item: dict) -> dict[str, float]:
-    """Run one work item through its task (or find it done) and return its run's metrics."""
-    return TASKS[item["task"]](item)
+    """A stage study's trial: the item's own task, plus the constant every stage study optimises."""
+    return study_engine.TASKS[item["task"]](item) | {DONE_METRIC: 1.0}
 
 
 def run_of(key: str) -> str:
@@ -44,23 +38,18 @@ def run_of(key: str) -> str:
     return run_id
 
 
-def metrics(run_id: str) -> dict[str, float]:
-    return dict(MlflowClient().get_run(run_id).data.metrics)
-
-
 def keyed(item: dict, job: Callable[[], str]) -> dict[str, float]:
-    """Find the FINISHED run with the item's key, or run the job under the key and the study."""
-    done = tracking.find_finished_run(item["key"])
-    if done:
-        log.info("%s: done (run %s)", item["step"], done)
-        return metrics(done)
-    log.info("%s: running", item["step"])
-    with tracking.step_runs(item["key"], item.get("parent"), {STEP_TAG: item["step"], STUDY_TAG: item.get("parent") or ""}):
-        run_id = job()
-    return metrics(run_id)
+    """The engine's keyed run, with the plan's identity of the step (so keys match the plan's)."""
+    identity = {"args": {k: v for k, v in item["args"].items() if k != "data_dir"}, "inputs": item["inputs"]}
+    key = tracking.job_key({"task": item["task"], **identity})
+    if key != item["key"]:
+        raise UserError(f"step {item['step']}: key {key} differs from the plan's {item['key']} (different code?)")
+    log.info("%s: %s", item["step"], "done" if tracking.find_finished_run(key) else "running")
+    with tracking.child_runs(tags={STEP_TAG: item["step"]}):
+        return study_engine.keyed(item["task"], identity, job)
 
 
-@task("reproduce-train")
+@study_engine.task("reproduce-train")
 def train_step(item: dict) -> dict[str, float]:
     from robustlogits.reproduce_plan import teacher_config
     from robustlogits.train_job import run_training
@@ -78,7 +67,7 @@ def train_step(item: dict) -> dict[str, float]:
     return keyed(item, job)
 
 
-@task("reproduce-attack")
+@study_engine.task("reproduce-attack")
 def attack_step(item: dict) -> dict[str, float]:
     from robustlogits.attack_job import AttackConfig, run_attack
     from robustlogits.model_store import checkpoint_uri
@@ -93,7 +82,7 @@ def attack_step(item: dict) -> dict[str, float]:
     return keyed(item, job)
 
 
-@task("reproduce-distill")
+@study_engine.task("reproduce-distill")
 def distill_step(item: dict) -> dict[str, float]:
     from robustlogits.distill_job import distill_preset, run_distill
     from robustlogits.model_store import checkpoint_uri
@@ -114,45 +103,69 @@ def distill_step(item: dict) -> dict[str, float]:
     return keyed(item, job)
 
 
-@task("reproduce-gap")
+@study_engine.task("reproduce-gap")
 def gap_step(item: dict) -> dict[str, float]:
-    from robustlogits.analyze_job import run_gap_job
+    from analysis import gaps
 
     def job() -> str:
         runs = [run_of(key) for key in item["inputs"]["attacks"]]
         with tempfile.TemporaryDirectory() as out:
-            return run_gap_job(runs, Path(out), bins=item["args"]["bins"])["run_id"]
+            return gaps.run(runs, Path(out), bins=item["args"]["bins"])["run_id"]
     return keyed(item, job)
 
 
-@task("reproduce-theory")
+@study_engine.task("reproduce-theory")
 def theory_step(item: dict) -> dict[str, float]:
-    from robustlogits.analyze_job import run_theory_job
+    from analysis import theory
 
     args = item["args"]
 
     def job() -> str:
         specs = [f"{run_of(key)}:{args['epoch']}" for key in item["inputs"]["runs"]]
         with tempfile.TemporaryDirectory() as out:
-            return run_theory_job(Path(out), (args["classes"],), logits_runs=specs)["run_id"]
+            return theory.run(Path(out), (args["classes"],), logits_runs=specs)["run_id"]
     return keyed(item, job)
 
 
-@task("reproduce-manifold")
-def manifold_step(item: dict) -> dict[str, float]:
-    from robustlogits.analyze_job import run_manifold_job
-    from robustlogits.manifold_pipeline import ManifoldSettings
+def model_uris(item: dict, role: str = "models") -> list[str]:
+    """Registry URIs of the models an analysis reads: teachers at the teacher epoch, students at
+    their only registered (last) epoch."""
     from robustlogits.model_store import checkpoint_uri
+
+    return [checkpoint_uri(run_of(key), epoch) for key, epoch in zip(item["inputs"][role], item["args"]["epochs"])]
+
+
+@study_engine.task("reproduce-manifold")
+def manifold_step(item: dict) -> dict[str, float]:
+    from analysis import manifolds
 
     args = item["args"]
 
     def job() -> str:
-        runs = [run_of(key) for key in item["inputs"]["models"]]
-        # teachers at the teacher epoch; a student's only registered version is its last epoch
-        uris = [checkpoint_uri(r, args["epoch"] if "teacher" in label else None)
-                for r, label in zip(runs, args["labels"])]
-        settings = ManifoldSettings(n_images=args["n_images"], n_perturbations=args["n_perturbations"],
-                                    n_features=args["n_features"], pgd_steps=args["pgd_steps"])
+        settings = manifolds.ManifoldSettings(n_images=args["n_images"], n_perturbations=args["n_perturbations"],
+                                              n_features=args["n_features"], pgd_steps=args["pgd_steps"])
         with tempfile.TemporaryDirectory() as out:
-            return run_manifold_job(uris, settings, Path(out), data_dir=args.get("data_dir"), progress=False)["run_id"]
+            return manifolds.run(model_uris(item), settings, Path(out), data_dir=args.get("data_dir"),
+                                 progress=False)["run_id"]
+    return keyed(item, job)
+
+
+@study_engine.task("reproduce-cross-model")
+def cross_model_step(item: dict) -> dict[str, float]:
+    """Figures 3A-D, B.2, B.3, B.6: one of the cross-model analyses over every teacher, grouped ST / AT."""
+    import importlib
+
+    args = item["args"]
+    analysis = importlib.import_module(f"analysis.{args['analysis']}")
+
+    def job() -> str:
+        uris = model_uris(item)
+        groups: dict[str, list[str]] = {}
+        for uri, label in zip(uris, args["labels"]):
+            groups.setdefault(label.split()[0], []).append(uri)
+        extra = {}
+        if args["analysis"] == "errors":
+            extra["attack_runs"] = [run_of(key) for key in item["inputs"]["attacks"]]
+        with tempfile.TemporaryDirectory() as out:
+            return analysis.run(None, groups, out_dir=Path(out), data_dir=args.get("data_dir"), **extra)["run_id"]
     return keyed(item, job)
