@@ -198,6 +198,66 @@ def _theory(results: dict) -> Outcome:
                                                  "AT misclassified above threshold": a}, [results["theory"]["run"]])
 
 
+def _cross(analysis: str, measure: Callable[[dict], tuple[dict[str, float], bool] | None]):
+    """A claim read from a cross-model analysis' summary (ranks, errors, overlap, images)."""
+    def judge(results: dict) -> Outcome:
+        summary = (results.get("cross") or {}).get(analysis)
+        found = measure(summary) if summary else None
+        if not found:
+            return Outcome(NOT_MEASURED, {}, [])
+        numbers, held = found
+        return Outcome(HELD if held else NOT_HELD, numbers, [summary["run"]])
+    return judge
+
+
+def _rank_disagreement(summary: dict):
+    stats = summary.get("group_stats", {})
+    if "AT-ST" not in stats or "AT-AT" not in stats:
+        return None
+    cross, within = stats["AT-ST"]["mean"], stats["AT-AT"]["mean"]
+    return {"AT-ST far-apart fraction": cross, "AT-AT far-apart fraction": within}, cross > within
+
+
+def _error_rank2(summary: dict):
+    curves = summary.get("group_curves", {})
+    if "AT" not in curves or "ST" not in curves:
+        return None
+    chance = 1 / (len(summary["classes"]) - 1)
+    at, st = curves["AT"]["natural"]["mean"][1], curves["ST"]["natural"]["mean"][1]
+    return {"AT errors at rank 2": at, "ST errors at rank 2": st, "chance": chance}, min(at, st) > chance
+
+
+def _mean_curve(curves: dict, group: str, kind: str) -> float | None:
+    entry = curves.get(group, {}).get(kind)
+    return float(np.mean(entry["mean"])) if entry else None
+
+
+def _overlap_within(summary: dict):
+    curves = summary.get("group_curves", {})
+    within, cross = _mean_curve(curves, "AT-AT", "same_example"), _mean_curve(curves, "AT-ST", "same_example")
+    if within is None or cross is None:
+        return None
+    return {"AT-AT mean AO@k": within, "AT-ST mean AO@k": cross}, within > cross
+
+
+def _overlap_permuted(summary: dict):
+    curves = summary.get("group_curves", {})
+    at, st = _mean_curve(curves, "AT self", "permuted_within_class"), _mean_curve(curves, "ST self", "permuted_within_class")
+    if at is None or st is None:
+        return None
+    return {"AT against itself, permuted within class": at, "ST against itself, permuted within class": st}, at < st
+
+
+def _neighbours(summary: dict):
+    groups, models = summary.get("groups", {}), summary.get("neighbours", {}).get("models", {})
+    values = {g: _mean(models[m].get("same_class_fraction") for m in members if m in models)
+              for g, members in groups.items()}
+    if values.get("AT") is None or values.get("ST") is None:
+        return None
+    return {"ST neighbours of the same class": values["ST"], "AT neighbours of the same class": values["AT"]}, \
+        values["ST"] > values["AT"]
+
+
 CLAIMS: list[Claim] = [
     Claim("max-logit-mean", "4.1, Figure 1", "AT max logits have a much lower mean than ST's.",
           "mean over seeds of the held-out max-logit mean at the teacher epoch: AT < ST",
@@ -252,6 +312,20 @@ CLAIMS: list[Claim] = [
           _early_teacher_better),
     Claim("l1-vs-kl", "A.3, Figure A.7", "Logit (L1) distillation transfers more robustness than softmax (KL).",
           "adversarial accuracy averaged over the swept teacher epochs: L1 > KL", _l1_beats_kl),
+    Claim("rank-disagreement", "4.1, Figure 3B", "AT and ST networks rank a class's images very differently "
+          "(11.8% far apart), AT networks alike (1.1%).", "share of test images ranked more than half a class apart: "
+          "AT-ST pairs > AT-AT pairs", _cross("ranks", _rank_disagreement)),
+    Claim("error-ranks", "4.1, Figure 3C", "Errors go to the classes the average logit vector ranks next.",
+          "share of natural errors on the class ranked 2nd in the true class's mean logit vector > chance "
+          "(1/(C-1)), for both AT and ST", _cross("errors", _error_rank2)),
+    Claim("overlap", "4.1, Figure 3D / B.6", "AT networks overlap more with each other than with ST networks.",
+          "average overlap AO@k averaged over k: AT-AT > AT-ST", _cross("overlap", _overlap_within)),
+    Claim("overlap-permuted", "4.1, Figure 3D (dashed)", "AT outputs vary more between images of one class.",
+          "AO@k of a model against its own outputs permuted within class, averaged over k: AT < ST",
+          _cross("overlap", _overlap_permuted)),
+    Claim("neighbours", "4.3, Figure B.3", "Nearest images in ST logit space are mostly of the seed's class; "
+          "in AT logit space they are visually similar, across classes.",
+          "share of the 5 cosine-nearest test images of the same class: ST > AT", _cross("images", _neighbours)),
     Claim("theory-threshold", "Appendix C", "Misclassified examples need a large max logit (> about 3.5); AT logits "
           "stay small.", "share of misclassified test examples whose max logit exceeds the admissible threshold: ST > AT",
           _theory),

@@ -75,16 +75,10 @@ def dataset_digests(datasets: tuple[str, ...], preset_name: str, data_dir: str |
 
 def check_storage(url: str | None) -> None:
     """An Optuna storage that cannot be reached fails here, before anything runs."""
-    if not url:
-        return
-    try:
-        import sqlalchemy
+    if url:
+        from robustlogits.study_engine import open_storage
 
-        with sqlalchemy.create_engine(url).connect():
-            pass
-    except Exception as exc:  # noqa: BLE001 - any connection problem means "cannot use it"
-        safe = url.split("@")[-1] if "@" in url else url
-        raise UserError(f"storage {safe} cannot be reached: {str(exc).splitlines()[0][:200]}") from None
+        open_storage(url, heartbeat=None)
 
 
 def make_plan(opts: ReproduceOptions) -> Plan:
@@ -141,8 +135,8 @@ def run_reproduce(opts: ReproduceOptions) -> dict:
                 run_stage(f"reproduce-{plan.study_key}-{stage}", [s.item(keys) for s in todo.values()], opts, parent)
         from robustlogits.reproduce_report import write_report
 
-        report = write_report(plan, sc, seeds, parent, Path(opts.out))
-    return {"plan": plan, "parent_run_id": parent, "report": report}
+        report, verdicts = write_report(plan, sc, seeds, parent, Path(opts.out))
+    return {"plan": plan, "parent_run_id": parent, "report": report, "verdicts": verdicts}
 
 
 def run_stage(study_name: str, items: list[dict], opts: ReproduceOptions, parent: str) -> None:
@@ -178,3 +172,46 @@ def _log_study_params(run_id: str, params: dict) -> None:
         if key not in logged:
             with contextlib.suppress(Exception):
                 client.log_param(run_id, key, text[:6000])
+
+
+def duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min"
+    if seconds < 2 * 86400:
+        return f"{seconds / 3600:.1f} h"
+    return f"{seconds / 86400:.1f} days"
+
+
+def plan_table(plan: Plan, workers: int, throughput: dict[str, str]) -> str:
+    """The dry-run's table: step, key, done or not, estimated time; then the totals."""
+    first_of_key: dict[str, str] = {}
+    rows = []
+    for step in plan.chosen:
+        run = plan.done.get(step.name)
+        if run:
+            state, seconds = f"done ({run[:8]})", 0.0
+        elif step.key in first_of_key:
+            state, seconds = f"= {first_of_key[step.key]}", 0.0
+        else:
+            state, seconds = "to do", step.estimate_s
+        first_of_key.setdefault(step.key, step.name)
+        rows.append((step.name, step.key, state, duration(seconds) if seconds else "-", step.stage, seconds))
+    width = max(len(r[0]) for r in rows)
+    lines = [f"{'step':<{width}}  {'key':<24}  {'status':<22}  estimate", "-" * (width + 60)]
+    lines += [f"{name:<{width}}  {key:<24}  {state:<22}  {est}" for name, key, state, est, _, _ in rows]
+    serial = sum(r[5] for r in rows)
+    wall = 0.0
+    for stage in STAGES:  # stages run one after another; a stage's steps share the workers
+        times = [r[5] for r in rows if r[4] == stage and r[5]]
+        if times:
+            wall += max(sum(times) / workers, max(times))
+    todo = sum(1 for r in rows if r[2] == "to do")
+    lines += ["-" * (width + 60),
+              f"{len(rows)} steps, {len(rows) - todo} done or shared, {todo} to run: about {duration(serial)} of work, "
+              f"{duration(wall)} with {workers} worker(s)",
+              "throughput used: " + ", ".join(f"{arch} {text}" for arch, text in throughput.items())]
+    for name, why in plan.skipped_datasets.items():
+        lines.append(f"{name}: skipped ({why})")
+    return "\n".join(lines)

@@ -118,6 +118,11 @@ def collect(plan, dataset: str) -> dict:
     if theory:
         results["theory"] = {"run": theory["run"], "models": theory.get("empirical", {}).get("models", {}),
                              "threshold": theory.get("empirical", {}).get("misclassified_threshold")}
+    results["cross"] = {}
+    for analysis in ("ranks", "errors", "overlap", "images"):
+        found = _artifact_json(runs.get(f"analyze/{dataset}/{analysis}"), f"{analysis}/{analysis}.json")
+        if found:
+            results["cross"][analysis] = found
     results["runs"] = runs
     return results
 
@@ -160,6 +165,17 @@ def gather_figures(results: dict, folder: Path) -> list[dict]:
     fig2 = "Figure 2" if ds != "cifar100" else "Figure B.5"
     copy(fig2, f"{fig2}: logit gaps (A) and adversarial accuracy per gap bin (B), every seed",
          runs.get(f"analyze/{ds}/gap"), "gap/figure2_gap_robustness.png")
+    for analysis, artifact, figure_id, title in (
+            ("ranks", "figure3a_rank_scatter.png", "Figure 3A", "Figure 3A: class-wise confidence ranks, ST against AT"),
+            ("ranks", "figure3b_rank_disagreement.png", "Figure 3B", "Figure 3B: share of images ranked far apart, "
+             "every pair of teachers"),
+            ("errors", "figure3c_error_ranks.png", "Figure 3C", "Figure 3C: rank of the predicted class of errors "
+             "in the true class's mean logit vector"),
+            ("overlap", "figure3d_average_overlap.png", "Figure 3D" if ds != "cifar100" else "Figure B.6",
+             "Average overlap AO@k (solid: same image; dashed: permuted within class)"),
+            ("images", "figure_b2_confidence_quadrants.png", "Figure B.2", "Figure B.2: images by ST and AT confidence"),
+            ("images", "figure_b3_logit_neighbours.png", "Figure B.3", "Figure B.3: nearest images in logit space")):
+        copy(figure_id, title, runs.get(f"analyze/{ds}/{analysis}"), f"{analysis}/{artifact}")
     copy("Figure 5", "Figure 5: manifold capacity, radius, dimension and centre correlation per stage",
          runs.get(f"analyze/{ds}/manifold"), "manifold/figure5_manifold.png")
     for name, title in (("fig_empirical_admissible.png", "Appendix C: the teachers' logits on the admissible axes"),
@@ -259,7 +275,7 @@ def build_sections(plan, sc, seeds: int, folder: Path) -> dict:
             "study_key": plan.study_key}
 
 
-def write_report(plan, sc, seeds: int, parent_run_id: str, out: Path) -> Path:
+def write_report(plan, sc, seeds: int, parent_run_id: str, out: Path) -> tuple[Path, list[str]]:
     """Write report/ under `out` (whole: built in a temporary folder, then moved) and log it."""
     out.mkdir(parents=True, exist_ok=True)
     staging = out / ".report-partial"
@@ -283,7 +299,7 @@ def write_report(plan, sc, seeds: int, parent_run_id: str, out: Path) -> Path:
     verdicts = [v["verdict"] for ds in sections["datasets"] for v in ds["verdicts"]]
     for verdict in ("held", "not held", "not measured"):
         client.log_metric(parent_run_id, f"claims_{verdict.replace(' ', '_')}", verdicts.count(verdict))
-    return target
+    return target, verdicts
 
 
 def _run_refs(runs: list[str], links: dict) -> str:
