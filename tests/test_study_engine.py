@@ -73,11 +73,15 @@ def test_items_run_once_nested_under_one_parent_and_resume_adds_nothing(tmp_path
     assert added == 0
     se.run_workers("s", storage_url(tmp_path), 1, heartbeat=1)
     assert len(again.get_trials()) == 4 and len(all_runs()) == 5
-    # A second study over the same work finds the finished runs by their keys.
+    # A second study over the same work finds the finished runs by their keys: no job runs again,
+    # and each trial still has a child run under its own parent, naming the run it reused.
     other, _ = start(tmp_path, name="other")
     se.run_workers("other", storage_url(tmp_path), 1, heartbeat=1)
-    assert se.status(other).complete == 4 and len(all_runs()) == 6  # only the new parent
-    assert all(t.user_attrs["reused"] for t in other.get_trials())
+    assert se.status(other).complete == 4 and len(all_runs()) == 10
+    reused = [r for r in all_runs() if r.data.tags.get("mlflow.parentRunId") == se.parent_run_id(other)]
+    assert {r.data.tags["robustlogits.reused_run"] for r in reused} == {r.info.run_id for r in children}
+    assert all(r.data.metrics["score"] in (1, 4) and r.info.status == "FINISHED" for r in reused)
+    assert {t.user_attrs["reused"] for t in other.get_trials()} == {r.info.run_id for r in children}
 
 
 def test_failed_trials_are_summarised_and_retried_on_the_next_run(tmp_path):

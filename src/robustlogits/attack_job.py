@@ -67,7 +67,9 @@ def run_attack(cfg: AttackConfig, progress: bool | None = None) -> tuple[str, At
     if not dataset:
         raise UserError(f"cannot tell which dataset {resolved.describe()} was trained on; pass --dataset")
     synthetic = synthetic_params_from_run(resolved.source_run_id) if dataset == "synthetic" else None
-    test, raw = load_test_split(dataset, cfg.data_dir or resolved.data_dir, device, synthetic)
+    own = dataset == resolved.dataset  # the model's own data: found again by its recorded folder and digest
+    test, raw = load_test_split(dataset, cfg.data_dir, device, synthetic, hint=resolved.data_dir if own else None,
+                                digest=resolved.data_digest if own else None)
     classes = model_class_count(resolved.model, device)
     if classes != raw.num_classes:
         raise UserError(f"{resolved.describe()} outputs {classes} classes but {dataset} has {raw.num_classes}")

@@ -8,7 +8,9 @@ batched tensor code on the device: no per-image PIL in the training loop.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import logging
 import os
 import pickle
 import re
@@ -38,6 +40,7 @@ class RawDataset:
     classes: tuple[str, ...]
     source: str
     digest: str
+    root: str | None = None   # the folder searched, as an absolute path (what runs record)
 
     @property
     def num_classes(self) -> int:
@@ -58,22 +61,49 @@ def default_data_dirs() -> list[Path]:
     return [Path("data"), Path("..") / "shared" / "data"]
 
 
-def load_raw(dataset: str, data_dir: str | Path | None = None, *, synthetic: dict | None = None) -> RawDataset:
-    """Find, decode (or read from cache) and return a dataset's train and test splits."""
+def load_raw(dataset: str, data_dir: str | Path | None = None, *, synthetic: dict | None = None,
+             hint: str | Path | None = None, digest: str | None = None) -> RawDataset:
+    """Find, decode (or read from cache) and return a dataset's train and test splits.
+
+    `digest` (the content digest a model was trained on) makes the search fit for data that
+    lives elsewhere on another machine: `hint` (the folder the model's run recorded), `data_dir`,
+    $ROBUSTLOGITS_DATA and the defaults are all tried, and only data with that digest is taken.
+    Without a digest, a given `data_dir` is the only place looked at.
+    """
     if dataset == "synthetic":
-        return make_synthetic(**(synthetic or {}))
+        raw = make_synthetic(**(synthetic or {}))
+        if digest and raw.digest != digest:
+            raise UserError(f"synthetic data regenerated with digest {raw.digest}, the model was trained on {digest}")
+        return raw
     if dataset not in ("cifar10", "cifar100"):
         raise UserError(f"unknown dataset {dataset!r}; choose one of: cifar10, cifar100, synthetic")
-    roots = [Path(data_dir)] if data_dir else default_data_dirs()
+    roots = [Path(data_dir)] if data_dir else []
+    if digest or not data_dir:
+        roots += ([Path(hint)] if hint else []) + default_data_dirs()
+    roots = list({str(r.expanduser().absolute()): r for r in roots}.values())
     looked: list[str] = []
+    mismatched: list[str] = []
     for root in roots:
         found = _load_from_root(root, dataset, looked)
-        if found is not None:
-            return found
-    downloaded = _try_torchvision_download(dataset, looked)
+        if found is None:
+            continue
+        if digest and found.digest != digest:
+            mismatched.append(f"{root.absolute()} holds digest {found.digest}")
+            continue
+        if mismatched:
+            logging.getLogger(__name__).warning("skipped data with another digest (%s); using %s",
+                                                "; ".join(mismatched), root.absolute())
+        return dataclasses.replace(found, root=str(root.expanduser().resolve()))
+    downloaded = None if mismatched else _try_torchvision_download(dataset, looked)
     if downloaded is not None:
-        return _load_from_dir(downloaded, dataset, looked)
+        found = _load_from_dir(downloaded, dataset, looked)
+        if found is not None and (not digest or found.digest == digest):
+            return dataclasses.replace(found, root=str(downloaded.resolve()))
     where = " or ".join(str(r) for r in roots)
+    if mismatched:
+        raise UserError(
+            f"no {dataset} data with the model's content digest {digest} found: {'; '.join(mismatched)}. "
+            f"Also looked under {where}. Point --data-dir (or ROBUSTLOGITS_DATA) at the data the model was trained on.")
     raise UserError(
         f"no {dataset} data found under {where}. Looked for: {'; '.join(looked)}. "
         "Point --data-dir (or ROBUSTLOGITS_DATA) at a folder holding the official python pickles "
@@ -392,6 +422,7 @@ class DataBundle:
     digest: str
     source: str
     split_record: dict    # what makes the split reproducible, logged as an artifact
+    root: str | None = None  # absolute folder the data was found in (None: generated)
 
     @property
     def num_classes(self) -> int:
@@ -422,15 +453,16 @@ def build_bundle(raw: RawDataset, *, val_per_class: int, split_seed: int, train_
         "stats_indices": stats.indices.tolist(), "heldout_split": heldout.name,
         "heldout_indices": heldout.indices.tolist(),
     }
-    return DataBundle(train, stats, heldout, test, raw.classes, raw.digest, raw.source, record)
+    return DataBundle(train, stats, heldout, test, raw.classes, raw.digest, raw.source, record, raw.root)
 
 
 # --- batches and augmentation -------------------------------------------------------------------
 
-def load_bundle(cfg, device: torch.device) -> DataBundle:
-    """The splits a training config asks for (`cfg`: a TrainConfig), on `device`."""
+def load_bundle(cfg, device: torch.device, *, hint: str | None = None, digest: str | None = None) -> DataBundle:
+    """The splits a training config asks for (`cfg`: a TrainConfig), on `device`; `hint` and
+    `digest` find a model's training data again (see `load_raw`)."""
     d = cfg.data
-    raw = load_raw(d.dataset, d.data_dir, synthetic=dict(
+    raw = load_raw(d.dataset, d.data_dir, hint=hint, digest=digest, synthetic=dict(
         train_per_class=d.synthetic_train_per_class, test_per_class=d.synthetic_test_per_class,
         num_classes=d.synthetic_classes, size=d.synthetic_size))
     return build_bundle(raw, val_per_class=cfg.resolved_val_per_class(), split_seed=d.split_seed,
@@ -438,9 +470,10 @@ def load_bundle(cfg, device: torch.device) -> DataBundle:
                         heldout_subset=d.heldout_subset, device=device)
 
 
-def load_test_split(dataset: str, data_dir: str | None, device: torch.device, synthetic_params: dict | None = None):
+def load_test_split(dataset: str, data_dir: str | None, device: torch.device, synthetic_params: dict | None = None,
+                    *, hint: str | None = None, digest: str | None = None):
     """The whole official test split (and the raw dataset it came from)."""
-    raw = load_raw(dataset, data_dir, synthetic=synthetic_params)
+    raw = load_raw(dataset, data_dir, synthetic=synthetic_params, hint=hint, digest=digest)
     bundle = build_bundle(raw, val_per_class=0, split_seed=0, train_subset=None, stats_subset=1,
                           heldout_subset=None, device=device)
     return bundle.test, raw

@@ -228,7 +228,7 @@ def run_distill(cfg: DistillConfig, progress: bool | None = None) -> str:
     cfg.validate()
     cfg.data.val_per_class = cfg.resolved_val_per_class()  # logged as what it is, not "None"
     torch.manual_seed(cfg.run.seed)
-    bundle = load_bundle(cfg, device)
+    bundle = load_bundle(cfg, device, hint=teacher.data_dir, digest=teacher.data_digest)
     for who in filter(None, (teacher, st_teacher)):
         classes = model_class_count(who.model, device)
         if classes != bundle.num_classes:
@@ -281,11 +281,10 @@ def run_distill(cfg: DistillConfig, progress: bool | None = None) -> str:
 
 
 def adopt_teacher_data(cfg: DistillConfig, teacher: ResolvedModel) -> None:
-    """The student trains on the teacher's dataset (and data folder, unless one is given)."""
+    """The student trains on the teacher's dataset; its data is found again by the teacher's
+    recorded folder (a hint) and content digest, wherever this job runs (see `load_bundle`)."""
     if teacher.dataset:
         cfg.data.dataset = teacher.dataset
-    if cfg.data.data_dir is None and teacher.data_dir:
-        cfg.data.data_dir = teacher.data_dir
     if cfg.data.dataset == "synthetic":
         synthetic = synthetic_params_from_run(teacher.source_run_id) or {}
         for key, value in synthetic.items():

@@ -76,10 +76,22 @@ def report(name: str):
 class _TrialScope:
     trial: optuna.Trial
     run_ids: list[str] = field(default_factory=list)
-    reused: bool = False
+    reused_from: str | None = None   # the finished run a keyed task found instead of running
 
 
 _SCOPE: list[_TrialScope] = []  # the trial this process is running (one at a time per worker)
+
+
+def _record_reuse(source: str) -> None:
+    """A trial answered by an earlier run still gets its own child run under this study: the
+    source's params, lineage tags and metrics, and a tag naming the source (no job runs twice)."""
+    original = MlflowClient().get_run(source)
+    tags = {k: v for k, v in original.data.tags.items()
+            if not k.startswith("mlflow.") and k not in (tracking.KEY_TAG, "optuna.study", "optuna.trial", "optuna.state")}
+    with tracking.managed_run("robustlogits", run_name=f"{original.info.run_name} (reused)",
+                              tags=tags | {"robustlogits.reused_run": source}):
+        tracking.log_params(original.data.params)
+        mlflow.log_metrics(original.data.metrics)
 
 
 def run_metrics(run_id: str) -> dict[str, float]:
@@ -95,9 +107,8 @@ def keyed(task_name: str, identity: dict[str, Any], run: Callable[[], str]) -> d
     if found:
         log.info("%s: reusing finished run %s (key %s)", task_name, found, key)
         if scope:
-            scope.reused = True
-            scope.run_ids.append(found)
-            scope.trial.set_user_attr("mlflow_run_id", found)
+            scope.reused_from = found
+            _record_reuse(found)
         return run_metrics(found)
     with tracking.child_runs(tags={tracking.KEY_TAG: key, "robustlogits.task": task_name}):
         run_id = run()
@@ -247,7 +258,9 @@ def load(name: str, storage_url: str, heartbeat: int | None = HEARTBEAT_SECONDS)
 def make_sampler(spec: dict) -> optuna.samplers.BaseSampler:
     seed = spec.get("seed")
     if spec.get("sampler") == "tpe":
-        return optuna.samplers.TPESampler(seed=seed, multivariate=True, warn_independent_sampling=False)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return optuna.samplers.TPESampler(seed=seed, multivariate=True)
     return optuna.samplers.RandomSampler(seed=seed)
 
 
@@ -367,19 +380,18 @@ def _objective(spec: dict, parent: str, experiment_id: str) -> Callable[[optuna.
         run_id = scope.run_ids[-1] if scope.run_ids else None
         trial.set_user_attr("metrics", {k: float(v) for k, v in metrics.items()})
         trial.set_user_attr("task_seconds", seconds)
-        trial.set_user_attr("reused", scope.reused)
+        trial.set_user_attr("reused", scope.reused_from or "")
         if run_id:
-            trial.set_user_attr("model_versions", _model_versions(run_id))
-            if not scope.reused:  # a reused run keeps the params of the trial that made it
-                client = MlflowClient()
-                for key, value in {"optuna.trial_number": trial.number,
-                                   **{f"trial.{k}": v for k, v in params.items()}}.items():
-                    with contextlib.suppress(Exception):
-                        client.log_param(run_id, key, str(value))
+            trial.set_user_attr("model_versions", _model_versions(scope.reused_from or run_id))
+            client = MlflowClient()
+            for key, value in {"optuna.trial_number": trial.number,
+                               **{f"trial.{k}": v for k, v in params.items()}}.items():
+                with contextlib.suppress(Exception):
+                    client.log_param(run_id, key, str(value))
         values = [float(metrics[o]) for o in spec["objectives"]]
         log.info("trial %d: %s in %.1f s%s", trial.number,
                  ", ".join(f"{o} {v:.4f}" for o, v in zip(spec["objectives"], values)), seconds,
-                 " (reused a finished run)" if scope.reused else "")
+                 f" (reused finished run {scope.reused_from})" if scope.reused_from else "")
         return values if len(values) > 1 else values[0]
 
     return objective
@@ -397,7 +409,7 @@ def _after_trial(spec: dict, parent: str, state: dict) -> Callable:
 
     def callback(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
         run_id = trial.user_attrs.get("mlflow_run_id")
-        if run_id and not trial.user_attrs.get("reused"):
+        if run_id:
             with contextlib.suppress(Exception):
                 MlflowClient().set_tag(run_id, "optuna.state", trial.state.name)
         if trial.user_attrs.get("idle"):
@@ -557,12 +569,13 @@ def trial_rows(study: optuna.Study) -> list[dict]:
     for t in study.get_trials(deepcopy=False):
         if t.user_attrs.get("idle"):
             continue
-        row = {"trial": t.number, "state": t.state.name}
+        row = {"trial": t.number, "state": t.state.name} | {k: "" for k in spec.get("space", {})}
         row |= (t.user_attrs.get("item") or {}) | t.params
         for name, value in zip(spec["objectives"], t.values or []):
             row[name] = value
-        for name, value in (t.user_attrs.get("metrics") or {}).items():
-            row.setdefault(name, value)
+        metrics = t.user_attrs.get("metrics") or {}
+        for name in spec.get("table_metrics", []):
+            row.setdefault(name, metrics.get(name, ""))
         row |= {"mlflow_run_id": t.user_attrs.get("mlflow_run_id", ""),
                 "model_versions": " ".join(t.user_attrs.get("model_versions", [])),
                 "reused": t.user_attrs.get("reused", ""), "retry_of": t.system_attrs.get("failed_trial", ""),

@@ -40,7 +40,12 @@ def new_state(cfg: TrainConfig, num_classes: int, device: torch.device) -> Train
 
 
 def log_run_inputs(cfg: TrainConfig, bundle: DataBundle, amp: bool) -> None:
-    """Params (every config value plus the precision actually used), the data and its split."""
+    """Params (every config value plus the precision actually used), the data and its split.
+
+    The data folder is recorded as the absolute folder the data was found in: a later job on
+    another machine or in another folder uses it as a hint, checked against `data_digest`."""
+    if bundle.root:
+        cfg.data.data_dir = bundle.root
     tracking.log_params(flatten(cfg) | {"run.precision": precision_name(amp)})
     mlflow.set_tag("data_digest", bundle.digest)
     tracking.log_dataset_input(cfg.data.dataset, bundle.digest, bundle.source, "training", len(bundle.train))

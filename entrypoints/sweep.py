@@ -1,0 +1,6 @@
+"""MLproject entry point `sweep`: a thin Typer CLI over robustlogits.sweep."""
+
+from robustlogits.cli import single_command, sweep
+
+if __name__ == "__main__":
+    single_command(sweep)()
