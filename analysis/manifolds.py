@@ -42,6 +42,9 @@ class ManifoldSettings:
     seed: int = 0
     simulated: bool = False     # also bisect for the empirical capacity (slow; Figure A.8)
     batch_size: int = 250
+    definitions: str = "reference"    # R_M, D_M as the MFTMA reference code ("printed": the paper's A.4)
+    center_method: str = "reference"  # centre-structure removal as the reference code ("principal", "none")
+    center_reps: int = 10             # random starts per K of the reference's subspace optimisation
 
     def validate(self, n_test: int) -> None:
         if not 2 <= self.n_images <= n_test:
@@ -52,6 +55,12 @@ class ManifoldSettings:
             raise UserError(f"n-features must be >= 1, got {self.n_features}")
         if self.eps < 0 or self.pgd_steps < 0:
             raise UserError("eps and pgd-steps must be >= 0")
+        if self.definitions not in ("reference", "printed"):
+            raise UserError(f"definitions must be reference or printed, got {self.definitions!r}")
+        if self.center_method not in ("reference", "principal", "none"):
+            raise UserError(f"center-method must be reference, principal or none, got {self.center_method!r}")
+        if self.center_reps < 1:
+            raise UserError(f"center-reps must be >= 1, got {self.center_reps}")
 
 
 @dataclass
@@ -149,7 +158,10 @@ def analyse_model(model: torch.nn.Module, label: str, images: Split, settings: M
         flat, width = features[stage]
         # [P*M, N] image-major -> (P manifolds, N features, M points)
         X = flat.reshape(settings.n_images, settings.n_perturbations, -1).transpose(0, 2, 1)
-        result = manifold_analysis(X, kappa=settings.kappa, n_t=settings.n_t, seed=settings.seed)
+        result = manifold_analysis(X, kappa=settings.kappa, n_t=settings.n_t, seed=settings.seed,
+                                   center_null_space=settings.center_method != "none",
+                                   center_method="principal" if settings.center_method == "none" else settings.center_method,
+                                   center_reps=settings.center_reps, definitions=settings.definitions)
         simulated = simulated_capacity(X, seed=settings.seed) if settings.simulated else None
         out.stages.append(StageResult(stage, width, result, simulated))
         if bar is not None:

@@ -26,7 +26,8 @@ def analyze(mode: str = "theory", runs: str = "", models: str = "", groups: str 
                        out=out or "outputs/theory", track=True)
     elif mode == "manifold":
         analyze_manifold(models=models, more_models=None, n_images=n_images, n_perturbations=n_perturbations,
-                         n_features=n_features, eps="8/255", pgd_steps=pgd_steps, simulated=False, seed=0,
+                         n_features=n_features, eps="8/255", pgd_steps=pgd_steps, simulated=False,
+                         definitions="reference", center_method="reference", center_reps=10, seed=0,
                          dataset=None, data_dir=None, out=out or "outputs/manifold", track=True, device="auto")
     elif mode == "gap":
         analyze_gap(runs=runs, bins=10, max_gap=None, out=out or "outputs/gap", track=True)

@@ -208,6 +208,9 @@ def analyze_manifold(
     eps: str = typer.Option("8/255", help="Linf radius of the perturbation manifolds"),
     pgd_steps: int = typer.Option(5, help="PGD steps from each random start (0: random points of the ball)"),
     simulated: bool = typer.Option(False, help="also bisect for the simulated capacity (slow; Figure A.8)"),
+    definitions: str = typer.Option("reference", help="R_M and D_M as the MFTMA reference code (reference) or as printed in A.4 (printed)"),
+    center_method: str = typer.Option("reference", help="centre-structure removal: reference (as the reference code, K >= 1) | principal | none"),
+    center_reps: int = typer.Option(10, help="random starts per K of the reference centre-structure optimisation"),
     seed: int = typer.Option(0),
     dataset: Optional[str] = typer.Option(None, help="default: the models' dataset"),
     data_dir: Optional[str] = typer.Option(None, help="default: the first model's training data directory"),
@@ -220,7 +223,8 @@ def analyze_manifold(
 
     specs = [s for s in re.split(r"[\s,]+", models or "") if s] + list(more_models or [])
     settings = ManifoldSettings(n_images=n_images, n_perturbations=n_perturbations, n_features=n_features,
-                                eps=_eps(eps), pgd_steps=pgd_steps, simulated=simulated, seed=seed)
+                                eps=_eps(eps), pgd_steps=pgd_steps, simulated=simulated, seed=seed,
+                                definitions=definitions, center_method=center_method, center_reps=center_reps)
     summary = run_manifold_job(specs, settings, Path(out), _blank(data_dir), _blank(dataset), track, device=device)
     for label, table in summary["models"].items():
         cells = ", ".join(f"{s} {c:.3f}" for s, c in zip(table["stage"], table["capacity"]))

@@ -204,8 +204,12 @@ def center_correlation(centers: np.ndarray) -> float:
     return _mean_abs_cos(C @ C.T)
 
 
+CENTER_METHODS = ("reference", "principal")
+DEFINITIONS = ("reference", "printed")
+
+
 def _center_subspace(C0: np.ndarray, max_components: int | None) -> tuple[np.ndarray, int, float]:
-    """Low-rank shared structure of the centres to project out (Cohen et al. 2020).
+    """Low-rank shared structure of the centres to project out: principal directions.
 
     Candidates are the top-K principal directions of the centred centres; K is the one
     (0 allowed) minimising the residual mean |correlation| between centres, so
@@ -229,6 +233,86 @@ def _center_subspace(C0: np.ndarray, max_components: int | None) -> tuple[np.nda
     return Wt[:best_k].T.copy(), best_k, best_rho
 
 
+def _residual_corr_cost(A: np.ndarray, X: np.ndarray) -> tuple[float, np.ndarray]:
+    """Cohen et al.'s objective and its gradient in A: the squared correlations left between the
+    centres (rows of X) after projecting out span(A), half the sum over all ordered pairs with
+    the diagonal included. Depends on span(A) only, so A needs no orthonormality constraint.
+
+    With H = (A'A)^-1, W = XA, C = XX' - WHW', d = diag C: cost = 1/2 sum C_mn^2 / (d_m d_n);
+    dcost/dC = C/(d d') + diag(-sum_n C_mn^2 / (d_m^2 d_n)) =: B, and
+    dcost/dA = -2 X'BWH + 2 AH(W'BW)H.
+    """
+    H = np.linalg.inv(A.T @ A)
+    W = X @ A
+    C = X @ X.T - W @ H @ W.T
+    d = np.diag(C).copy()
+    R = C / np.outer(d, d)
+    cost = 0.5 * float(np.sum(C * R))
+    B = R - np.diag(np.sum(C * R, axis=1) / d)
+    BWH = B @ W @ H
+    grad = -2 * X.T @ BWH + 2 * A @ H @ (W.T @ BWH)
+    return cost, grad
+
+
+def _optimise_subspace(X: np.ndarray, V0: np.ndarray, max_iter: int = 1000) -> np.ndarray:
+    """Minimise the residual-correlation cost over K-dimensional subspaces from V0 (L-BFGS on an
+    unconstrained basis); returns an orthonormal basis."""
+    shape = V0.shape
+
+    def fun(flat):
+        cost, grad = _residual_corr_cost(flat.reshape(shape), X)
+        return cost, grad.ravel()
+
+    res = optimize.minimize(fun, V0.ravel(), jac=True, method="L-BFGS-B",
+                            options={"maxiter": max_iter, "gtol": 1e-8, "ftol": 1e-12})
+    Q, _ = np.linalg.qr(res.x.reshape(shape))
+    return Q
+
+
+def _center_subspace_reference(C0: np.ndarray, n_reps: int, seed: int) -> tuple[np.ndarray, int, float]:
+    """The low-rank centre structure as the MFTMA reference code (Cohen et al. 2020) finds it.
+
+    In the (P-1)-dimensional span of the centred centres, for K = 1, 2, ...: from `n_reps`
+    random starts (the previous K's subspace plus one random centre combination), minimise the
+    residual-correlation cost over K-dimensional subspaces and keep the most "stable" solution
+    (the one leaving every centre the largest fraction of its norm); stop after three
+    consecutive increases of the residual mean |correlation|, up to K = (components for 95% of
+    the variance) + 10. K is the argmin of that residual, so at least one direction always goes.
+    """
+    P = C0.shape[0]
+    S = np.linalg.svd(C0, compute_uv=False)
+    if P < 3 or S[0] <= 0 or np.sum(S > 1e-10 * S[0]) < 2:  # nothing to remove while keeping distinct centres
+        return np.zeros((C0.shape[1], 0)), 0, _mean_abs_cos(C0 @ C0.T)
+    rng = np.random.default_rng([int(seed), 4049])
+    Q, _ = np.linalg.qr(C0.T)  # (N, min(N, P)): an orthonormal basis of the centres' span
+    basis = Q[:, :min(P - 1, Q.shape[1])]
+    X = C0 @ basis  # (P, P-1)
+    total = np.cumsum(S**2 / np.sum(S**2))
+    max_k = int(np.argmax([v if v < 0.95 else 0 for v in total])) + 11
+    max_k = max(1, min(max_k, basis.shape[1] - 1))
+    row_norm = np.linalg.norm(X, axis=1)
+    V1 = np.zeros((basis.shape[1], 0))
+    solutions, residuals = [], []
+    for k in range(1, max_k + 1):
+        best, best_stability = None, -np.inf
+        for _ in range(max(1, n_reps)):
+            s = rng.standard_normal((P, 1))
+            V0, _ = np.linalg.qr(np.concatenate([(s.T @ X).T, V1], axis=1))
+            V = _optimise_subspace(X, V0)
+            X0 = X - (X @ V) @ V.T
+            stability = float(np.min(np.linalg.norm(X0, axis=1) / row_norm))
+            if stability > best_stability:
+                best, best_stability = V, stability
+        V1 = best
+        X0 = X - (X @ V1) @ V1.T
+        solutions.append(V1)
+        residuals.append(_mean_abs_cos(X0 @ X0.T))
+        if k > 4 and residuals[-1] > residuals[-2] > residuals[-3] > residuals[-4]:
+            break
+    best_k = int(np.argmin(residuals)) + 1
+    return basis @ solutions[best_k - 1], best_k, float(residuals[best_k - 1])
+
+
 # --------------------------------------------------------------------------- embedding
 
 
@@ -242,7 +326,8 @@ class _Embedded:
     n_components: int
 
 
-def _embed(X: np.ndarray, center_null_space: bool, max_center_components: int | None = None) -> _Embedded:
+def _embed(X: np.ndarray, center_null_space: bool, max_center_components: int | None = None,
+           center_method: str = "principal", center_reps: int = 10, seed: int = 0) -> _Embedded:
     """Centre-normalised coordinates of every manifold's points (Gram + eigh, batched)."""
     P, N, M = X.shape
     centers = X.mean(axis=2, dtype=np.float64)  # (P, N)
@@ -250,7 +335,9 @@ def _embed(X: np.ndarray, center_null_space: bool, max_center_components: int | 
     rho0 = _mean_abs_cos(C0 @ C0.T)
     V = np.zeros((N, 0))
     k, rho_res = 0, rho0
-    if center_null_space:
+    if center_null_space and center_method == "reference":
+        V, k, rho_res = _center_subspace_reference(C0, center_reps, seed)
+    elif center_null_space:
         V, k, rho_res = _center_subspace(C0, max_center_components)
     Cp = C0 - (C0 @ V) @ V.T
     cn = np.linalg.norm(Cp, axis=1)
@@ -519,6 +606,8 @@ class ManifoldResult:
     residual_center_correlation: float = float("nan")
     n_center_components: int = 0
     embedding_dimension: np.ndarray = field(default_factory=lambda: np.zeros(0, int))
+    definitions: str = "reference"
+    center_method: str = "reference"
     kappa: float = 0.0
     n_t: int = 0
     regime_fractions: dict[str, float] = field(default_factory=dict)
@@ -548,6 +637,9 @@ def manifold_analysis(
     seed: int = 0,
     center_null_space: bool = True,
     *,
+    definitions: str = "reference",
+    center_method: str = "reference",
+    center_reps: int = 10,
     max_center_components: int | None = None,
     stratify: bool = True,
     progress: bool | None = None,
@@ -556,17 +648,27 @@ def manifold_analysis(
     """Manifold capacity, radius, dimension and centre correlation of P manifolds.
 
     X: (P manifolds, N features, M points).  ``center_null_space`` projects out the
-    shared low-rank structure of the centres first (Cohen et al. 2020); the reported
-    ``center_correlation`` is measured before that projection.  ``n_t`` Gaussian
-    samples per manifold; results are deterministic given ``seed``.
+    shared low-rank structure of the centres first (Cohen et al. 2020): ``center_method``
+    "reference" as the MFTMA reference code does (subspace optimisation, K >= 1, ``center_reps``
+    random starts per K), "principal" with principal directions (K >= 0). The reported
+    ``center_correlation`` is measured before that projection.  ``definitions``: "reference"
+    (the reference code, Chung et al. 2018 eq. 28-29: R_M^2 = <|s~ - <s~>|^2>,
+    D_M = D <t^.s^>^2) or "printed" (the paper's A.4: R_M^2 = <|s~|^2>, D_M = <(t.s^)^2>).
+    ``n_t`` Gaussian samples per manifold; results are deterministic given ``seed``.
     """
+    if definitions not in DEFINITIONS:
+        raise UserError(f"unknown definitions {definitions!r}; choose {' or '.join(DEFINITIONS)}")
+    if center_method not in CENTER_METHODS:
+        raise UserError(f"unknown center_method {center_method!r}; choose {' or '.join(CENTER_METHODS)}")
     with _blas_threads(blas_threads):
         return _manifold_analysis(
-            X, kappa, n_t, seed, center_null_space, max_center_components, stratify, progress
+            X, kappa, n_t, seed, center_null_space, max_center_components, stratify, progress,
+            definitions, center_method, center_reps,
         )
 
 
-def _manifold_analysis(X, kappa, n_t, seed, center_null_space, max_center_components, stratify, progress):
+def _manifold_analysis(X, kappa, n_t, seed, center_null_space, max_center_components, stratify, progress,
+                       definitions="reference", center_method="reference", center_reps=10):
     t_start = time.perf_counter()
     X = _validate(X, kappa)
     if int(n_t) < 1:
@@ -575,7 +677,7 @@ def _manifold_analysis(X, kappa, n_t, seed, center_null_space, max_center_compon
         raise UserError(f"seed must be a non-negative integer; got {seed}")
     n_t = int(n_t)
     P, N, M = X.shape
-    emb = _embed(X, center_null_space, max_center_components)
+    emb = _embed(X, center_null_space, max_center_components, center_method, center_reps, int(seed))
     D = emb.coords.shape[2]
     T = np.zeros((P, n_t, D + 1))
     for d in np.unique(emb.dims):  # one sample set per distinct dimension, padded with zeros
@@ -589,11 +691,25 @@ def _manifold_analysis(X, kappa, n_t, seed, center_null_space, max_center_compon
     with np.errstate(divide="ignore"):
         capacity = np.where(mean_F > 0, 1.0 / np.where(mean_F > 0, mean_F, 1.0), np.inf)
     sq = np.sum(sol.anchors**2, axis=2)
-    radius = np.sqrt(sq.mean(axis=1))
     ts = np.einsum("pkd,pkd->pk", T[..., :D], sol.anchors)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        proj2 = np.where(sq > 0, ts**2 / np.where(sq > 0, sq, 1.0), 0.0)
-    dimension = proj2.mean(axis=1)
+    if definitions == "reference":
+        spread = sol.anchors - sol.anchors.mean(axis=1, keepdims=True)
+        radius = np.sqrt(np.sum(spread**2, axis=2).mean(axis=1))
+        # The reference writes each manifold in min(N, M) coordinates (its QR keeps the null
+        # direction of the centred points), so its t has min(N, M) - rank extra Gaussian
+        # components that meet no point: they enter only through |t|.
+        extra = np.minimum(N, M) - emb.dims
+        rng = np.random.default_rng([int(seed), 6007])
+        null_sq = np.stack([rng.chisquare(e, n_t) if e > 0 else np.zeros(n_t) for e in extra])
+        t_norm = np.sqrt(np.sum(T[..., :D] ** 2, axis=2) + null_sq)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            cos = np.where(t_norm > 0, ts / (np.where(t_norm > 0, t_norm, 1.0) * np.sqrt(sq + 1e-12)), 0.0)
+        dimension = np.maximum(emb.dims, np.minimum(N, M)) * cos.mean(axis=1) ** 2
+    else:
+        radius = np.sqrt(sq.mean(axis=1))
+        with np.errstate(divide="ignore", invalid="ignore"):
+            proj2 = np.where(sq > 0, ts**2 / np.where(sq > 0, sq, 1.0), 0.0)
+        dimension = proj2.mean(axis=1)
     names = ("interior", "touching", "embedded")
     fr = {name: float(np.mean(sol.regime == i)) for i, name in enumerate(names)}
     return ManifoldResult(
@@ -607,6 +723,8 @@ def _manifold_analysis(X, kappa, n_t, seed, center_null_space, max_center_compon
         residual_center_correlation=emb.residual_center_corr,
         n_center_components=emb.n_components,
         embedding_dimension=emb.dims.astype(int),
+        definitions=definitions,
+        center_method=center_method if center_null_space else "none",
         kappa=float(kappa),
         n_t=n_t,
         regime_fractions=fr,
