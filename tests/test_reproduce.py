@@ -239,8 +239,8 @@ def test_killed_between_steps_resumes_without_duplicates(tmp_path):
     result = subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     runs = all_runs()
-    keys = [r.data.tags.get(tracking.KEY_TAG) for r in runs if r.info.status == "FINISHED"
-            and r.data.tags.get("robustlogits.job") in ("train", "attack")]
+    keys = [r.data.tags[tracking.KEY_TAG] for r in runs if r.info.status == "FINISHED"
+            and tracking.KEY_TAG in r.data.tags and r.data.tags.get("robustlogits.job") in ("train", "attack")]
     assert len(keys) == 4 and len(set(keys)) == 4  # 2 teachers + 2 attacks, each once
     assert not [r for r in runs if r.info.status == "RUNNING"]
     for r in runs:  # a run that finished before the kill is the one the study used, untouched
