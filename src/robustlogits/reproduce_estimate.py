@@ -14,7 +14,7 @@ import time
 import torch
 from mlflow.tracking import MlflowClient
 
-from robustlogits.config import flatten, preset
+from robustlogits.config import flatten
 from robustlogits.data import cache_root
 from robustlogits.reproduce_plan import Step
 
@@ -84,10 +84,12 @@ class Estimator:
             config = step.args["config"]
             return self._train(config, self.rate(config["model.arch"])[0])
         if step.task == "reproduce-distill":
-            config = flatten(preset(step.args["preset"]))
+            from robustlogits.distill_job import distill_preset
+
+            config = flatten(distill_preset(step.args["preset"]))
             rate = self.rate(config["model.arch"])[0]
             n = _n_train(config)
-            teacher_logits = 4 * n * FORWARD_SHARE / rate
+            teacher_logits = config["distill.n_augment"] * n * FORWARD_SHARE / rate
             return config["optim.epochs"] * (n + _eval_images(config)) / rate + teacher_logits + \
                 self.attack(step.args["n_examples"], step.args["n_iter"], rate)
         if step.task == "reproduce-manifold":

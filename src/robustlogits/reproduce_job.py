@@ -149,10 +149,14 @@ def run_stage(study_name: str, items: list[dict], opts: ReproduceOptions, parent
     from robustlogits.reproduce_steps import DONE_METRIC, STAGE_TASK
 
     storage = opts.storage or study_engine.default_storage()
+    client = MlflowClient()
+    # the stage runs live in the study run's experiment (under `mlflow run`: the launcher's), so
+    # the UI draws one tree
+    experiment = client.get_experiment(client.get_run(parent).info.experiment_id).name
     spec = {"task": STAGE_TASK, "module": "robustlogits.reproduce_steps", "kind": "reproduce-stage",
-            "sampler": "items", "objectives": [DONE_METRIC], "experiment": opts.experiment}
+            "sampler": "items", "objectives": [DONE_METRIC], "experiment": experiment}
     study = study_engine.open_study(study_name, storage, ["maximize"], spec, opts.heartbeat)
-    MlflowClient().set_tag(study_engine.parent_run_id(study), "mlflow.parentRunId", parent)
+    client.set_tag(study_engine.parent_run_id(study), "mlflow.parentRunId", parent)
     added = study_engine.enqueue_items(study, items)
     log.info("study %s: %d item(s) queued; other machines join with: robustlogits sweep worker --study %s "
              "--storage %s", study_name, added, study_name, study_engine.redact(storage))

@@ -9,7 +9,6 @@ down to the training data's digest), so the whole plan's keys are known before a
 from __future__ import annotations
 
 import dataclasses
-import os
 from dataclasses import dataclass, field
 
 from robustlogits import tracking
@@ -216,7 +215,3 @@ def select(steps: list[Step], groups: tuple[str, ...]) -> list[Step]:
 def scale_params(sc: Scale, seeds: int) -> dict:
     return {f"scale.{k}": v for k, v in dataclasses.asdict(sc).items()} | {"seeds": seeds}
 
-
-def worker_threads(workers: int) -> int:
-    """Threads per local worker: the cores shared out, so workers do not wait on each other."""
-    return max(1, (os.cpu_count() or 1) // max(1, workers))
