@@ -166,6 +166,7 @@ def test_second_run_does_nothing(in_study):
 
     table = plan_table(plan, 1, estimate(plan.chosen))
     assert "0 to run" in table and "to do" not in table
+    assert "cnn-tiny" in table and "(store)" in table  # throughput measured by the study's own runs
 
 
 def _cells(html: str, table: str) -> dict[str, list[str]]:

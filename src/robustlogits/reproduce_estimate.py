@@ -1,21 +1,20 @@
 """Time estimates for a reproduce plan, from this machine's measured throughput.
 
-Throughput comes from the tracking store when it holds a finished training run of the same
-architecture (its `train_images_per_second`), else from a short probe (a few forward/backward
-passes of the architecture on random images, cached per architecture, device and thread count).
-A PGD-n step costs about n+1 forward/backward passes; evaluation forwards about a third of one.
+Throughput comes from the tracking store when it holds a finished standard training run of the
+same architecture (its `train_images_per_second`), else from a short probe (a few forward/backward
+passes of the architecture on random images, as training runs them). Adversarial training uses a
+finished AT run's throughput, rescaled to the PGD step count, where one exists; else a PGD-n step
+counts as n+1 forward/backward passes. Evaluation forwards cost about a third of a pass.
 """
 
 from __future__ import annotations
 
-import json
 import time
 
 import torch
 from mlflow.tracking import MlflowClient
 
 from robustlogits.config import flatten
-from robustlogits.data import cache_root
 from robustlogits.reproduce_plan import Step
 
 FORWARD_SHARE = 1 / 3      # a forward pass against a forward + backward pass
@@ -29,11 +28,6 @@ def probe_images_per_second(arch: str, num_classes: int = 10, batch: int = 64, r
     from robustlogits.models import build_model
 
     amp = resolve_amp("auto", torch.device("cpu"))  # as training runs it: bf16 where native
-    path = cache_root() / "throughput.json"
-    ident = f"{arch}|{num_classes}|cpu|{torch.get_num_threads()}|{'bf16' if amp else 'fp32'}"
-    cached = json.loads(path.read_text()) if path.is_file() else {}
-    if ident in cached:
-        return cached[ident]
     model = build_model(arch, num_classes, "cifar10").to(memory_format=torch.channels_last)
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     x = torch.rand(batch, 3, 32, 32).to(memory_format=torch.channels_last)
@@ -47,24 +41,22 @@ def probe_images_per_second(arch: str, num_classes: int = 10, batch: int = 64, r
         loss.backward()
         opt.step()
         times.append(time.perf_counter() - start)
-    rate = batch / min(times[1:])
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(cached | {ident: rate}))
-    return rate
+    return batch / min(times[1:])
 
 
-def stored_images_per_second(arch: str) -> float | None:
-    """Clean forward + backward images/s of a finished standard training run of `arch` in the store."""
+def stored_images_per_second(arch: str, training: str = "standard") -> tuple[float, int] | None:
+    """(best `train_images_per_second`, PGD steps) of finished training runs of `arch` in the store."""
     client = MlflowClient()
     try:
         runs = client.search_runs([e.experiment_id for e in client.search_experiments()],
-                                  filter_string=f"params.`model.arch` = '{arch}' and params.`run.training` = 'standard'"
+                                  filter_string=f"params.`model.arch` = '{arch}' and params.`run.training` = '{training}'"
                                                 " and attributes.status = 'FINISHED'",
                                   order_by=["attributes.start_time DESC"], max_results=5)
     except Exception:  # noqa: BLE001 - an estimate never fails the plan
         return None
-    rates = [r.data.metrics["train_images_per_second"] for r in runs if "train_images_per_second" in r.data.metrics]
-    return max(rates) if rates else None
+    found = [(r.data.metrics["train_images_per_second"], int(r.data.params.get("adversary.steps", 0)))
+             for r in runs if "train_images_per_second" in r.data.metrics]
+    return max(found) if found else None
 
 
 class Estimator:
@@ -76,13 +68,25 @@ class Estimator:
     def rate(self, arch: str) -> tuple[float, str]:
         if arch not in self.rates:
             stored = stored_images_per_second(arch)
-            self.rates[arch] = (stored, "store") if stored else (probe_images_per_second(arch), "probe")
+            self.rates[arch] = (stored[0], "store") if stored else (probe_images_per_second(arch), "probe")
         return self.rates[arch]
+
+    def train_seconds_per_image(self, config: dict) -> float:
+        """A measured AT run of the architecture (rescaled to this step count) where one exists;
+        else the clean rate times the n+1 passes of PGD-n."""
+        arch, rate = config["model.arch"], self.rate(config["model.arch"])[0]
+        if config["run.training"] != "adversarial":
+            return 1 / rate
+        steps = config["adversary.steps"]
+        stored = stored_images_per_second(arch, "adversarial")
+        if stored:
+            return (steps + 1) / (stored[1] + 1) / stored[0]
+        return (steps + 1) / rate
 
     def seconds(self, step: Step) -> float:
         if step.task == "reproduce-train":
             config = step.args["config"]
-            return self._train(config, self.rate(config["model.arch"])[0])
+            return self._train(config, self.rate(config["model.arch"])[0], self.train_seconds_per_image(config))
         if step.task == "reproduce-distill":
             from robustlogits.distill_job import distill_preset
 
@@ -104,15 +108,14 @@ class Estimator:
         return (n or 10000) * n_iter * (1 + APGD_SURVIVORS) / rate
 
     @staticmethod
-    def _train(config: dict, rate: float) -> float:
-        passes = 1 + (config["adversary.steps"] if config["run.training"] == "adversarial" else 0)
+    def _train(config: dict, rate: float, per_image: float) -> float:
         epochs = config["optim.epochs"]
         monitor = 0.0
         if config["monitor.robust_every"]:
             monitor = (epochs // config["monitor.robust_every"]) * config["monitor.robust_examples"] * \
                 (config["monitor.robust_steps"] + 1)
         checkpoints = len(config["run.checkpoint_epochs"]) * 10000 * FORWARD_SHARE
-        return (epochs * (_n_train(config) * passes + _eval_images(config)) + monitor + checkpoints) / rate
+        return epochs * _n_train(config) * per_image + (epochs * _eval_images(config) + monitor + checkpoints) / rate
 
 
 def _n_train(config: dict) -> int:
