@@ -104,6 +104,28 @@ def test_unreachable_tracking_store_fails_before_anything(monkeypatch):
     assert result.exit_code == 2 and "tracking store http://127.0.0.1:9 is not usable" in result.output
 
 
+def test_verdict_rules_decide_from_the_numbers():
+    from robustlogits.paper_reference import judge_all
+
+    def student(adv, nat=0.5):
+        return [{"adversarial": adv, "natural": nat, "run": "r"}]
+
+    results = {"students": {"normal": student(0.30), "permute-k3": student(0.24), "permute-k7": student(0.29),
+                            "permute-k1": student(0.13, 0.6), "correct-fix-1": student(0.01, 0.9),
+                            "hybrid": student(0.0)},
+               "teachers": {"st": [{"adversarial": 0.0, "max_logit_mean": 5.0, "train_run": "t", "run": "a"}],
+                            "at": [{"adversarial": 0.4, "max_logit_mean": float("nan"), "train_run": "t", "run": "a"}]}}
+    verdicts = {c.id: o for c, o in judge_all(results)}
+    assert verdicts["top3"].verdict == "held" and np.isclose(verdicts["top3"].numbers["ratio"], 0.8)
+    assert verdicts["top7"].verdict == "not held"  # 0.29 / 0.30 < 0.99
+    assert verdicts["correct-fix-adversarial"].verdict == "held" and verdicts["hybrid"].verdict == "held"
+    assert verdicts["st-not-robust"].verdict == "held" and verdicts["at-robust"].verdict == "held"
+    assert verdicts["max-logit-mean"].verdict == "not measured"  # a NaN decides nothing
+    assert verdicts["overlap"].verdict == "not measured" and not verdicts["overlap"].numbers  # no analysis run
+    results["students"]["permute-k3"] = student(0.10)
+    assert {c.id: o for c, o in judge_all(results)}["top3"].verdict == "not held"
+
+
 # ----------------------------------------------------------------------------- the whole study
 
 

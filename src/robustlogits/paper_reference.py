@@ -333,4 +333,11 @@ CLAIMS: list[Claim] = [
 
 
 def judge_all(results: dict) -> list[tuple[Claim, Outcome]]:
-    return [(claim, claim.judge(results)) for claim in CLAIMS]
+    """Every claim's outcome; a rule that met a NaN (e.g. an undefined statistic) measured nothing."""
+    out = []
+    for claim in CLAIMS:
+        outcome = claim.judge(results)
+        if any(not np.isfinite(v) for v in outcome.numbers.values() if isinstance(v, float) and v != float("inf")):
+            outcome = Outcome(NOT_MEASURED, outcome.numbers, outcome.runs)
+        out.append((claim, outcome))
+    return out
