@@ -1,12 +1,15 @@
-"""Training throughput: our loop (uint8 data on device, batched augmentation, bf16 autocast,
-channels_last) against a naive reference loop (DataLoader over PIL images with per-image
-torchvision transforms, fp32) measured in the same run, for an ST step and a PGD-AT step.
+"""Training throughput: our loop (uint8 data on device, batched augmentation, channels_last) in
+both precisions (bf16 autocast and fp32) against a naive reference loop (DataLoader over PIL
+images with per-image torchvision transforms, fp32) measured in the same run, for an ST step and
+a PGD-AT step, and which precision `run.amp=auto` picks on this machine.
 
     python benchmarks/bench_train.py --arch cnn-small --images 2048
     python benchmarks/bench_train.py --arch resnet18 --images 512 --pgd-steps 10
 
-Prints images/s for both and the ratio ours/reference. Real CIFAR-10 is used when --data-dir
-points at it, synthetic images otherwise (throughput does not depend on pixel values).
+Prints images/s for each, the ratios, and how far `auto`'s choice is from the faster precision
+(the goal: within 10% everywhere; bf16 wins on AMX / AVX-512-BF16 CPUs and Ampere+ GPUs, fp32 on
+AVX2-only CPUs). Real CIFAR-10 is used when --data-dir points at it, synthetic images otherwise
+(throughput does not depend on pixel values).
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import torch
 from torch.nn import functional as F
 
 from robustlogits.config import AdversaryConfig, OptimConfig
+from robustlogits.device import bf16_is_native, precision_name, resolve_amp
 from robustlogits.data import build_bundle, load_raw, make_synthetic
 from robustlogits.models import build_model
 from robustlogits.perturb import LinfPGD
@@ -84,7 +88,6 @@ def main():
     parser.add_argument("--images", type=int, default=2048)
     parser.add_argument("--pgd-steps", type=int, default=10)
     parser.add_argument("--data-dir", default=None)
-    parser.add_argument("--no-amp", action="store_true")
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if args.data_dir:
@@ -95,16 +98,30 @@ def main():
                           heldout_subset=None, device=device)
     images = bundle.train.images.cpu().numpy()
     labels = bundle.train.labels.cpu().numpy()
-    print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
-          f"device {device}, torch {torch.__version__}, arch {args.arch}, {len(images)} images, batch 128")
-    amp = not args.no_amp
+    auto = resolve_amp("auto", device)
+    print(f"machine: {cpu_name()}, {torch.get_num_threads()} threads, device {device}, torch {torch.__version__}, "
+          f"arch {args.arch}, {len(images)} images, batch 128")
+    print(f"run.amp=auto chooses {precision_name(auto)} here (native bf16: {bf16_is_native(device)})")
     for adversarial in (False, True):
         kind = f"AT (PGD-{args.pgd_steps})" if adversarial else "ST"
-        fast = ours(args.arch, bundle, adversarial, args.pgd_steps, amp, True, device)
-        plain = ours(args.arch, bundle, adversarial, args.pgd_steps, False, False, device)
+        bf16 = ours(args.arch, bundle, adversarial, args.pgd_steps, True, True, device)
+        fp32 = ours(args.arch, bundle, adversarial, args.pgd_steps, False, True, device)
         ref = reference(args.arch, images, labels, adversarial, args.pgd_steps, device, None)
-        print(f"{kind:12s} ours (bf16+channels_last): {fast:8.1f} img/s | ours fp32: {plain:8.1f} img/s | "
-              f"reference DataLoader+PIL fp32: {ref:8.1f} img/s | ratio ours/reference {fast / ref:5.2f}x")
+        chosen = bf16 if auto else fp32
+        print(f"{kind:12s} ours bf16: {bf16:8.1f} img/s | ours fp32: {fp32:8.1f} img/s | "
+              f"reference DataLoader+PIL fp32: {ref:8.1f} img/s")
+        print(f"{'':12s} auto ({precision_name(auto)}) = {chosen / max(bf16, fp32):5.2f}x the faster precision | "
+              f"bf16/fp32 {bf16 / fp32:5.2f}x | auto/reference {chosen / ref:5.2f}x")
+
+
+def cpu_name() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 if __name__ == "__main__":

@@ -35,6 +35,12 @@ def test_registry_resolution_by_stage_alias_and_version(with_teachers, spec, kwa
     assert str(version.version) == expected and uri == f"models:/{AT}/{expected}"
 
 
+def train_job_model_id(version):
+    from robustlogits.tracking import logged_model_id
+
+    return logged_model_id(version)
+
+
 def test_attack_registered_teacher_links_run_and_tags_version(with_teachers):
     cfg = AttackConfig(model=f"models:/{AT}@teacher", n_examples=60, n_iter=5)
     run_id, result = run_attack(cfg, progress=False)
@@ -50,6 +56,14 @@ def test_attack_registered_teacher_links_run_and_tags_version(with_teachers):
     assert float(version.tags["adversarial_accuracy"]) == pytest.approx(m["adversarial_accuracy"], abs=1e-4)
     assert version.tags["adversarial_accuracy_run"] == run_id
     assert run.inputs.model_inputs, "the attacked model is an input of the run"
+    # The attack's metrics also belong to the attacked logged model: the models table ranks by them.
+    model_id = train_job_model_id(version)
+    assert [i.model_id for i in run.inputs.model_inputs] == [model_id]
+    linked = {x.key: x for x in client.get_logged_model(model_id).metrics}
+    assert linked["adversarial_accuracy"].value == pytest.approx(m["adversarial_accuracy"])
+    assert linked["adversarial_accuracy"].run_id == run_id
+    assert "checkpoint_test_accuracy" in linked  # and its training epoch's metrics, from the training run
+    assert version.tags["attacked_natural_accuracy"] == f"{m['natural_accuracy']:.4f}"
     # The per-example artifact agrees with the metrics.
     rows = load_attack_result(run_id)
     assert len(rows.index) == 60 and len(set(rows.index)) == 60
@@ -98,3 +112,12 @@ def test_model_with_other_class_count_is_refused(with_teachers, tmp_path):
     with pytest.raises(UserError, match="outputs 10 classes but cifar100 has 100"):
         run_attack(AttackConfig(model=AT, dataset="cifar100", data_dir=str(tmp_path / "c100"), n_examples=10))
     assert run_count() == before
+
+
+def test_mlproject_attack_parameters_are_the_logged_names():
+    from robustlogits.cli import mlproject_args
+
+    argv = ["--attack.model", "models:/m@teacher", "--attack.n_examples", "500", "--attack.eps", "8/255"]
+    assert mlproject_args(argv, options_prefix="attack") == [
+        "--model", "models:/m@teacher", "--n-examples", "500", "--eps", "8/255"]
+    assert mlproject_args(["--model", "models:/m@teacher"], options_prefix="attack") == ["--model", "models:/m@teacher"]

@@ -7,6 +7,7 @@ but breakable at eps=8/255; iterations are cut to 10 to keep the file fast on 2 
 from __future__ import annotations
 
 import csv
+import logging
 import sys
 
 import numpy as np
@@ -450,3 +451,16 @@ def test_zero_eps_changes_nothing(linear, data):
     r = evaluate_robustness(linear, x[:60], y[:60], eps=0.0, **FAST)
     assert r.adversarial_accuracy == r.natural_accuracy
     np.testing.assert_array_equal(r.adv_logits, r.clean_logits)
+
+
+def test_library_warnings_are_shown_once_and_point_to_a_real_document(caplog):
+    c = adapter.WarningCollector("lib")
+    with caplog.at_level(logging.INFO):
+        c.warning("there are 3 points with zero gradient! This might lead to unreliable evaluation with "
+                  "current attack. See flags_doc.md for details.")
+    assert not [r for r in caplog.records if r.levelno >= logging.INFO]  # emit() shows it, once
+    assert c.messages == ["lib: there are 3 points with zero gradient! This might lead to unreliable "
+                          f"evaluation with current attack. See {adapter.FLAGS_DOC_URL} for details."]
+    with pytest.warns(adapter.AutoAttackWarning) as shown:
+        c.emit()
+    assert len(shown) == 1

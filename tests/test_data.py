@@ -128,6 +128,36 @@ def test_cache_is_used_and_never_stale(tmp_path, monkeypatch):
     assert changed.train_images[0].max() == 0 and expected["train"][0][0].max() > 0
 
 
+def test_cache_is_keyed_on_content_and_says_what_it_does(tmp_path, monkeypatch, caplog):
+    import logging
+    import os
+    import shutil
+
+    write_image_folder(tmp_path / "src")
+    archive = tmp_path / "a" / "cifar10-jpeg.tar.gz"
+    archive.parent.mkdir()
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(tmp_path / "src" / "train", arcname="train")
+        tar.add(tmp_path / "src" / "test", arcname="test")
+    with caplog.at_level(logging.INFO, logger="robustlogits"):
+        first = data.load_raw("cifar10", archive.parent)
+    said = caplog.text
+    assert "extracting" in said and "decoding 30+20 files" not in said and "decoding 50 files" in said
+    assert "100% (50/50 file)" in said  # no terminal here: a line every 10% instead of a bar
+    # A copy of the same archive elsewhere, with a new mtime: neither extracted nor decoded again.
+    copy = tmp_path / "b" / "cifar10-jpeg.tar.gz"
+    copy.parent.mkdir()
+    shutil.copyfile(archive, copy)
+    os.utime(copy, (1e9, 1e9))
+    caplog.clear()
+    monkeypatch.setattr(data, "_decode_image_folder", lambda *a: pytest.fail("decoded again"))
+    with caplog.at_level(logging.INFO, logger="robustlogits"):
+        again = data.load_raw("cifar10", copy.parent)
+    assert again.digest == first.digest
+    assert "using the decoded cache" in caplog.text and "extracting" not in caplog.text
+    assert len(list((data.cache_root() / "arrays").glob("*.npz"))) == 1
+
+
 def test_corrupt_image_names_the_file(tmp_path):
     write_image_folder(tmp_path / "imgs")
     bad = tmp_path / "imgs" / "test" / "bird" / "0001.png"

@@ -50,3 +50,25 @@ def test_presets_default_to_auto_and_log_the_choice(monkeypatch):
     cfg.run.checkpoint_epochs = (1,)
     params = MlflowClient().get_run(run_training(cfg, progress=False)).data.params
     assert params["run.amp"] == "auto" and params["run.precision"] == "fp32"
+
+
+@pytest.mark.parametrize("native, forced", [(True, "true"), (False, "false")])
+def test_auto_trains_exactly_as_the_setting_it_resolves_to(native, forced, monkeypatch):
+    """Same seed: `auto` on a machine with (or without) native bf16 gives the same metrics as
+    forcing bf16 (or fp32), so the choice changes speed only."""
+    from mlflow.tracking import MlflowClient
+
+    from robustlogits.train_job import run_training
+
+    monkeypatch.setattr(dev, "bf16_is_native", lambda device: native)
+    client, histories = MlflowClient(), {}
+    for amp in ("auto", forced):
+        cfg = preset("test")
+        cfg.run.training = "adversarial"
+        cfg.run.amp = amp
+        cfg.optim.epochs = 1
+        cfg.run.checkpoint_epochs = (1,)
+        run = client.get_run(run_training(cfg, progress=False))
+        histories[amp] = {k: v for k, v in run.data.metrics.items() if k not in ("epoch_seconds", "train_images_per_second")}
+        assert run.data.params["run.precision"] == dev.precision_name(native)
+    assert histories["auto"] == histories[forced]

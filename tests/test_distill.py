@@ -17,6 +17,7 @@ from robustlogits.cli import app
 from robustlogits.data import make_synthetic, build_bundle
 from robustlogits.distill_job import averaged_teacher_logits, students_of
 from robustlogits.models import build_model
+from robustlogits.tracking import logged_model_id
 
 REPO = Path(__file__).resolve().parents[1]
 AT, ST, STUDENT = "synthetic-cnn-tiny-at", "synthetic-cnn-tiny-st", "synthetic-cnn-tiny-student"
@@ -67,6 +68,20 @@ def test_permute_k3_student_is_linked_attacked_and_listed(with_teachers):
     assert v.tags["teacher_run_id"] == with_teachers["runs"]["adversarial"]
     assert v.tags["teacher_logits_run"] == logits_run.info.run_id and "adversarial_accuracy" in v.tags
     assert all(s.tags["teacher_name"] == AT for s in students_of(AT))
+    # The closing line says what was built from what, and how it fared.
+    assert f"from teacher {AT} version 2 (permute k=3)" in result.output
+    assert f"natural {metrics['natural_accuracy']:.4f}, adversarial {metrics['adversarial_accuracy']:.4f}" in result.output
+    # The teacher's side lists its students; the student's logged model holds its attack's metrics.
+    assert f"{STUDENT}/{v.version} (permute k=3" in client.get_model_version(AT, "2").tags["students"]
+    model = client.get_logged_model(logged_model_id(v))
+    assert model.source_run_id == run.info.run_id
+    linked = {x.key: x.value for x in model.metrics}
+    assert linked["adversarial_accuracy"] == pytest.approx(metrics["adversarial_accuracy"])
+    assert {"checkpoint_test_accuracy", "train_gap_mean"} <= set(linked)
+    assert [o.model_id for o in run.outputs.model_outputs] == [model.model_id]
+    assert v.tags["attacked_natural_accuracy"] == f"{metrics['natural_accuracy']:.4f}"
+    # Teacher-logit runs are artifacts, not trainings: they have an experiment of their own.
+    assert client.get_experiment(logits_run.info.experiment_id).name == "robustlogits-teacher-logits"
 
 
 def test_teacher_logits_are_reused_not_recomputed(with_teachers):
@@ -153,12 +168,16 @@ def test_headline_mlflow_run_command(with_teachers):
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"
     proc = subprocess.run(
         [sys.executable, "-m", "mlflow", "run", str(REPO), "-e", "distill", "--env-manager", "local",
-         "-P", "manipulation=permute", "-P", "k=3", "-P", "preset=test",
-         "-P", "overrides=distill.teacher_logits_seed=123"],  # fresh teacher logits: a run of their own
+         "-P", "manipulation=permute", "-P", "k=3", "-P", "preset=test",  # the product's own usage
+         "-P", "distill.teacher_logits_seed=123"],  # fresh teacher logits: a run of their own
         env=env, capture_output=True, text=True, timeout=300, cwd=with_teachers["root"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     latest = max(runs("distill"), key=lambda r: r.info.start_time)
     assert latest.info.status == "FINISHED"
+    assert latest.data.params["distill.manipulation"] == "permute" and latest.data.params["distill.k"] == "3"
+    assert f"from teacher {AT} version 2 (permute k=3); on " in proc.stdout and "adversarial 0." in proc.stdout
+    # No --experiment-name: the launcher filed it under Default, and the job says so (once).
+    assert proc.stderr.count("mlflow run filed this run under experiment 'Default'") == 1
     assert latest.data.tags["manipulation"] == "permute" and latest.data.tags["teacher_name"] == AT
     assert "mlflow.project.entryPoint" in latest.data.tags  # the launcher's own run was adopted
     assert latest.data.params["teacher_logits_reused"] == "False"
@@ -167,3 +186,32 @@ def test_headline_mlflow_run_command(with_teachers):
     launched = [r for r in runs() if "mlflow.project.entryPoint" in r.data.tags and r.info.start_time >= latest.info.start_time - 60_000]
     assert [r.info.run_id for r in launched] == [latest.info.run_id]  # no empty launcher run left behind
     assert all(r.info.status != "RUNNING" for r in runs())
+
+
+def test_lineage_in_a_sqlite_store_teacher_is_input_student_is_output(tmp_path, monkeypatch):
+    """sqlite leaves a registry version's model_id empty (its source is models:/m-...): the
+    teacher's logged model must still be the student run's input, so the run page links them."""
+    import mlflow
+
+    from robustlogits.config import preset
+    from robustlogits.train_job import run_training
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    mlflow.set_tracking_uri(uri)
+    cfg = preset("test")
+    cfg.run.training = "adversarial"
+    cfg.optim.epochs, cfg.run.checkpoint_epochs, cfg.run.teacher_epoch = 1, (1,), 1
+    cfg.monitor.robust_every = 0
+    run_training(cfg, progress=False)
+    client = MlflowClient()
+    teacher_version = client.get_model_version(AT, "1")
+    assert teacher_version.source.startswith("models:/m-")
+    result = distill("--manipulation", "none", "--no-attack", "--epochs", "1")
+    assert result.exit_code == 0, result.output
+    run = client.get_run(run_id_of(result))
+    assert [i.model_id for i in run.inputs.model_inputs] == [logged_model_id(teacher_version)]
+    student = students_of(AT, 1)[0]
+    assert [o.model_id for o in run.outputs.model_outputs] == [logged_model_id(student)]
+    assert client.get_logged_model(logged_model_id(student)).source_run_id == run.info.run_id
+    assert client.get_model_version(AT, "1").tags["students"].startswith(f"{STUDENT}/{student.version} (none")

@@ -69,7 +69,7 @@ def test_two_epoch_adversarial_run_logs_every_epoch_and_registers_checkpoints():
     versions = sorted(client.search_model_versions(f"name='{name}'"), key=lambda v: int(v.version))
     assert [v.tags["epoch"] for v in versions] == ["1", "2"]
     for v in versions:
-        assert {"training", "seed", "dataset", "arch", "preset", "natural_accuracy"} <= set(v.tags)
+        assert {"training", "seed", "dataset", "arch", "preset", "test_accuracy"} <= set(v.tags)
         assert v.tags["training"] == "adversarial" and v.run_id == run_id
     assert client.get_model_version_by_alias(name, "teacher").version == versions[-1].version
     # The registered teacher loads back as an nn.Module that reproduces the saved test logits.
@@ -80,11 +80,45 @@ def test_two_epoch_adversarial_run_logs_every_epoch_and_registers_checkpoints():
     raw = load_bundle(cfg, torch.device("cpu")).test
     np.testing.assert_allclose(compute_logits(model, raw.images).numpy(), saved["logits"], atol=1e-4)
     accuracy = (saved["logits"].argmax(1) == saved["labels"]).mean()
-    assert float(versions[-1].tags["natural_accuracy"]) == pytest.approx(accuracy, abs=1e-4)
+    assert float(versions[-1].tags["test_accuracy"]) == pytest.approx(accuracy, abs=1e-4)
+    assert "natural_accuracy" not in versions[-1].tags  # that name belongs to attacks (their example subset)
     # Figures, the split record and the dataset input.
     artifacts = {f.path for f in client.list_artifacts(run_id, "figures")}
     assert {"figures/max_logit_evolution.png", "figures/gap_evolution.png"} <= artifacts
     assert run.inputs.dataset_inputs and run.inputs.dataset_inputs[0].dataset.digest
+
+
+def test_epoch_histogram_images_and_checkpoint_model_metrics():
+    """The UI's step slider (one image per epoch, step = epoch) and the models table (metrics of each
+    checkpoint's logged model, ranked by search_logged_models)."""
+    import mlflow
+    from PIL import Image
+
+    cfg = test_config("standard", "optim.epochs=3", "run.checkpoint_epochs=1,3", "monitor.robust_every=0")
+    run_id = train_job.run_training(cfg, progress=False)
+    client = MlflowClient()
+    # Images logged with a key and step: MLflow stores them under images/ as KEY+step+N+...png.
+    images = [f.path for f in client.list_artifacts(run_id, "images")]
+    pngs = sorted(p for p in images if p.endswith(".png") and training_run.HISTOGRAM_IMAGE_KEY in p)
+    steps = sorted(int(p.split("+step+")[1].split("+")[0]) for p in pngs)
+    assert steps == [1, 2, 3]
+    first = Image.open(client.download_artifacts(run_id, pngs[0]))
+    assert first.size[0] >= 400 and first.size[1] >= 150 and len(np.unique(np.asarray(first.convert("L")))) > 10
+    # Each checkpoint is a logged model of this run with its epoch's metrics linked to it.
+    run = client.get_run(run_id)
+    models = mlflow.search_logged_models(experiment_ids=[run.info.experiment_id], output_format="list",
+                                         order_by=[{"field_name": "metrics.checkpoint_test_accuracy", "ascending": False}])
+    assert len(models) == 2 and {m.source_run_id for m in models} == {run_id}
+    for m in models:
+        linked = {x.key: x for x in m.metrics}
+        assert {"checkpoint_test_accuracy", "test_accuracy", "train_clean_accuracy", *STAT_KEYS} <= set(linked)
+        assert len({x.step for x in m.metrics}) == 1
+    accuracies = [{x.key: x.value for x in m.metrics}["checkpoint_test_accuracy"] for m in models]
+    assert accuracies == sorted(accuracies, reverse=True)
+    by_epoch = {int(next(x.step for x in m.metrics)): m for m in models}
+    assert sorted(by_epoch) == [1, 3]
+    history = {m.step: m.value for m in client.get_metric_history(run_id, "checkpoint_test_accuracy")}
+    assert {e: {x.key: x.value for x in by_epoch[e].metrics}["checkpoint_test_accuracy"] for e in by_epoch} == history
 
 
 def test_resume_after_interruption_matches_uninterrupted_run(monkeypatch):
@@ -120,6 +154,32 @@ def test_resume_after_interruption_matches_uninterrupted_run(monkeypatch):
                                training_run.checkpoint_test_logits(resumed, 3)["logits"], atol=1e-5)
 
 
+def test_resumed_adversarial_run_names_the_model_it_registered(monkeypatch, caplog):
+    original = training_run.EpochLogger.__call__
+
+    def killed_in_epoch_2(self, result):
+        if result.epoch == 2:
+            raise KeyboardInterrupt("simulated kill")
+        original(self, result)
+
+    monkeypatch.setattr(training_run.EpochLogger, "__call__", killed_in_epoch_2)
+    with caplog.at_level("INFO", logger="robustlogits"):
+        killed = CliRunner().invoke(app, ["train", "--preset", "test", "--training", "adversarial",
+                                          "--set", "monitor.robust_every=0"])
+    assert killed.exit_code == 130
+    # No terminal here (as under `mlflow run`): the epoch reports its progress in lines, every 10%.
+    assert "epoch 1/2: 10% (" in caplog.text and "epoch 1/2: 100% (" in caplog.text
+    run_id = all_runs()[0].info.run_id
+    assert MlflowClient().get_run(run_id).data.tags["error"] == "KeyboardInterrupt: simulated kill"
+    monkeypatch.setattr(training_run.EpochLogger, "__call__", original)
+    resumed = CliRunner().invoke(app, ["train", "--resume", run_id])  # CLI defaults say "standard"
+    assert resumed.exit_code == 0, resumed.output
+    assert f"run {run_id} finished; registered model synthetic-cnn-tiny-at version(s) 1,2" in resumed.output
+    assert "-st" not in resumed.output
+    tags = MlflowClient().get_run(run_id).data.tags
+    assert "error" not in tags and tags["previous_error"] == "KeyboardInterrupt: simulated kill"
+
+
 def test_resume_refuses_a_finished_run():
     run_id = train_job.run_training(test_config("standard", "optim.epochs=1", "run.checkpoint_epochs=1"), progress=False)
     with pytest.raises(train_job.UserError, match="already FINISHED"):
@@ -132,6 +192,10 @@ def test_nan_loss_fails_the_run_and_registers_nothing():
     assert "loss became" in result.output
     runs = all_runs()
     assert [r.info.status for r in runs] == ["FAILED"]
+    # The store says why: the one-line error as a tag, the traceback as an artifact.
+    assert "loss became nan" in runs[0].data.tags["error"]
+    trace = train_job.tracking.download_artifact(runs[0].info.run_id, "error/traceback.txt").read_text()
+    assert "Traceback" in trace and "loss became" in trace
     assert MlflowClient().search_registered_models() == [] or not MlflowClient().search_model_versions("")
 
 
@@ -192,14 +256,40 @@ def test_mlflow_run_entry_point_with_local_env_manager(tmp_path, isolated_store)
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"
     proc = subprocess.run(
         [sys.executable, "-m", "mlflow", "run", str(REPO), "-e", "train", "--env-manager", "local",
-         "-P", "training=adversarial", "-P", "preset=test", "-P", "overrides=optim.epochs=1 run.checkpoint_epochs=1",
+         "-P", "run.training=adversarial", "-P", "preset=test", "-P", "optim.epochs=1", "-P", "run.checkpoint_epochs=1",
          "--experiment-name", "mlproject-test"],
         env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     runs = all_runs()
     assert [r.info.status for r in runs] == ["FINISHED"]
-    assert runs[0].data.params["run.training"] == "adversarial" and runs[0].data.params["optim.epochs"] == "1"
+    params = runs[0].data.params
+    assert params["run.training"] == "adversarial" and params["optim.epochs"] == "1"
+    # Each value once, under the name the run's config uses; no launcher-only duplicates, no ''.
+    assert set(params) == set(flatten(preset("test"))) | {"run.precision"}
+    assert "''" not in params.values()
+    assert "registered model synthetic-cnn-tiny-at version(s) 1" in proc.stdout
     assert str(MlflowClient().get_model_version_by_alias("synthetic-cnn-tiny-at", "teacher").version) == "1"
+
+
+def test_short_mlproject_names_map_to_logged_keys():
+    from robustlogits.cli import mlproject_args
+
+    assert mlproject_args(["--training", "adversarial", "--data_dir", "d", "--optim.lr", "0.1", "--preset", "smoke"],
+                          plain=("preset",)) == [
+        "--set", "run.training=adversarial", "--set", "data.data_dir=d", "--set", "optim.lr=0.1", "--preset", "smoke"]
+    assert mlproject_args(["--manipulation", "permute", "--k", "3"], plain=("preset",)) == [
+        "--set", "distill.manipulation=permute", "--set", "distill.k=3"]
+
+
+def test_mlflow_run_rejects_unknown_parameters(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_RUN_ID")}
+    proc = subprocess.run([sys.executable, str(REPO / "entrypoints" / "train.py"), "--trainig", "adversarial"],
+                          env=env, capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        "error: unknown MLproject parameter 'trainig': pass a config key as the run logs it, "
+        "e.g. -P run.training=adversarial (`robustlogits config` lists every key)"]
+    assert all_runs() == []
 
 
 @pytest.mark.realdata

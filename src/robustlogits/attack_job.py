@@ -83,7 +83,7 @@ def run_attack(cfg: AttackConfig, progress: bool | None = None) -> tuple[str, At
         tracking.log_model_inputs([resolved.model_id])
         tracking.log_dataset_input(dataset, raw.digest, f"test/{raw.source}", "evaluation", len(test))
         result = attack_split(resolved.model, test, raw.num_classes, device=device, progress=progress, **cfg.attack_settings())
-        log_attack_result(result)
+        log_attack_result(result, model_id=resolved.model_id)
         run_id = run.info.run_id
     if resolved.name and resolved.version:
         client = MlflowClient()
@@ -92,5 +92,9 @@ def run_attack(cfg: AttackConfig, progress: bool | None = None) -> tuple[str, At
         client.set_model_version_tag(resolved.name, resolved.version, "adversarial_accuracy_run", run_id)
         client.set_model_version_tag(resolved.name, resolved.version, "adversarial_accuracy_setting",
                                      f"{cfg.suite} eps={cfg.eps:.5f} n={result.n_examples}")
+        # The clean accuracy on the same attacked examples, under its own name (the version's
+        # `test_accuracy` is the full test split's).
+        client.set_model_version_tag(resolved.name, resolved.version, "attacked_natural_accuracy",
+                                     f"{result.natural_accuracy:.4f}")
     return run_id, result
 

@@ -16,9 +16,13 @@ from robustlogits.attacks import AttackResult
 from robustlogits.errors import UserError
 
 
-def log_attack_result(result: AttackResult, prefix: str = "") -> None:
-    """Metrics (optionally prefixed) and the per-example table as CSV (people) and npz (exact)."""
-    mlflow.log_metrics({f"{prefix}{k}": v for k, v in result.metrics().items() if v == v})
+def log_attack_result(result: AttackResult, prefix: str = "", model_id: str | None = None) -> None:
+    """Metrics (optionally prefixed) and the per-example table as CSV (people) and npz (exact).
+
+    With `model_id` the metrics also belong to the attacked logged model, so the models table
+    and `mlflow.search_logged_models` rank models by adversarial accuracy."""
+    mlflow.log_metrics({f"{prefix}{k}": v for k, v in result.metrics().items() if v == v}, model_id=model_id,
+                       synchronous=True)
     with tempfile.TemporaryDirectory() as tmp:
         result.save(tmp, stem=f"{prefix}attack".strip("_"))
         mlflow.log_artifacts(tmp, "attack")

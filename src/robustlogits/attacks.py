@@ -368,12 +368,10 @@ def _logits(fmodel: _Logits, x: torch.Tensor, device: torch.device, batch_size: 
     return torch.cat(out)
 
 
-def _progress(total: int, desc: str, enabled: bool):
-    if not enabled:
-        return contextlib.nullcontext(None)
-    from tqdm.auto import tqdm
+def _progress(total: int, desc: str, enabled: bool | None):
+    from robustlogits.progress import Progress
 
-    return tqdm(total=total, desc=desc, unit="ex", leave=False)
+    return Progress(total, desc, "ex", enabled)
 
 
 # ---------------------------------------------------------------------------------------
@@ -392,7 +390,7 @@ def evaluate_robustness(
     suite: str = "apgd-ce-dlr",
     batch_size: int | None = None,
     device: torch.device | str | None = None,
-    progress: bool = True,
+    progress: bool | None = True,
     *,
     n_classes: int | None = None,
     keep_adversarial: bool = False,
@@ -564,7 +562,7 @@ def _run_stage(
     bs: int,
     device: torch.device,
     eps: float,
-    progress: bool,
+    progress: bool | None,
     keep_adversarial: bool,
 ) -> tuple[int, torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """One attack over the still-robust points, in consecutive batches like the library.
@@ -589,8 +587,7 @@ def _run_stage(
                     logits.append(out[hit])
                     if keep_adversarial:
                         advs.append(adv[hit].cpu())
-                    if bar is not None:
-                        bar.update(idx.numel())
+                    bar.update(idx.numel())
             return bs, torch.cat(broken), torch.cat(logits), (torch.cat(advs) if keep_adversarial else None)
         except Exception as exc:  # noqa: BLE001 - only OOM is retried
             if device.type != "cuda" or not _is_oom(exc) or bs == 1:
@@ -617,10 +614,6 @@ def attack_split(model: torch.nn.Module, test, num_classes: int, *, n_examples: 
     check_n_examples(n_examples, test)
     if n_examples is not None:
         test = test.subset(stratified_indices(test.labels.cpu().numpy(), n_examples, seed))
-    if progress is None:
-        import sys
-
-        progress = sys.stderr.isatty()
     return evaluate_robustness(model, test.images, test.labels, indices=test.indices, eps=eps, n_iter=n_iter,
                                n_restarts=n_restarts, seed=seed, suite=suite, batch_size=batch_size, device=device,
                                progress=progress, n_classes=num_classes)

@@ -21,6 +21,7 @@ import importlib
 import inspect
 import logging
 import os
+import re
 import warnings
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -122,6 +123,11 @@ def load_backend() -> Backend:
     raise AutoAttackUnavailable(INSTALL_HINT + " (tried: " + "; ".join(errors) + ")")
 
 
+# The packages' checks point to a `flags_doc.md` that ships in neither wheel: name where it lives.
+FLAGS_DOC_URL = "https://github.com/fra31/auto-attack/blob/master/flags_doc.md"
+FLAGS_DOC_REFERENCE = re.compile(r"See \S*flags_doc\.md")
+
+
 class WarningCollector:
     """Stands in for the library's logger and records its warnings, in order, once each.
 
@@ -138,13 +144,12 @@ class WarningCollector:
 
     # -- recording -------------------------------------------------------------
     def add(self, message: str) -> None:
-        message = " ".join(str(message).split())
+        message = FLAGS_DOC_REFERENCE.sub(f"See {FLAGS_DOC_URL}", " ".join(str(message).split()))
         if not message:
             return
         if message not in self._counts:
-            # info now (a long run shows it as it happens if logging is configured);
-            # emit() raises each one as a Python warning when the run is done
-            log.info("%s: %s", self.source, message)
+            # shown once, by emit() when the run is done (a second, earlier copy only confused users)
+            log.debug("%s: %s", self.source, message)
             self._counts[message] = 0
         self._counts[message] += 1
 

@@ -85,7 +85,21 @@ def train(
         user_teacher = teacher_epoch is not None or any(o.startswith("run.teacher_epoch") for o in extra)
         cfg.fit_schedule_to_epochs(keep_teacher=user_teacher)  # preset checkpoints follow --epochs
     run_id = run_training(cfg, resume=resume)
-    typer.echo(f"run {run_id} finished; registered model {cfg.registered_model_name()}")
+    typer.echo(training_summary(run_id))
+
+
+def training_summary(run_id: str) -> str:
+    """The closing line, from what the run itself recorded (a resumed run's config is its own)."""
+    from robustlogits.tracking import run_record
+
+    tags, metrics = run_record(run_id)
+    line = f"run {run_id} finished"
+    if tags.get("registered_model"):
+        line += f"; registered model {tags['registered_model']} version(s) {tags.get('registered_versions', '?')}"
+    if tags.get("teacher_version"):
+        line += f", teacher = version {tags['teacher_version']}"
+    held = next((k for k in ("val_accuracy", "test_accuracy") if k in metrics), None)
+    return line + (f"; final {held} {metrics[held]:.4f}" if held else "")
 
 
 def _eps(text: str) -> float:
@@ -97,7 +111,7 @@ def _eps(text: str) -> float:
 @app.command()
 @cli_errors
 def attack(
-    model: str = typer.Option(..., help="models:/NAME@ALIAS, models:/NAME/STAGE, models:/NAME/VERSION, a registered NAME, or runs:/ID/PATH"),
+    model: str = typer.Option("", help="models:/NAME@ALIAS, models:/NAME/STAGE, models:/NAME/VERSION, a registered NAME, or runs:/ID/PATH"),
     stage: Optional[str] = typer.Option(None, help="with a registered NAME: the stage to pull (default Production)"),
     alias: Optional[str] = typer.Option(None, help="with a registered NAME: the alias to pull"),
     version: Optional[str] = typer.Option(None, help="with a registered NAME: the version to pull"),
@@ -162,7 +176,23 @@ def distill(
     apply_overrides(cfg, [f"{key}={value}" for key, value in pairs if value is not None])
     apply_overrides(cfg, [*set_, *split_overrides(overrides)])
     run_id = run_distill(cfg)
-    typer.echo(f"run {run_id} finished; student registered as {cfg.registered_model_name()}")
+    typer.echo(distill_summary(run_id))
+
+
+def distill_summary(run_id: str) -> str:
+    from robustlogits.tracking import run_record
+
+    tags, metrics = run_record(run_id)
+    line = (f"run {run_id} finished; student {tags.get('registered_model', '?')} version "
+            f"{tags.get('registered_versions', '?')} from teacher {tags.get('teacher_name')} "
+            f"version {tags.get('teacher_version')} ({tags.get('manipulation')}"
+            + (f" k={tags['k']}" if tags.get("k") else "") + ")")
+    if "adversarial_accuracy" in metrics:
+        line += (f"; on {int(metrics.get('n_examples', 0))} test examples: natural "
+                 f"{metrics['natural_accuracy']:.4f}, adversarial {metrics['adversarial_accuracy']:.4f}")
+    elif "checkpoint_test_accuracy" in metrics:
+        line += f"; test accuracy {metrics['checkpoint_test_accuracy']:.4f} (not attacked)"
+    return line
 
 
 analyze_app = typer.Typer(help="The paper's analyses: Appendix C theory (C.1-C.3), logit gaps (Fig. 2), confidence ranks "
@@ -506,6 +536,48 @@ def show_config(preset: str = typer.Option("smoke", help="preset to print")):
 
     for key, value in flatten(make_preset(preset)).items():
         typer.echo(f"{key}={value}")
+
+
+# Short MLproject names accepted beside the logged (dotted) ones, so the product's own usage
+# `mlflow run . -e distill -P manipulation=permute -P k=3` works. A short name is recorded by the
+# `mlflow run` launcher as typed and by the job under its dotted name; dotted names appear once.
+MLPROJECT_ALIASES = {
+    "training": "run.training", "dataset": "data.dataset", "arch": "model.arch", "data_dir": "data.data_dir",
+    "epochs": "optim.epochs", "seed": "run.seed", "checkpoint_epochs": "run.checkpoint_epochs",
+    "teacher_epoch": "run.teacher_epoch", "overrides": None,
+    **{name: f"distill.{name}" for name in ("manipulation", "k", "teacher", "teacher_stage", "teacher_alias",
+                                            "teacher_version", "st_teacher", "fix_mode", "loss", "temperature")},
+}
+
+
+def mlproject_args(argv: list[str], *, options_prefix: str | None = None, plain: tuple[str, ...] = (),
+                   aliases: dict[str, str | None] | None = None) -> list[str]:
+    """MLproject parameters arrive as `--section.field VALUE`, named as the run's params, so `mlflow
+    run` logs each value once under one name. They become `--set section.field=VALUE` (or, with
+    `options_prefix`, the command's own `--field` option); `plain` names pass as is; `aliases`
+    maps short names to dotted ones (None: a space-separated list of `section.field=value`)."""
+    aliases = MLPROJECT_ALIASES if aliases is None else aliases
+    out, i = [], 0
+    while i < len(argv):
+        name, value = argv[i], argv[i + 1] if i + 1 < len(argv) else ""
+        key = name[2:] if name.startswith("--") else name
+        if options_prefix and "." not in key and key not in plain:
+            key = f"{options_prefix}.{key}"
+        if options_prefix and key.startswith(options_prefix + "."):
+            out += [f"--{key[len(options_prefix) + 1:].replace('_', '-')}", value]
+        elif key in plain:
+            out += [f"--{key.replace('_', '-')}", value]
+        elif not options_prefix and key in aliases:
+            dotted = aliases[key]
+            out += ["--overrides", value] if dotted is None else ["--set", f"{dotted}={value}"]
+        elif not options_prefix and "." in key:
+            out += ["--set", f"{key}={value}"]
+        else:
+            typer.echo(f"error: unknown MLproject parameter {key!r}: pass a config key as the run logs it, e.g. "
+                       "-P run.training=adversarial (`robustlogits config` lists every key)", err=True)
+            raise SystemExit(2)
+        i += 2
+    return out
 
 
 def single_command(fn) -> typer.Typer:

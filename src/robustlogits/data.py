@@ -1,7 +1,7 @@
 """CIFAR-10/100 (and synthetic) as uint8 tensors on the training device.
 
 Images are decoded once into uint8 arrays and cached under a key built from the source files'
-names, sizes and modification times, so a changed source is never served stale. Training
+names and contents, so a changed source is never served stale and a copied one is not decoded again. Training
 batches are drawn and augmented (random crop with 4-pixel zero padding, horizontal flip) as
 batched tensor code on the device: no per-image PIL in the training loop.
 """
@@ -23,6 +23,9 @@ import numpy as np
 import torch
 
 from robustlogits.errors import UserError
+from robustlogits.progress import Progress
+
+log = logging.getLogger(__name__)
 
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp"}
@@ -155,12 +158,12 @@ def _load_from_dir(directory: Path, dataset: str, looked: list[str]) -> RawDatas
     pickles = directory / _pickle_dirname(dataset)
     for pdir in (pickles, directory):
         if _has_pickles(pdir, dataset):
-            return _cached(dataset, "pickle", pdir, _pickle_files(pdir, dataset), lambda: _decode_pickles(pdir, dataset))
+            return _cached(dataset, "pickle", pdir, _pickle_files(pdir, dataset), lambda bar: _decode_pickles(pdir, dataset, bar))
     looked.append(f"pickle layout {pickles}")
     if (directory / "train").is_dir() and (directory / "test").is_dir():
         files = sorted(p for p in directory.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
         if files:
-            return _cached(dataset, "imagefolder", directory, files, lambda: _decode_image_folder(directory, dataset))
+            return _cached(dataset, "imagefolder", directory, files, lambda bar: _decode_image_folder(directory, dataset, bar))
     looked.append(f"image-folder layout {directory}/train/<class>/, {directory}/test/<class>/")
     return None
 
@@ -175,7 +178,13 @@ def _has_pickles(directory: Path, dataset: str) -> bool:
     return all(p.is_file() for p in _pickle_files(directory, dataset))
 
 
-def _unpickle(path: Path) -> dict:
+def _unpickle(path: Path, bar: Progress | None = None) -> dict:
+    if bar is not None:
+        bar.update(1)
+    return _read_pickle(path)
+
+
+def _read_pickle(path: Path) -> dict:
     try:
         with open(path, "rb") as fh:
             return pickle.load(fh, encoding="bytes")
@@ -183,7 +192,7 @@ def _unpickle(path: Path) -> dict:
         raise UserError(f"corrupt dataset file {path}: {exc}") from None
 
 
-def _decode_pickles(directory: Path, dataset: str) -> tuple:
+def _decode_pickles(directory: Path, dataset: str, bar: Progress) -> tuple:
     def images(d: dict) -> np.ndarray:
         data = np.asarray(d[b"data"], dtype=np.uint8)
         if data.ndim != 2 or data.shape[1] != 3072:
@@ -191,8 +200,8 @@ def _decode_pickles(directory: Path, dataset: str) -> tuple:
         return data.reshape(-1, 3, 32, 32)
 
     if dataset == "cifar10":
-        batches = [_unpickle(directory / f"data_batch_{i}") for i in range(1, 6)]
-        test = _unpickle(directory / "test_batch")
+        batches = [_unpickle(directory / f"data_batch_{i}", bar) for i in range(1, 6)]
+        test = _unpickle(directory / "test_batch", bar)
         train_x = np.concatenate([images(b) for b in batches])
         train_y = np.concatenate([np.asarray(b[b"labels"]) for b in batches])
         test_x, test_y = images(test), np.asarray(test[b"labels"])
@@ -201,14 +210,14 @@ def _decode_pickles(directory: Path, dataset: str) -> tuple:
         if meta_path.is_file():
             classes = tuple(n.decode() for n in _unpickle(meta_path)[b"label_names"])
     else:
-        train, test, meta = (_unpickle(directory / n) for n in ("train", "test", "meta"))
+        train, test, meta = (_unpickle(directory / n, bar) for n in ("train", "test", "meta"))
         train_x, test_x = images(train), images(test)
         train_y, test_y = np.asarray(train[b"fine_labels"]), np.asarray(test[b"fine_labels"])
         classes = tuple(n.decode() for n in meta[b"fine_label_names"])
     return train_x, train_y.astype(np.int64), test_x, test_y.astype(np.int64), classes
 
 
-def _decode_image_folder(directory: Path, dataset: str) -> tuple:
+def _decode_image_folder(directory: Path, dataset: str, bar: Progress) -> tuple:
     from PIL import Image, UnidentifiedImageError
 
     classes = tuple(sorted(p.name for p in (directory / "train").iterdir() if p.is_dir()))
@@ -225,6 +234,7 @@ def _decode_image_folder(directory: Path, dataset: str) -> tuple:
             for path in sorted((directory / split / name).iterdir()):
                 if path.suffix.lower() not in IMAGE_SUFFIXES:
                     continue
+                bar.update(1)
                 try:
                     with Image.open(path) as im:
                         img = np.asarray(im.convert("RGB")).transpose(2, 0, 1)
@@ -243,12 +253,30 @@ def _decode_image_folder(directory: Path, dataset: str) -> tuple:
     return train_x, train_y, test_x, test_y, classes
 
 
-def _fingerprint(files: list[Path]) -> str:
-    h = hashlib.sha256(_CACHE_VERSION.encode())
+def _fingerprint(files: list[Path], root: Path | None = None) -> str:
+    """Key of a set of files by their bytes (and names relative to `root`), never by mtime.
+
+    Hashing is memoised per (path, size, mtime) set, so an unchanged source costs only stat
+    calls; a copy with a new mtime is hashed once and finds the same cache entry."""
+    stats = hashlib.sha256(_CACHE_VERSION.encode())
     for path in files:
         st = path.stat()
-        h.update(f"{path}|{st.st_size}|{st.st_mtime_ns}\n".encode())
-    return h.hexdigest()[:20]
+        stats.update(f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+    memo = cache_root() / "content-keys" / f"{stats.hexdigest()[:32]}.txt"
+    if memo.is_file():
+        return memo.read_text().strip()
+    h = hashlib.sha256(_CACHE_VERSION.encode())
+    for path in files:
+        h.update(f"{path.relative_to(root).as_posix() if root else ''}\n".encode())
+        with open(path, "rb") as fh:
+            while chunk := fh.read(1 << 20):
+                h.update(chunk)
+    key = h.hexdigest()[:20]
+    memo.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile("w", dir=memo.parent, suffix=".tmp", delete=False) as tmp:
+        tmp.write(key)
+    os.replace(tmp.name, memo)
+    return key
 
 
 def array_digest(*arrays: np.ndarray) -> str:
@@ -259,18 +287,22 @@ def array_digest(*arrays: np.ndarray) -> str:
 
 
 def _cached(dataset: str, kind: str, directory: Path, files: list[Path], decode) -> RawDataset:
-    key = _fingerprint(files)
+    key = _fingerprint(files, directory)
     path = cache_root() / "arrays" / f"{dataset}-{kind}-{key}.npz"
     if path.is_file():
         try:
             with np.load(path, allow_pickle=False) as z:
+                log.info("%s: using the decoded cache %s", dataset, path)
                 return RawDataset(
                     z["train_images"], z["train_labels"], z["test_images"], z["test_labels"],
                     tuple(str(c) for c in z["classes"]), f"{kind}:{directory}", str(z["digest"]),
                 )
         except Exception:  # noqa: BLE001 - a damaged cache is rebuilt, never trusted
             path.unlink(missing_ok=True)
-    train_x, train_y, test_x, test_y, classes = decode()
+    log.info("%s: decoding %d files from %s into %s (once: later runs read this cache)",
+             dataset, len(files), directory, path)
+    with Progress(len(files), f"decoding {dataset}", "file") as bar:
+        train_x, train_y, test_x, test_y, classes = decode(bar)
     digest = array_digest(train_x, train_y, test_x, test_y)
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".tmp.npz", delete=False) as tmp:
@@ -297,11 +329,16 @@ def _extract_archive(archive: Path) -> Path:
     target = cache_root() / "extracted" / f"{archive.name.split('.')[0]}-{_fingerprint([archive])}"
     if (target / ".complete").is_file():
         return target
+    log.info("extracting %s into %s (once: later runs reuse it)", archive, target)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=target.parent))
     try:
-        with tarfile.open(archive) as tar:
-            tar.extractall(tmp, filter="data")
+        size = archive.stat().st_size
+        with open(archive, "rb") as raw, tarfile.open(fileobj=raw, mode="r|*") as tar, \
+                Progress(size, f"extracting {archive.name}", "B") as bar:
+            for member in tar:  # streamed: progress follows the compressed bytes read
+                tar.extract(member, tmp, filter="data")
+                bar.update(raw.tell() - bar.done)
     except (tarfile.TarError, OSError, EOFError) as exc:
         raise UserError(f"corrupt archive {archive}: {exc}") from None
     (tmp / ".complete").touch()
@@ -500,9 +537,12 @@ def to_float(images: torch.Tensor, channels_last: bool = False) -> torch.Tensor:
 
 
 def iterate_batches(n: int, batch_size: int, generator: torch.Generator | None = None, drop_last: bool = False):
-    """Index batches over range(n); shuffled when a generator is given (the loop owns its RNG)."""
+    """Index batches over range(n); shuffled when a generator is given (the loop owns its RNG).
+
+    The shuffled order stays on the generator's device, so a GPU loop never copies indices
+    from the host (a blocking transfer per step)."""
     if generator is not None:
-        order = torch.randperm(n, generator=generator, device=generator.device).cpu()
+        order = torch.randperm(n, generator=generator, device=generator.device)
     else:
         order = torch.arange(n)
     stop = n - n % batch_size if drop_last and n >= batch_size else n

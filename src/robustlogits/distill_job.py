@@ -35,6 +35,8 @@ from robustlogits.training import DISTILLATION_LOSSES, distillation_objective
 from robustlogits.training_run import log_run_inputs, new_state, train_tracked
 
 TEACHER_LOGITS_JOB = "teacher-logits"
+TEACHER_LOGITS_EXPERIMENT_SUFFIX = "-teacher-logits"
+STUDENTS_TAG = "students"  # on a teacher's version: its registered students, kept up to date
 
 
 @dataclass
@@ -197,7 +199,9 @@ def obtain_teacher_logits(teacher: ResolvedModel, cfg: DistillConfig, split: Spl
             "num_classes": num_classes, "n_images": len(split), "key": key}
     tags = {"robustlogits.job": TEACHER_LOGITS_JOB, "teacher_logits_key": key,
             "teacher_name": str(teacher.name), "teacher_version": str(teacher.version)}
-    with tracking.managed_run(cfg.run.experiment, run_name=f"teacher-logits-{teacher.name}-v{teacher.version}",
+    # Reusable artifacts, not trainings: they get an experiment of their own.
+    with tracking.managed_run(cfg.run.experiment + TEACHER_LOGITS_EXPERIMENT_SUFFIX,
+                              run_name=f"teacher-logits-{teacher.name}-v{teacher.version}",
                               tags=tags, nested=mlflow.active_run() is not None, fresh=True) as run:
         tracking.log_params({f"teacher_logits.{k}": v for k, v in meta.items()})
         tracking.log_model_inputs([teacher.model_id])
@@ -271,12 +275,18 @@ def run_distill(cfg: DistillConfig, progress: bool | None = None) -> str:
             result = attack_split(state.model, bundle.test, bundle.num_classes, n_examples=d.attack_n_examples,
                                   n_iter=d.attack_n_iter, seed=cfg.run.seed, eps=cfg.adversary.eps, device=device,
                                   progress=progress)
-            log_attack_result(result)
+            model_ids = state.extra.get("model_ids", {})  # the student's logged model: the attack's metrics are its own
+            log_attack_result(result, model_id=model_ids[max(model_ids)] if model_ids else None)
     versions = state.extra.get("versions", {})
     if result is not None and versions:
-        last = versions[max(versions)]
-        MlflowClient().set_model_version_tag(cfg.registered_model_name(), last, "adversarial_accuracy",
-                                             f"{result.adversarial_accuracy:.4f}")
+        last, client = versions[max(versions)], MlflowClient()
+        for key, value in (("adversarial_accuracy", f"{result.adversarial_accuracy:.4f}"),
+                           ("attacked_natural_accuracy", f"{result.natural_accuracy:.4f}"),
+                           ("adversarial_accuracy_run", run_id),
+                           ("adversarial_accuracy_setting", f"apgd-ce-dlr eps={cfg.adversary.eps:.5f} "
+                                                            f"n={result.n_examples} n_iter={d.attack_n_iter}")):
+            client.set_model_version_tag(cfg.registered_model_name(), last, key, value)
+    update_students_tag(teacher.name, teacher.version)
     return run_id
 
 
@@ -289,6 +299,26 @@ def adopt_teacher_data(cfg: DistillConfig, teacher: ResolvedModel) -> None:
         synthetic = synthetic_params_from_run(teacher.source_run_id) or {}
         for key, value in synthetic.items():
             setattr(cfg.data, f"synthetic_{key}" if key != "num_classes" else "synthetic_classes", value)
+
+
+def update_students_tag(teacher_name: str | None, teacher_version: str | None) -> None:
+    """The link seen from the teacher's side: its version lists every registered student.
+
+    Rebuilt from the registry each time (not appended), so concurrent distillations converge."""
+    if not teacher_name or not teacher_version:
+        return
+    students = sorted(students_of(teacher_name, teacher_version), key=lambda v: (v.name, int(v.version)))
+    if not students:
+        return
+    text = ", ".join(f"{v.name}/{v.version} ({_student_label(v.tags)})" for v in students)
+    if len(text) > 4900:
+        text = text[:4800].rsplit(", ", 1)[0] + f", ... ({len(students)} in all)"
+    MlflowClient().set_model_version_tag(teacher_name, teacher_version, STUDENTS_TAG, text)
+
+
+def _student_label(tags: dict) -> str:
+    label = tags.get("manipulation", "?") + (f" k={tags['k']}" if tags.get("k") else "")
+    return label + (f", adv {tags['adversarial_accuracy']}" if tags.get("adversarial_accuracy") else "")
 
 
 def students_of(teacher_name: str, teacher_version: str | int | None = None) -> list:

@@ -46,20 +46,26 @@ class LinfPGD:
             model.train(was_training)
 
     def _attack(self, model, x, y, generator):
+        # One buffer for the adversarial batch and the eps-ball-within-[0,1] bounds computed once:
+        # every step updates in place, so the loop allocates nothing beyond the model's own work.
+        lower = (x - self.eps).clamp_(min=0)
+        upper = (x + self.eps).clamp_(max=1)
         if self.random_start:
             noise = torch.rand(x.shape, generator=generator, device=generator.device if generator else x.device)
-            delta = (noise.to(x.device, x.dtype) * 2 - 1) * self.eps
+            x_adv = torch.empty_like(x).copy_(noise).mul_(2).sub_(1).mul_(self.eps).add_(x).clamp_(0, 1)
         else:
-            delta = torch.zeros_like(x)
-        x_adv = (x + delta).clamp_(0, 1)
+            x_adv = x.clone()
         for _ in range(self.steps):
-            x_adv.requires_grad_(True)
+            # A fresh leaf over the same storage each step: no copy, and autocast's cast cache
+            # (keyed by leaf) can never hand back the previous step's values.
+            x_in = x_adv.detach().requires_grad_(True)
             with autocast(x.device, self.amp):
-                loss = F.cross_entropy(model(x_adv).float(), y)
-            (grad,) = torch.autograd.grad(loss, x_adv)
+                loss = F.cross_entropy(model(x_in).float(), y)
+            (grad,) = torch.autograd.grad(loss, x_in)
             with torch.no_grad():
-                x_adv = x_adv + self.step_size * grad.sign()
-                x_adv = torch.min(torch.max(x_adv, x - self.eps), x + self.eps).clamp_(0, 1)
+                x_adv.add_(grad.sign_(), alpha=self.step_size)
+                torch.minimum(x_adv, upper, out=x_adv)
+                torch.maximum(x_adv, lower, out=x_adv)
         return x_adv.detach()
 
 

@@ -30,6 +30,7 @@ from mlflow.tracking import MlflowClient
 
 from robustlogits.errors import UserError
 
+log = logging.getLogger(__name__)
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 PIP_REQUIREMENTS = ["torch", "torchvision", "robustlogits"]
@@ -44,13 +45,24 @@ def configure_store() -> str:
     return uri
 
 
-def check_store(experiment: str) -> str:
+_warned_launches: set[str] = set()
+
+
+def check_store(experiment: str, adopt_launched: bool = True) -> str:
     """Open the store and experiment up front so an unusable store fails before any work."""
     uri = configure_store()
-    launched = os.environ.get("MLFLOW_RUN_ID")
+    launched = os.environ.get("MLFLOW_RUN_ID") if adopt_launched else None
     try:
         if launched:  # under `mlflow run`: the launcher chose the experiment and created the run
-            return MlflowClient().get_run(launched).info.experiment_id
+            client = MlflowClient()
+            exp_id = client.get_run(launched).info.experiment_id
+            chosen = client.get_experiment(exp_id).name
+            if chosen != experiment and launched not in _warned_launches:
+                _warned_launches.add(launched)
+                log.warning("mlflow run filed this run under experiment %r, not %r: add `--experiment-name %s` "
+                            "to the mlflow run command to keep runs together", chosen, experiment, experiment)
+            mlflow.set_experiment(experiment_id=exp_id)  # an earlier fresh run may have switched it
+            return exp_id
         exp = mlflow.get_experiment_by_name(experiment)
         exp_id = exp.experiment_id if exp else mlflow.create_experiment(experiment)
         mlflow.set_experiment(experiment_id=exp_id)
@@ -71,7 +83,7 @@ def managed_run(experiment: str, run_name: str | None = None, run_id: str | None
     """
     child = None if nested or fresh or run_id else _CHILD_RUNS.get()
     if not nested:
-        check_store(experiment)
+        check_store(experiment, adopt_launched=not fresh and run_id is None)
     previous = signal.getsignal(signal.SIGTERM)
 
     def on_sigterm(signum, frame):
@@ -91,7 +103,10 @@ def managed_run(experiment: str, run_name: str | None = None, run_id: str | None
         if child and child.on_start:
             child.on_start(run.info.run_id)
         yield run
-    except BaseException:
+    except BaseException as exc:
+        failed = run.info.run_id if run is not None else adopted
+        if failed:
+            record_failure(failed, exc)
         if run is not None:
             mlflow.end_run("FAILED")
         elif adopted:  # the run exists but could not be started: never leave it RUNNING
@@ -199,6 +214,33 @@ def parent_run(experiment: str, key: str, run_name: str, tags: dict[str, str] | 
             client.set_terminated(run_id, status)
         with contextlib.suppress(ValueError):
             signal.signal(signal.SIGTERM, previous)
+ERROR_TAG = "error"
+TRACEBACK_ARTIFACT = "error/traceback.txt"
+
+
+def record_failure(run_id: str, exc: BaseException) -> None:
+    """A FAILED run says why in the store: the one-line error as a tag, the traceback as an artifact.
+    Best effort: a store that just failed must not hide the original exception."""
+    import traceback
+
+    line = f"{type(exc).__name__}: {exc}".splitlines()[0] if str(exc) else type(exc).__name__
+    text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    client = MlflowClient()
+    with contextlib.suppress(Exception):
+        client.set_tag(run_id, ERROR_TAG, line[:5000])
+    with contextlib.suppress(Exception), tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / Path(TRACEBACK_ARTIFACT).name
+        path.write_text(text)
+        client.log_artifact(run_id, str(path), str(Path(TRACEBACK_ARTIFACT).parent))
+
+
+def clear_failure(run_id: str) -> None:
+    """A resumed run is no longer failed: its last error moves to `previous_error` (the traceback stays)."""
+    client = MlflowClient()
+    error = client.get_run(run_id).data.tags.get(ERROR_TAG)
+    if error:
+        client.set_tag(run_id, "previous_error", error)
+        client.delete_tag(run_id, ERROR_TAG)
 
 
 # --- keyed work: "find the FINISHED run with this key, or run it" ------------------------------
@@ -242,8 +284,17 @@ def find_finished_run(key: str, tag: str = KEY_TAG) -> str | None:
     return found[0].info.run_id if found else None
 
 
+def run_record(run_id: str) -> tuple[dict[str, str], dict[str, float]]:
+    """A finished run's tags and latest metrics: what closing messages report, read from the store."""
+    data = MlflowClient().get_run(run_id).data
+    return dict(data.tags), dict(data.metrics)
+
+
 def log_params(params: dict[str, Any]) -> None:
-    mlflow.log_params({k: ("None" if v is None else str(v))[:6000] for k, v in params.items()})
+    """Log params the active run does not have yet: under `mlflow run` the launcher has already
+    logged the `-P` values, under these same names and as the user spelled them."""
+    existing = MlflowClient().get_run(mlflow.active_run().info.run_id).data.params
+    mlflow.log_params({k: ("None" if v is None else str(v))[:6000] for k, v in params.items() if k not in existing})
 
 
 def _log_file(artifact_file: str, write) -> None:

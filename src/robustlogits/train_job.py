@@ -60,5 +60,6 @@ def run_training(cfg: TrainConfig, resume: str | None = None, progress: bool | N
             log_run_inputs(cfg, bundle, amp)
         else:
             mlflow.set_tag("resumed_from_epoch", state.epoch)
+            tracking.clear_failure(run_id)
         train_tracked(cfg, bundle, state, objective, run_id, amp, progress=progress)
     return run_id

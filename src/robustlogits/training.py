@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import io
 import math
-import sys
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -19,6 +18,7 @@ from robustlogits.config import AdversaryConfig, OptimConfig
 from robustlogits.data import Split, augment, iterate_batches, to_float
 from robustlogits.errors import UserError
 from robustlogits.perturb import LinfPGD, autocast
+from robustlogits.progress import Progress
 
 
 class TrainingDiverged(UserError):
@@ -148,47 +148,45 @@ def make_state(model: nn.Module, optim: OptimConfig, device: torch.device, seed:
 
 
 def fit(state: TrainState, split: Split, objective: Objective, optim: OptimConfig, *,
-        amp: bool = False, channels_last: bool = False,
+        amp: bool = False, channels_last: bool = False, compile: bool = False, sync_every: int = 50,
         on_epoch_end: Callable[[EpochResult], None] | None = None, progress: bool | None = None) -> TrainState:
-    """Train from `state.epoch` to `optim.epochs`, calling `on_epoch_end` after every epoch."""
+    """Train from `state.epoch` to `optim.epochs`, calling `on_epoch_end` after every epoch.
+
+    Loss, accuracy and the NaN check accumulate on the device (`EpochTally`) and reach the host
+    every `sync_every` steps (0 = once per epoch), so a GPU never waits for Python within a step;
+    a divergence is still reported at the exact step, and `sync_every=1` stops before the update
+    that would train on it. `compile` runs forward and attack through `torch.compile`;
+    `state.model` stays the eager module that checkpoints pickle.
+    """
     model, device = state.model, split.labels.device
-    if progress is None:
-        progress = sys.stderr.isatty()
+    forward = compiled(model) if compile else model
     for epoch in range(state.epoch + 1, optim.epochs + 1):
         model.train()
         lr = state.optimizer.param_groups[0]["lr"]
-        total_loss, correct, seen = 0.0, 0, 0
+        tally = EpochTally(device)
         started = time.perf_counter()
-        bar = _progress(len(split), f"{objective.name} epoch {epoch}/{optim.epochs}", progress)
+        bar = Progress(len(split), f"{objective.name} epoch {epoch}/{optim.epochs}", "img", progress)
         for step, idx in enumerate(iterate_batches(len(split), optim.batch_size, state.generator, drop_last=True)):
             idx = idx.to(device)
             x = to_float(augment(split.images[idx], state.generator), channels_last)
             y = split.labels[idx]
             if objective.perturb is not None:
-                x = objective.perturb(model, x, y, state.generator)
+                x = objective.perturb(forward, x, y, state.generator)
             with autocast(device, amp):
-                logits = model(x)
+                logits = forward(x)
             loss = objective.loss(logits, y, idx)
-            if not torch.isfinite(loss):
-                raise TrainingDiverged(
-                    f"{objective.name} loss became {loss.item()} at epoch {epoch}, step {step}; "
-                    "lower optim.lr or check the targets")
+            tally.add(step, loss, logits, y)
+            if sync_every and (step + 1) % sync_every == 0:
+                tally.read(objective.name, epoch, bar)
             state.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             state.optimizer.step()
-            n = len(y)
-            total_loss += loss.item() * n
-            correct += int((logits.argmax(1) == y).sum())
-            seen += n
-            if bar is not None:
-                bar.update(n)
-                bar.set_postfix(loss=f"{total_loss / seen:.3f}", acc=f"{correct / seen:.3f}", refresh=False)
-        if bar is not None:
-            bar.close()
+            bar.update(len(idx))
+        mean_loss, accuracy, seen = tally.read(objective.name, epoch, bar)
+        bar.close()
         state.scheduler.step()
         state.epoch = epoch
-        result = EpochResult(epoch, total_loss / max(seen, 1), correct / max(seen, 1),
-                             time.perf_counter() - started, seen, lr)
+        result = EpochResult(epoch, mean_loss, accuracy, time.perf_counter() - started, seen, lr)
         if not math.isfinite(result.loss):
             raise TrainingDiverged(f"{objective.name} loss is not finite after epoch {epoch}")
         if on_epoch_end is not None:
@@ -196,9 +194,49 @@ def fit(state: TrainState, split: Split, objective: Objective, optim: OptimConfi
     return state
 
 
-def _progress(total: int, desc: str, enabled: bool):
-    if not enabled:
-        return None
-    from tqdm.auto import tqdm
+class EpochTally:
+    """An epoch's loss sum, correct count and first non-finite step, kept on the device.
 
-    return tqdm(total=total, desc=desc, unit="img", unit_scale=True, leave=False, dynamic_ncols=True)
+    `add` launches a few tiny kernels and never waits; `read` is the one host synchronisation
+    (a single transfer) and raises `TrainingDiverged` naming the first step whose loss was not
+    finite. The loss sum is float64, as the host-side sum it replaces was.
+    """
+
+    def __init__(self, device: torch.device):
+        self.loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+        self.correct = torch.zeros((), dtype=torch.int64, device=device)
+        self.first_bad_step = torch.full((), -1, dtype=torch.int64, device=device)
+        self.bad_loss = torch.zeros((), dtype=torch.float64, device=device)
+        self.seen = 0
+
+    def add(self, step: int, loss: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> None:
+        loss = loss.detach().double()
+        n = len(labels)
+        self.loss_sum.add_(loss * n)
+        self.correct.add_((logits.detach().argmax(1) == labels).sum())
+        first = (self.first_bad_step < 0) & ~torch.isfinite(loss)
+        self.first_bad_step.copy_(torch.where(first, step, self.first_bad_step))
+        self.bad_loss.copy_(torch.where(first, loss, self.bad_loss))
+        self.seen += n
+
+    def read(self, name: str, epoch: int, bar=None) -> tuple[float, float, int]:
+        """(mean loss, accuracy, images) so far; raises at the first step that diverged."""
+        loss_sum, correct, bad_step, bad_loss = torch.stack([
+            self.loss_sum, self.correct.double(), self.first_bad_step.double(), self.bad_loss]).tolist()
+        if bad_step >= 0:
+            raise TrainingDiverged(f"{name} loss became {bad_loss} at epoch {epoch}, step {int(bad_step)}; "
+                                   "lower optim.lr or check the targets")
+        seen = max(self.seen, 1)
+        if bar is not None:
+            bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}", refresh=False)
+        return loss_sum / seen, correct / seen, self.seen
+
+
+# Overridable so tests can exercise the compiled path without a C++ toolchain's compile times.
+COMPILE_BACKEND = "inductor"
+
+
+def compiled(model: nn.Module) -> nn.Module:
+    """`torch.compile`d view of `model` sharing its parameters (train/eval switch through it)."""
+    return torch.compile(model, backend=COMPILE_BACKEND)
+

@@ -21,7 +21,7 @@ from robustlogits import tracking
 from robustlogits.config import TrainConfig, flatten
 from robustlogits.data import DataBundle, stratified_indices, to_float
 from robustlogits.device import precision_name
-from robustlogits.figures import evolution_figure
+from robustlogits.figures import EpochHistograms, evolution_figure
 from robustlogits.logits import compute_logits, logit_report
 from robustlogits.models import build_model
 from robustlogits.perturb import LinfPGD
@@ -29,6 +29,7 @@ from robustlogits.training import EpochResult, Objective, TrainState, fit, make_
 
 log = logging.getLogger(__name__)
 STATE_ARTIFACT = "training_state/last.pt"
+HISTOGRAM_IMAGE_KEY = "logit_histograms"  # one image per epoch, step = epoch: the UI's step slider
 
 
 def new_state(cfg: TrainConfig, num_classes: int, device: torch.device) -> TrainState:
@@ -55,8 +56,12 @@ def log_run_inputs(cfg: TrainConfig, bundle: DataBundle, amp: bool) -> None:
 def train_tracked(cfg: TrainConfig, bundle: DataBundle, state: TrainState, objective: Objective, run_id: str,
                   amp: bool, version_tags: dict | None = None, progress: bool | None = None) -> TrainState:
     """The one loop, logging every epoch into the active run, then the run's closing artifacts."""
-    fit(state, bundle.train, objective, cfg.optim, amp=amp, channels_last=cfg.run.channels_last,
-        on_epoch_end=EpochLogger(cfg, bundle, state, run_id, version_tags, amp), progress=progress)
+    logger = EpochLogger(cfg, bundle, state, run_id, version_tags, amp)
+    try:
+        fit(state, bundle.train, objective, cfg.optim, amp=amp, channels_last=cfg.run.channels_last,
+            compile=cfg.run.compile, sync_every=cfg.run.sync_every, on_epoch_end=logger, progress=progress)
+    finally:
+        logger.close()
     finish(cfg, state, run_id)
     return state
 
@@ -74,6 +79,13 @@ class EpochLogger:
             stratified_indices(bundle.test.labels.cpu().numpy(), n_monitor, cfg.data.split_seed + 4))
         eps = cfg.adversary.eps
         self.monitor_attack = LinfPGD(eps, 2.5 * eps / m.robust_steps, m.robust_steps, True, "eval", amp=amp)
+        self.figure: EpochHistograms | None = None
+
+    def histogram_image(self, epoch: int, histograms: dict) -> np.ndarray:
+        if self.figure is None:
+            title = f"{self.cfg.run.training} {self.cfg.model.arch} on {self.cfg.data.dataset}"
+            self.figure = EpochHistograms(title, list(histograms))
+        return self.figure.render(epoch, histograms)
 
     def __call__(self, result: EpochResult) -> None:
         cfg, model, e = self.cfg, self.state.model, result.epoch
@@ -92,13 +104,20 @@ class EpochLogger:
         if every and (e % every == 0 or e == cfg.optim.epochs):
             metrics.update(self.robustness_monitor())
         tracking.log_json({"epoch": e, "splits": histograms}, f"histograms/epoch_{e:04d}.json")
+        mlflow.log_image(self.histogram_image(e, histograms), key=HISTOGRAM_IMAGE_KEY, step=e, synchronous=True)
+        model_id = None
         if e in cfg.run.checkpoint_epochs:
-            metrics["checkpoint_test_accuracy"] = self.checkpoint(e)
-        mlflow.log_metrics(metrics, step=e)
+            metrics["checkpoint_test_accuracy"], model_id = self.checkpoint(e)
+        # A checkpoint's epoch metrics are also its logged model's metrics: the models table ranks them.
+        mlflow.log_metrics(metrics, step=e, model_id=model_id, synchronous=True)
         # The state goes last: after a kill, resume restarts at the first epoch not fully logged.
         tracking.log_bytes(self.state.to_bytes(), STATE_ARTIFACT)
         log.info("epoch %d: loss %.4f acc %.4f %s", e, result.loss, result.accuracy,
                  f"{self.bundle.heldout.name}_accuracy {metrics.get(self.bundle.heldout.name + '_accuracy', 0):.4f}")
+
+    def close(self) -> None:
+        if self.figure is not None:
+            self.figure.close()
 
     def robustness_monitor(self) -> dict[str, float]:
         model, split = self.state.model, self.monitor_split
@@ -119,8 +138,10 @@ class EpochLogger:
             model.train(was_training)
         return {"monitor_clean_accuracy": correct_clean / len(split), "monitor_pgd_accuracy": correct_adv / len(split)}
 
-    def checkpoint(self, epoch: int) -> float:
-        """Log the model, register it with its tags, save the full test-set logits; returns test accuracy."""
+    def checkpoint(self, epoch: int) -> tuple[float, str]:
+        """Log the model, register it with its tags, save the full test-set logits.
+
+        Returns the full test split's accuracy and the logged model's id."""
         cfg, model, test = self.cfg, self.state.model, self.bundle.test
         logits = compute_logits(model, test.images, cfg.run.eval_batch_size, cfg.run.channels_last)
         accuracy = float((logits.argmax(1) == test.labels).float().mean())
@@ -130,17 +151,22 @@ class EpochLogger:
         if cfg.run.channels_last:
             model.to(memory_format=torch.channels_last)
         tags = {"epoch": epoch, "training": cfg.run.training, "seed": cfg.run.seed, "dataset": cfg.data.dataset,
-                "arch": cfg.model.arch, "preset": cfg.preset, "natural_accuracy": f"{accuracy:.4f}",
+                "arch": cfg.model.arch, "preset": cfg.preset, "test_accuracy": f"{accuracy:.4f}",
+                "test_examples": len(test),
                 "num_classes": self.bundle.num_classes, "source_run_id": self.run_id,
                 "test_logits_artifact": f"test_logits/epoch_{epoch:04d}.npz"} | self.version_tags
         version = tracking.register_version(info.model_uri, cfg.registered_model_name(), tags)
         self.state.extra.setdefault("versions", {})[epoch] = version.version
-        return accuracy
+        self.state.extra.setdefault("model_ids", {})[epoch] = info.model_id
+        return accuracy, info.model_id
 
 
 def finish(cfg: TrainConfig, state: TrainState, run_id: str) -> None:
     teacher = cfg.resolved_teacher_epoch()
     versions = state.extra.get("versions", {})
+    if versions:  # what the run registered, for the closing message and the run page
+        mlflow.set_tags({"registered_model": cfg.registered_model_name(),
+                         "registered_versions": ",".join(str(versions[e]) for e in sorted(versions))})
     if teacher is not None and teacher in versions and (cfg.run.teacher_stage or cfg.run.teacher_alias):
         tracking.promote(cfg.registered_model_name(), versions[teacher], cfg.run.teacher_stage, cfg.run.teacher_alias)
         mlflow.set_tag("teacher_version", versions[teacher])
