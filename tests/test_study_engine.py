@@ -138,3 +138,45 @@ def test_two_worker_processes_and_a_worker_killed_mid_trial(tmp_path, monkeypatc
     killed_run = MlflowClient().get_run(killed.user_attrs["mlflow_run_id"])
     assert killed_run.info.status == "FAILED"
     assert all(r.info.status != "RUNNING" for r in all_runs())
+
+
+def test_ctrl_c_fails_the_trial_and_its_run_and_leaves_a_resumable_study(tmp_path, monkeypatch):
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(REPO / "src"), str(REPO), os.environ.get("PYTHONPATH", "")]))
+    monkeypatch.setenv("SQUARE_SLEEP", "3")
+    study, _ = start(tmp_path)
+    url = storage_url(tmp_path)
+    worker = subprocess.Popen([sys.executable, "-m", "robustlogits.cli", "sweep", "worker", "--study", "s",
+                               "--storage", url, "--heartbeat", "1"], env=os.environ.copy(),
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while not any(t.state == optuna.trial.TrialState.RUNNING and "mlflow_run_id" in t.user_attrs
+                  for t in study.get_trials()):
+        assert time.monotonic() < deadline and worker.poll() is None
+        time.sleep(0.2)
+    worker.send_signal(signal.SIGINT)
+    assert worker.wait(timeout=60) != 0
+    interrupted = [t for t in study.get_trials() if t.state == optuna.trial.TrialState.FAIL]
+    assert len(interrupted) == 1 and "KeyboardInterrupt" in interrupted[0].user_attrs["error"]
+    run = MlflowClient().get_run(interrupted[0].user_attrs["mlflow_run_id"])
+    assert run.info.status == "FAILED" and run.data.tags["optuna.state"] == "FAIL"
+    monkeypatch.setenv("SQUARE_SLEEP", "0")
+    assert se.enqueue_items(study, se.grid_items(SPACE)) == 1  # only the interrupted item again
+    status = se.run_workers("s", url, 1, heartbeat=1)
+    assert status.done and status.complete == 4
+    assert all(r.info.status != "RUNNING" for r in all_runs())
+
+
+def test_worker_devices_round_robin_and_per_device_limit(monkeypatch):
+    import torch
+
+    from robustlogits.device import resolve_device, worker_devices
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert worker_devices(3) == [None, None, None]  # CPU-only: simply N workers
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert worker_devices(4, workers_per_device=2) == ["cuda:0", "cuda:1", "cuda:0", "cuda:1"]
+    with pytest.raises(UserError, match="do not fit 2 GPU"):
+        worker_devices(5, workers_per_device=2)
+    monkeypatch.setenv("ROBUSTLOGITS_DEVICE", "cpu")
+    assert resolve_device("auto").type == "cpu"  # a worker's assigned device wins over "a GPU if any"

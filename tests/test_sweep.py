@@ -135,6 +135,17 @@ def test_two_objectives_with_tpe_give_a_pareto_front(store, tmp_path):
     assert "figures/pareto_front.png" in files
 
 
+def test_create_only_queues_the_grid_for_workers_elsewhere(store, tmp_path):
+    url = f"sqlite:///{tmp_path / 'optuna.db'}"
+    result = invoke(*GRID, "--study", "queued", "--storage", url, "--create-only")
+    assert result.exit_code == 0 and "sweep worker --study queued" in result.output, result.output
+    study = optuna.load_study(study_name="queued", storage=url)
+    assert [t.state for t in study.get_trials()] == [TrialState.WAITING] * 4
+    parent = study.user_attrs["mlflow_parent_run_id"]
+    assert MlflowClient().get_run(parent).info.status == "FINISHED"
+    assert not [r for r in all_runs() if r.data.tags.get("mlflow.parentRunId") == parent]
+
+
 BAD = [
     (["--losses", "l1,hinge"], "unknown loss 'hinge'"),
     (["--manipulations", "shuffle"], "unknown manipulation 'shuffle'"),

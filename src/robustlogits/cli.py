@@ -430,8 +430,10 @@ def sweep(
     preset: str = typer.Option("smoke", help="student/data/optimiser settings (as in distill)"),
     data_dir: Optional[str] = typer.Option(None, help="default: found again from the teacher's data (digest checked)"),
     study: Optional[str] = typer.Option(None, help="study name (default: derived from the search space)"),
-    storage: Optional[str] = typer.Option(None, help="SQLAlchemy URL (default: sqlite optuna.db beside the MLflow store)"),
+    storage: Optional[str] = typer.Option(None, envvar="ROBUSTLOGITS_STORAGE",
+                                          help="SQLAlchemy URL (default: sqlite optuna.db beside the MLflow store)"),
     workers: int = typer.Option(1, help="worker processes on this machine (threads each = cores / workers)"),
+    create_only: bool = typer.Option(False, help="create the study and queue the grid, run no worker here"),
     workers_per_device: int = typer.Option(1, help="workers sharing one GPU"),
     heartbeat: int = typer.Option(10, help="seconds between worker heartbeats (a silent worker's trial is retried)"),
     sampler_seed: int = typer.Option(0, help="seed of the tpe/random sampler"),
@@ -451,10 +453,14 @@ def sweep(
         seeds=_csv(_blank(seeds)), lrs=_csv(_blank(lrs)), sampler=sampler, n_trials=n_trials or None,
         objectives=_csv(objective), preset=preset, data_dir=_blank(data_dir), study=_blank(study),
         storage=_blank(storage), workers=workers, workers_per_device=workers_per_device, heartbeat=heartbeat,
-        sampler_seed=sampler_seed, overrides=[*set_, *split_overrides(overrides)])
-    result = run_sweep(settings)
+        sampler_seed=sampler_seed, create_only=create_only, overrides=[*set_, *split_overrides(overrides)])
+    try:
+        result = run_sweep(settings)
+    except KeyboardInterrupt:
+        typer.echo("interrupted; finished trials are kept: run the same command again to resume", err=True)
+        raise typer.Exit(130) from None
     typer.echo(result.message())
-    if not result.status.done:
+    if not result.status.done and not create_only:
         raise typer.Exit(1)
 
 
@@ -462,13 +468,17 @@ def sweep(
 @cli_errors
 def sweep_worker(
     study: str = typer.Option(..., help="study name"),
-    storage: str = typer.Option(..., help="the study's SQLAlchemy URL, e.g. postgresql://user:pw@host/db"),
+    storage: str = typer.Option(..., envvar="ROBUSTLOGITS_STORAGE",
+                                help="the study's SQLAlchemy URL, e.g. postgresql://user:pw@host/db"),
     n_trials: Optional[int] = typer.Option(None, help="stop after this many trials (default: until none is left)"),
     heartbeat: int = typer.Option(10, help="seconds between heartbeats (0: none)"),
+    data_dir: Optional[str] = typer.Option(None, help="where this machine keeps the data (else $ROBUSTLOGITS_DATA, defaults)"),
 ):
     """Join a study from any machine that reaches its storage and MLFLOW_TRACKING_URI."""
     from robustlogits import study_engine
 
+    if _blank(data_dir):
+        os.environ["ROBUSTLOGITS_DATA"] = str(Path(data_dir).expanduser().resolve())
     ran = study_engine.run_worker(study, storage, n_trials, heartbeat or None)
     st = study_engine.status(study_engine.load(study, storage, heartbeat or None))
     typer.echo(f"worker ran {ran} trial(s); study {study}: {st.summary()}")
@@ -478,7 +488,8 @@ def sweep_worker(
 @cli_errors
 def sweep_report(
     study: str = typer.Option(..., help="study name"),
-    storage: Optional[str] = typer.Option(None, help="default: sqlite optuna.db beside the MLflow store"),
+    storage: Optional[str] = typer.Option(None, envvar="ROBUSTLOGITS_STORAGE",
+                                          help="default: sqlite optuna.db beside the MLflow store"),
 ):
     """Refresh a study's figures and trials.csv on its parent run and print the table."""
     from robustlogits import study_engine

@@ -368,8 +368,11 @@ def _objective(spec: dict, parent: str, experiment_id: str) -> Callable[[optuna.
         try:
             with tracking.child_runs(parent, experiment_id, tags=tags, on_start=started):
                 metrics = fn(dict(spec.get("base", {})) | params)
-        except Exception as exc:
-            trial.set_user_attr("error", f"{type(exc).__name__}: {exc}"[:2000])
+        except BaseException as exc:  # Ctrl-C included: the run ended FAILED, say so on it
+            with contextlib.suppress(Exception):
+                trial.set_user_attr("error", f"{type(exc).__name__}: {exc}"[:2000])
+                for run_id in scope.run_ids:
+                    MlflowClient().set_tag(run_id, "optuna.state", "FAIL")
             raise
         finally:
             _SCOPE.pop()
@@ -404,7 +407,8 @@ def _model_versions(run_id: str) -> list[str]:
 
 
 def _after_trial(spec: dict, parent: str, state: dict) -> Callable:
-    """Optuna state on the child run; the parent's table and figures, at most every few seconds."""
+    """Optuna state on the child run; the parent's table after every trial, its figures at most
+    every `report_every_seconds` of this worker (drawing them costs about a second)."""
     every = float(spec.get("report_every_seconds", 0))
 
     def callback(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
@@ -415,8 +419,9 @@ def _after_trial(spec: dict, parent: str, state: dict) -> Callable:
         if trial.user_attrs.get("idle"):
             study.stop()
             return
-        if time.monotonic() - state.get("reported", -1e9) >= every:
-            refresh_report(study, parent)
+        due = time.monotonic() - state.get("reported", -1e9) >= every
+        refresh_report(study, parent, figures=due)
+        if due:
             state["reported"] = time.monotonic()
 
     return callback
@@ -492,22 +497,17 @@ def run_worker(study_name: str, storage_url: str, n_trials: int | None = None,
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             optuna.storages.fail_stale_trials(study)
         now = status(study)
-        if fixed and not now.waiting:
-            if not now.running:
+        if not now.waiting and (fixed or not now.budget_left):
+            if not now.running or not heartbeat:  # without heartbeats a dead worker is never noticed
                 break
-            time.sleep(heartbeat or 1)  # another worker is busy; stay to retry its trial if it dies
-            continue
-        if not fixed and not now.waiting and not now.budget_left:
-            if not now.running or spec.get("n_trials") is None:
-                break
-            time.sleep(heartbeat or 1)
+            time.sleep(heartbeat)  # another worker is busy: stay to retry its trial if it dies
             continue
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             study.optimize(objective, n_trials=1, catch=(Exception,), callbacks=callbacks)
         ran += 1
-    if report_state.get("reported") is not None or ran:
-        refresh_report(study, parent)
+    if ran:
+        refresh_report(study, parent)  # the figures, whatever the throttle skipped
     return ran
 
 
@@ -595,8 +595,9 @@ def trials_csv(rows: list[dict]) -> str:
     return out.getvalue()
 
 
-def refresh_report(study: optuna.Study, parent: str | None = None) -> None:
-    """trials.csv plus the spec's report on the parent run. A report that fails is logged, not fatal."""
+def refresh_report(study: optuna.Study, parent: str | None = None, figures: bool = True) -> None:
+    """trials.csv plus (with `figures`) the spec's report on the parent run. A report that fails
+    is logged, not fatal: the trials themselves are safe in the storage."""
     parent = parent or parent_run_id(study)
     spec = study.user_attrs[SPEC_ATTR]
     client = MlflowClient()
@@ -608,8 +609,8 @@ def refresh_report(study: optuna.Study, parent: str | None = None) -> None:
         st = status(study)
         for key, value in {"study_complete_trials": st.complete, "study_failed_trials": len(st.failed)}.items():
             client.log_metric(parent, key, value)
-        if spec.get("report") in REPORTS:
+        if figures and spec.get("report") in REPORTS:
             REPORTS[spec["report"]](study, parent)
-    except Exception as exc:  # noqa: BLE001 - the trials themselves are safe in the storage
+    except Exception as exc:  # noqa: BLE001
         log.warning("could not refresh the report of study %s: %s", study.study_name, exc)
 

@@ -59,6 +59,7 @@ class SweepSettings:
     workers_per_device: int = 1
     heartbeat: int = 10
     sampler_seed: int = 0
+    create_only: bool = False   # create the study and queue the grid; workers join elsewhere
     overrides: list[str] = field(default_factory=list)
 
 
@@ -76,8 +77,12 @@ class SweepResult:
     storage: str
     parent_run_id: str
     status: study_engine.StudyStatus
+    created_only: bool = False
 
     def message(self) -> str:
+        if self.created_only:
+            return (f"study {self.study} ready: {self.status.summary()}; workers join with "
+                    f"`robustlogits sweep worker --study {self.study} --storage {study_engine.redact(self.storage)}`")
         state = "complete" if self.status.done else "not complete (run the same command again to resume)"
         return (f"study {self.study} {state}: {self.status.summary()}\n"
                 f"parent run {self.parent_run_id}; storage {study_engine.redact(self.storage)}")
@@ -201,7 +206,7 @@ def plan(s: SweepSettings) -> Plan:
     spec = {"task": "distill", "module": __name__, "kind": "sweep", "report": "sweep", "sampler": s.sampler,
             "n_trials": s.n_trials, "seed": s.sampler_seed, "space": space,
             "objectives": [OBJECTIVES[o] for o in s.objectives], "preset": s.preset,
-            "table_metrics": ["natural_accuracy", "adversarial_accuracy"],
+            "table_metrics": ["natural_accuracy", "adversarial_accuracy"], "report_every_seconds": 30,
             "experiment": cfg.run.experiment,
             "base": {"teacher": name, "teacher_versions": {str(e): epochs[e] for e in chosen},
                      "preset": s.preset, "overrides": list(s.overrides)}}
@@ -278,6 +283,9 @@ def run_sweep(s: SweepSettings) -> SweepResult:
     added = study_engine.enqueue_items(study, p.items) if p.items else 0
     log.info("study %s: %d grid point(s) queued, %d trial(s) already there; parent run %s",
              p.name, added, len(study.get_trials(deepcopy=False)) - added, parent)
+    if s.create_only:
+        log.info("join with: robustlogits sweep worker --study %s --storage %s", p.name, study_engine.redact(url))
+        return SweepResult(p.name, url, parent, study_engine.status(study), created_only=True)
     try:
         with study_engine.driving(study):
             st = study_engine.run_workers(p.name, url, s.workers, workers_per_device=s.workers_per_device,
@@ -352,7 +360,7 @@ def _accuracy_figure(table: dict[str, dict], xlabel: str, title: str, categorica
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.suptitle(title)
-    fig.tight_layout()
+    fig.subplots_adjust(left=0.07, right=0.98, bottom=0.13, top=0.85, wspace=0.22)  # tight_layout: 4x slower
     return fig
 
 
@@ -366,7 +374,7 @@ def _bar_figure(values: dict[str, dict[str, float]], title: str):
         ax.set_title(objective)
         ax.set_xlabel("importance (Optuna's default evaluator)")
     fig.suptitle(title)
-    fig.tight_layout()
+    fig.subplots_adjust(left=0.3, right=0.97, bottom=0.18, top=0.82, wspace=0.6)
     return fig
 
 
@@ -384,7 +392,7 @@ def _pareto_figure(rows: list[dict], front: set[int]):
     ax.set_ylabel("student adversarial accuracy")
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
+    fig.subplots_adjust(left=0.14, right=0.97, bottom=0.12, top=0.96)
     return fig
 
 
@@ -392,12 +400,16 @@ def _importances(study) -> dict[str, dict[str, float]]:
     import optuna
 
     out = {}
-    for i, name in enumerate(study.user_attrs["spec"]["objectives"]):
+    spec = study.user_attrs["spec"]
+    params = [k for k, dim in spec["space"].items() if len(dim["choices"]) > 1]  # a constant ranks nothing
+    if not params:
+        return {}
+    for i, name in enumerate(spec["objectives"]):
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # "too few trials" while a study is young
                 out[name] = optuna.importance.get_param_importances(
-                    study, target=(lambda t, i=i: t.values[i]) if len(study.directions) > 1 else None)
+                    study, params=params, target=(lambda t, i=i: t.values[i]) if len(study.directions) > 1 else None)
         except Exception as exc:  # noqa: BLE001 - too few or identical trials: nothing to rank yet
             log.debug("no importances for %s yet: %s", name, exc)
     return {k: v for k, v in out.items() if v}
