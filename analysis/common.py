@@ -138,6 +138,7 @@ def prepare(models: list[str] | None, groups: list[str] | dict | None, *, minimu
     """Resolve models and groups, load the test split, run the caller's checks: all before any write."""
     group_specs = groups if isinstance(groups, dict) else parse_groups(groups)
     specs = model_list(models, group_specs)
+    tracking.configure_store()  # untracked analyses still read models (and cache logits) in the same store
     if track:
         tracking.check_store(experiment)
     ctx = open_models(specs, data_dir=data_dir, dataset=dataset, device=device, experiment=experiment,

@@ -104,6 +104,8 @@ def figure(summary: dict):
     colours = {}
     for name, entry in summary["group_curves"].items():
         base = name.replace(" self", "")
+        halves = base.split("-")
+        base = halves[0] if len(halves) == 2 and halves[0] == halves[1] else base  # "ST-ST" and "ST self" share a colour
         colour = colours.setdefault(base, f"C{len(colours)}")
         for kind, style in (("same_example", "-"), ("permuted_within_class", "--")):
             if kind not in entry:

@@ -259,3 +259,21 @@ def test_models_of_different_class_counts_are_refused(with_teachers, tmp_path):
                                       "--out", str(tmp_path / "x")])
     assert result.exit_code == 2 and "different class counts" in result.output
     assert _no_running_runs()
+
+
+def test_mlproject_entry_point_runs_the_new_modes(with_teachers, tmp_path):
+    import importlib.util
+    from pathlib import Path
+
+    import typer
+
+    path = Path(__file__).resolve().parents[1] / "entrypoints" / "analyze.py"
+    spec = importlib.util.spec_from_file_location("analyze_entry", path)
+    entry = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(entry)
+    entry.analyze(mode="overlap", models=f"{ST},{AT}", groups=f"ST={ST};AT={AT}", out=str(tmp_path / "o"))
+    summary = json.loads((tmp_path / "o" / "overlap.json").read_text())
+    assert summary["groups"] == {"ST": [f"{ST} v2"], "AT": [f"{AT} v2"]}
+    with pytest.raises(typer.Exit) as exit_info:
+        entry.analyze(mode="nope")
+    assert exit_info.value.exit_code == 2
