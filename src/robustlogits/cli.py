@@ -535,6 +535,43 @@ def sweep_report(
     typer.echo(f"study {study}: {study_engine.status(loaded).summary()}; parent run {study_engine.parent_run_id(loaded)}")
 
 
+@app.command()
+@cli_errors
+def reproduce(
+    scale: str = typer.Option("smoke", help="smoke (CPU, minutes) | study (CPU, hours) | paper (appendix A.2, GPUs)"),
+    seeds: Optional[str] = typer.Option(None, help="seeds per model (default: the scale's)"),
+    only: Optional[str] = typer.Option(None, help="only these steps, comma list: train, attack, distill, sweeps, gap, "
+                                                  "theory, manifold, ranks, errors, overlap, images"),
+    skip: Optional[str] = typer.Option(None, help="skip these steps, comma list"),
+    workers: int = typer.Option(1, help="local worker processes (threads each = cores / workers)"),
+    storage: Optional[str] = typer.Option(None, help="Optuna storage URL shared with `sweep worker`s on other machines "
+                                                     "(default: sqlite optuna.db beside the MLflow store)"),
+    out: str = typer.Option("reproduce", help="folder for report/index.html and report/report.md"),
+    data_dir: Optional[str] = typer.Option(None, help="where CIFAR-10 (and CIFAR-100, if present) are"),
+    dry_run: bool = typer.Option(False, "--dry-run", help="print the plan: steps, keys, done or not, time estimate"),
+    heartbeat: int = typer.Option(10, help="seconds between worker heartbeats (a silent worker's step is retried)"),
+    experiment: str = typer.Option("robustlogits-reproduce", help="MLflow experiment of the study run"),
+):
+    """The paper's whole study as one resumable command, and a report beside the paper's numbers."""
+    from robustlogits.reproduce_job import ReproduceOptions, plan_table, run_reproduce
+
+    try:
+        n_seeds = int(seeds) if _blank(seeds) else None
+    except ValueError:
+        raise UserError(f"--seeds must be an integer, got {seeds!r}") from None
+    opts = ReproduceOptions(scale=scale, seeds=n_seeds, only=_csv(only), skip=_csv(skip), workers=workers,
+                            storage=_blank(storage), out=out, data_dir=_blank(data_dir), dry_run=dry_run,
+                            experiment=experiment, heartbeat=heartbeat)
+    result = run_reproduce(opts)
+    if dry_run:
+        typer.echo(plan_table(result["plan"], workers, result["throughput"]))
+        return
+    verdicts = result["verdicts"]
+    typer.echo(f"study run {result['parent_run_id']}: claims held {verdicts.count('held')}, not held "
+               f"{verdicts.count('not held')}, not measured {verdicts.count('not measured')}; "
+               f"report in {result['report']}/index.html")
+
+
 @app.command("config")
 @cli_errors
 def show_config(preset: str = typer.Option("smoke", help="preset to print")):

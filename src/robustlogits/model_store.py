@@ -72,3 +72,26 @@ def model_class_count(model: torch.nn.Module, device: torch.device, image_shape=
         with torch.no_grad():
             count = model.eval()(torch.zeros(2, *image_shape, device=device)).shape[1]
     return int(count)
+
+
+def run_versions(run_id: str) -> list:
+    """Registry versions logged by one run (a train run's checkpoints, a distillation's student)."""
+    client = MlflowClient()
+    try:
+        found = list(client.search_model_versions(f"run_id = '{run_id}'"))
+    except Exception:  # noqa: BLE001 - stores without that filter: filter here
+        found = [v for v in client.search_model_versions("") if v.run_id == run_id]
+    return sorted(found, key=lambda v: int(v.version))
+
+
+def checkpoint_uri(run_id: str, epoch: int | None = None) -> str:
+    """`models:/NAME/VERSION` of a run's checkpoint at `epoch` (None: its last registered one)."""
+    from robustlogits.errors import UserError
+
+    versions = run_versions(run_id)
+    if epoch is not None:
+        versions = [v for v in versions if v.tags.get("epoch") == str(epoch)]
+    if not versions:
+        raise UserError(f"run {run_id} registered no model" + (f" at epoch {epoch}" if epoch is not None else ""))
+    version = max(versions, key=lambda v: int(v.tags.get("epoch", 0) or 0))
+    return f"models:/{version.name}/{version.version}"

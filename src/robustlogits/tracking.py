@@ -205,9 +205,97 @@ def end_run_if_running(run_id: str, status: str = "FAILED") -> bool:
         return False
 
 
+@contextlib.contextmanager
+def parent_run(experiment: str, key: str, run_name: str, tags: dict[str, str] | None = None) -> Iterator[str]:
+    """A study's parent run, found again by its key (whatever its status) and reopened, held
+    open while steps (in this or other processes) nest under it by tag, then ended FINISHED or
+    FAILED like `managed_run`. Not the fluent active run, so jobs inside start their own runs.
+    Under `mlflow run` the launcher's run is adopted on first use."""
+    exp_id = check_store(experiment)
+    client = MlflowClient()
+    launched = os.environ.pop("MLFLOW_RUN_ID", None)
+    existing = find_runs_with_key(key, ("RUNNING", "FINISHED", "FAILED", "KILLED"))
+    if existing:
+        run_id = existing[0].info.run_id
+        client.update_run(run_id, status="RUNNING")
+        if launched and launched != run_id:  # the launcher's own run only points at the study
+            client.set_tag(launched, "robustlogits.study_run", run_id)
+            client.set_terminated(launched, "FINISHED")
+    elif launched:
+        run_id = launched
+        for name, value in ({KEY_TAG: key, "mlflow.runName": run_name} | (tags or {})).items():
+            client.set_tag(run_id, name, value)
+    else:
+        run_id = client.create_run(exp_id, run_name=run_name, tags={KEY_TAG: key} | (tags or {})).info.run_id
+    previous = signal.getsignal(signal.SIGTERM)
+
+    def on_sigterm(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    with contextlib.suppress(ValueError):
+        signal.signal(signal.SIGTERM, on_sigterm)
+    status = "FAILED"
+    try:
+        yield run_id
+        status = "FINISHED"
+    finally:
+        with contextlib.suppress(Exception):
+            client.set_terminated(run_id, status)
+        with contextlib.suppress(ValueError):
+            signal.signal(signal.SIGTERM, previous)
+ERROR_TAG = "error"
+TRACEBACK_ARTIFACT = "error/traceback.txt"
+
+
+def record_failure(run_id: str, exc: BaseException) -> None:
+    """A FAILED run says why in the store: the one-line error as a tag, the traceback as an artifact.
+    Best effort: a store that just failed must not hide the original exception."""
+    import traceback
+
+    line = f"{type(exc).__name__}: {exc}".splitlines()[0] if str(exc) else type(exc).__name__
+    text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    client = MlflowClient()
+    with contextlib.suppress(Exception):
+        client.set_tag(run_id, ERROR_TAG, line[:5000])
+    with contextlib.suppress(Exception), tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / Path(TRACEBACK_ARTIFACT).name
+        path.write_text(text)
+        client.log_artifact(run_id, str(path), str(Path(TRACEBACK_ARTIFACT).parent))
+
+
+def clear_failure(run_id: str) -> None:
+    """A resumed run is no longer failed: its last error moves to `previous_error` (the traceback stays)."""
+    client = MlflowClient()
+    error = client.get_run(run_id).data.tags.get(ERROR_TAG)
+    if error:
+        client.set_tag(run_id, "previous_error", error)
+        client.delete_tag(run_id, ERROR_TAG)
+
+
 # --- keyed work: "find the FINISHED run with this key, or run it" ------------------------------
 
 KEY_TAG = "robustlogits.key"
+def find_runs_with_key(key: str, statuses: tuple[str, ...], tag: str = KEY_TAG) -> list:
+    """Runs (any experiment, newest first) tagged with this key and in one of these statuses."""
+    client = MlflowClient()
+    found = client.search_runs([e.experiment_id for e in client.search_experiments()],
+                               filter_string=f"tags.`{tag}` = '{key}'", order_by=["attributes.start_time DESC"])
+    return [r for r in found if r.info.status in statuses]
+
+
+def finished_runs_by_key(tag: str = KEY_TAG) -> dict[str, str]:
+    """Key -> newest FINISHED run id, for every keyed run in the store (one query, not one per key)."""
+    client = MlflowClient()
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    out: dict[str, str] = {}
+    token = None
+    while True:
+        page = client.search_runs(experiments, filter_string=f"tags.`{tag}` LIKE '%' and attributes.status = 'FINISHED'",
+                                  order_by=["attributes.start_time ASC"], max_results=1000, page_token=token)
+        out |= {r.data.tags[tag]: r.info.run_id for r in page}
+        token = page.token
+        if not token:
+            return out
 
 
 def job_key(payload: dict[str, Any]) -> str:

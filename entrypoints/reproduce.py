@@ -1,0 +1,6 @@
+"""MLproject entry point `reproduce`: a thin Typer CLI over robustlogits.reproduce_job."""
+
+from robustlogits.cli import reproduce, single_command
+
+if __name__ == "__main__":
+    single_command(reproduce)()

@@ -1,0 +1,275 @@
+"""`reproduce`: the paper's study planned as keyed steps, run on the study engine, resumed after a
+kill, and reported beside the paper (checked in headless Chromium)."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import optuna
+import pytest
+from mlflow.tracking import MlflowClient
+from typer.testing import CliRunner
+
+from robustlogits import tracking
+from robustlogits.cli import app
+from robustlogits.errors import UserError
+from robustlogits.paper_reference import CLAIMS, TABLE2_LABELS
+from robustlogits.reproduce_job import ReproduceOptions, make_plan, plan_table, run_reproduce
+from robustlogits.reproduce_plan import GROUPS, SCALES, build_plan, select_groups
+from robustlogits.reproduce_report import mean_std, pct
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def all_runs() -> list:
+    client = MlflowClient()
+    return [r for e in client.search_experiments() for r in client.search_runs([e.experiment_id])]
+
+
+def all_versions() -> list:
+    return list(MlflowClient().search_model_versions(""))
+
+
+def trial_count(root: Path) -> int:
+    storage = f"sqlite:///{root / 'optuna.db'}"
+    return sum(len(optuna.load_study(study_name=s.study_name, storage=storage).trials)
+               for s in optuna.get_all_study_summaries(storage))
+
+
+# ----------------------------------------------------------------------------- the plan
+
+
+def test_plan_covers_the_study_and_keys_follow_config_and_inputs():
+    sc = SCALES["smoke"]
+    steps = build_plan(sc, 2, {"cifar10": "digest-a"}, None)
+    names = {s.name for s in steps}
+    assert {"train/cifar10/at/s1", "attack/cifar10/st/s0", "distill/cifar10/s1/permute-k7",
+            "distill/cifar10/s0/average-k3", "distill/cifar10/s0/correct-fix-1", "distill/cifar10/s1/hybrid",
+            "sweep/cifar10/s0/e1-kl", "analyze/cifar10/manifold", "analyze/cifar10/overlap"} <= names
+    assert {s.group for s in steps} == set(GROUPS)
+    # 2 seeds x (2 teachers + 2 attacks + normal + 3 permute + 3 average + correct-fix + hybrid)
+    assert sum(s.group in ("train", "attack", "distill") for s in steps) == 2 * (4 + 9)
+    keys = {s.name: s.key for s in steps}
+    assert len(set(keys.values())) == len(keys) - 1  # the L1 sweep at the teacher epoch is the normal student
+    assert keys["sweep/cifar10/s0/e5-l1"] == keys["distill/cifar10/s0/normal"]
+    other_data = {s.name: s.key for s in build_plan(sc, 2, {"cifar10": "digest-b"}, None)}
+    assert all(other_data[n] != keys[n] for n in keys)  # the data digest reaches every key via the inputs
+    moved = {s.name: s.key for s in build_plan(sc, 2, {"cifar10": "digest-a"}, "/elsewhere")}
+    assert moved == keys  # a data folder is a hint, not an identity
+    paper = build_plan(SCALES["paper"], 3, {"cifar10": "d", "cifar100": "e"}, None)
+    assert sum(s.name.startswith("distill/cifar10/s0/permute-k") for s in paper) == 9  # k = 1..C-1
+    assert not any(s.name.startswith("distill/cifar100") for s in paper)  # distillation is CIFAR-10 only
+    assert {s.name for s in paper} >= {"train/cifar100/at/s2", "analyze/cifar100/overlap"}
+
+
+def test_steps_selected_by_only_and_skip():
+    assert select_groups(["train", "attack"], None) == ("train", "attack")
+    assert "sweeps" not in select_groups(None, ["sweeps"])
+    with pytest.raises(UserError, match="unknown step 'distil'"):
+        select_groups(["distil"], None)
+    with pytest.raises(UserError, match="no step"):
+        select_groups(["train"], ["train"])
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--scale", "huge"], "unknown scale 'huge'"),
+    (["--scale", "test", "--seeds", "0"], "--seeds must be >= 1"),
+    (["--scale", "test", "--only", "training"], "unknown step 'training'"),
+    (["--scale", "test", "--only", "distill"], "needs train/synthetic/at/s0"),
+    (["--scale", "test", "--storage", "sqlite:////nonexistent/dir/optuna.db"], "not reachable"),
+    (["--scale", "smoke", "--data-dir", "{empty}"], "no cifar10 data found"),
+])
+def test_bad_input_is_one_line_and_writes_nothing(args, message, tmp_path):
+    (tmp_path / "empty").mkdir()
+    args = [a.replace("{empty}", str(tmp_path / "empty")) for a in args]
+    result = CliRunner().invoke(app, ["reproduce", *args, "--out", str(tmp_path / "out")])
+    assert result.exit_code == 2, result.output
+    assert message in result.output and "Traceback" not in result.output
+    assert not all_runs() and not (tmp_path / "out").exists()
+
+
+def test_unreachable_tracking_store_fails_before_anything(monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    result = CliRunner().invoke(app, ["reproduce", "--scale", "test", "--dry-run"])
+    assert result.exit_code == 2 and "tracking store http://127.0.0.1:9 is not usable" in result.output
+
+
+def test_verdict_rules_decide_from_the_numbers():
+    from robustlogits.paper_reference import judge_all
+
+    def student(adv, nat=0.5):
+        return [{"adversarial": adv, "natural": nat, "run": "r"}]
+
+    results = {"students": {"normal": student(0.30), "permute-k3": student(0.24), "permute-k7": student(0.29),
+                            "permute-k1": student(0.13, 0.6), "correct-fix-1": student(0.01, 0.9),
+                            "hybrid": student(0.0)},
+               "teachers": {"st": [{"adversarial": 0.0, "max_logit_mean": 5.0, "train_run": "t", "run": "a"}],
+                            "at": [{"adversarial": 0.4, "max_logit_mean": float("nan"), "train_run": "t", "run": "a"}]}}
+    verdicts = {c.id: o for c, o in judge_all(results)}
+    assert verdicts["top3"].verdict == "held" and np.isclose(verdicts["top3"].numbers["ratio"], 0.8)
+    assert verdicts["top7"].verdict == "not held"  # 0.29 / 0.30 < 0.99
+    assert verdicts["correct-fix-adversarial"].verdict == "held" and verdicts["hybrid"].verdict == "held"
+    assert verdicts["st-not-robust"].verdict == "held" and verdicts["at-robust"].verdict == "held"
+    assert verdicts["max-logit-mean"].verdict == "not measured"  # a NaN decides nothing
+    assert verdicts["overlap"].verdict == "not measured" and not verdicts["overlap"].numbers  # no analysis run
+    results["students"]["permute-k3"] = student(0.10)
+    assert {c.id: o for c, o in judge_all(results)}["top3"].verdict == "not held"
+
+
+# ----------------------------------------------------------------------------- the whole study
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory):
+    """The `test` scale end to end (2 seeds, synthetic data), once for this module's tests."""
+    root = tmp_path_factory.mktemp("study")
+    mp = pytest.MonkeyPatch()
+    env = {"MLFLOW_ALLOW_FILE_STORE": "true", "MLFLOW_TRACKING_URI": (root / "mlruns").as_uri(),
+           "ROBUSTLOGITS_CACHE": str(root / "cache"), "ROBUSTLOGITS_NO_DOWNLOAD": "1"}
+    for key, value in env.items():
+        mp.setenv(key, value)
+    mp.chdir(root)
+    mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
+    opts = ReproduceOptions(scale="test", out=str(root / "out"), heartbeat=2)
+    result = run_reproduce(opts)
+    mp.undo()
+    return {"root": root, "env": env, "opts": opts, "result": result}
+
+
+@pytest.fixture
+def in_study(study, monkeypatch):
+    for key, value in study["env"].items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.chdir(study["root"])
+    mlflow.set_tracking_uri(study["env"]["MLFLOW_TRACKING_URI"])
+    return study
+
+
+def test_every_step_has_one_finished_run_nested_under_the_study(in_study):
+    plan, parent = in_study["result"]["plan"], in_study["result"]["parent_run_id"]
+    runs = all_runs()
+    by_id = {r.info.run_id: r for r in runs}
+    keyed = {}
+    for r in runs:
+        if tracking.KEY_TAG in r.data.tags and r.info.run_id != parent:
+            keyed.setdefault(r.data.tags[tracking.KEY_TAG], []).append(r)
+    assert {s.key for s in plan.steps} == set(keyed)
+    assert all(len(v) == 1 and v[0].info.status == "FINISHED" for v in keyed.values())
+    assert all(r.info.status in ("FINISHED",) for r in runs)  # nothing left RUNNING or FAILED
+    for r in [v[0] for v in keyed.values()]:  # step run -> stage study run -> the reproduce run
+        stage = by_id[r.data.tags["mlflow.parentRunId"]]
+        assert stage.data.tags["mlflow.parentRunId"] == parent
+    assert by_id[parent].data.metrics["claims_held"] + by_id[parent].data.metrics["claims_not_held"] + \
+        by_id[parent].data.metrics["claims_not_measured"] == len(CLAIMS)
+    artifacts = {f.path for f in MlflowClient().list_artifacts(parent, "report")}
+    assert {"report/index.html", "report/report.md", "report/figures"} <= artifacts
+
+
+def test_second_run_does_nothing(in_study):
+    runs, versions, trials = {r.info.run_id for r in all_runs()}, len(all_versions()), trial_count(in_study["root"])
+    assert trials >= len({s.key for s in in_study["result"]["plan"].steps})
+    result = run_reproduce(in_study["opts"])
+    assert result["parent_run_id"] == in_study["result"]["parent_run_id"]
+    assert {r.info.run_id for r in all_runs()} == runs and len(all_versions()) == versions
+    assert trial_count(in_study["root"]) == trials
+    plan = make_plan(ReproduceOptions(scale="test"))
+    assert all(plan.done.values())
+    from robustlogits.reproduce_estimate import estimate
+
+    table = plan_table(plan, 1, estimate(plan.chosen))
+    assert "0 to run" in table and "to do" not in table
+    assert "cnn-tiny" in table and "(store)" in table  # throughput measured by the study's own runs
+
+
+def _cells(html: str, table: str) -> dict[str, list[str]]:
+    body = html.split(f'id="{table}"', 1)[1].split("</table>", 1)[0]
+    rows = {}
+    for row in re.findall(r"<tr>(.*?)</tr>", body, re.S)[1:]:
+        cells = [re.sub(r"<[^>]+>", "", c).strip() for c in re.findall(r"<td[^>]*>(.*?)</td>", row, re.S)]
+        rows[cells[0]] = cells
+    return rows
+
+
+def test_report_numbers_equal_the_runs(in_study):
+    plan = in_study["result"]["plan"]
+    finished = tracking.finished_runs_by_key()
+    client = MlflowClient()
+
+    def metric(name: str, key: str) -> float:
+        return client.get_run(finished[{s.name: s.key for s in plan.steps}[name]]).data.metrics[key]
+
+    html = (Path(in_study["opts"].out) / "report" / "index.html").read_text()
+    markdown = (Path(in_study["opts"].out) / "report" / "report.md").read_text()
+    table1, table2 = _cells(html, "table1"), _cells(html, "table2")
+    for kind, who in (("st", "ST"), ("at", "AT")):
+        for column, key in ((1, "natural_accuracy"), (2, "adversarial_accuracy")):
+            values = [metric(f"attack/synthetic/{kind}/s{seed}", key) for seed in (0, 1)]
+            assert table1[who][column] == pct(*mean_std(values))
+            assert np.isclose(float(table1[who][column].split(" ± ")[0]), 100 * np.mean(values), atol=0.051)
+    for label, shown in TABLE2_LABELS.items():
+        values = [metric(f"distill/synthetic/s{seed}/{label}", "adversarial_accuracy") for seed in (0, 1)]
+        assert table2[shown][2] == pct(*mean_std(values))
+        assert f"| {shown} | " in markdown and pct(*mean_std(values)) in markdown
+    assert len(re.findall(r'<tr data-claim=', html)) == len(CLAIMS)
+
+
+@pytest.mark.skipif(shutil.which("chromium") is None, reason="headless Chromium (Debian package chromium) not installed")
+def test_report_renders_in_chromium_with_every_image(in_study, tmp_path):
+    page = Path(in_study["opts"].out) / "report" / "index.html"
+    out = subprocess.run(["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--allow-file-access-from-files",
+                          f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=10000", "--dump-dom",
+                          page.as_uri()], capture_output=True, text=True, timeout=120)
+    dom = out.stdout
+    loaded = re.search(r'data-images-loaded="(\d+)/(\d+)"', dom)
+    assert loaded, f"the page's load script did not run: {out.stderr[-2000:]}"
+    ok, total = map(int, loaded.groups())
+    assert total >= 14 and ok == total, f"{total - ok} of {total} images failed to load"
+    assert "broken" not in re.findall(r'<img[^>]*class="([^"]*)"', dom)
+    static = _cells(page.read_text(), "table1")
+    assert _cells(dom, "table1") == static and _cells(dom, "table2") == _cells(page.read_text(), "table2")
+
+
+# ----------------------------------------------------------------------------- killed, then resumed
+
+
+def test_killed_between_steps_resumes_without_duplicates(tmp_path):
+    env = os.environ | {"PYTHONPATH": os.pathsep.join([str(REPO / "src"), str(REPO)]), "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "robustlogits.cli", "reproduce", "--scale", "test", "--seeds", "1",
+               "--only", "train,attack", "--heartbeat", "1", "--out", str(tmp_path / "out")]
+    proc = subprocess.Popen(command, env=env, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            start_new_session=True)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and proc.poll() is None:
+        finished = [r for r in all_runs() if r.info.status == "FINISHED" and r.data.tags.get("robustlogits.job") == "train"]
+        if finished:
+            break
+        time.sleep(0.5)
+    assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
+    os.killpg(proc.pid, signal.SIGKILL)  # no chance to clean up: the worst case
+    proc.wait()
+    killed_state = {r.info.run_id: r.info.status for r in all_runs()}
+    assert "FINISHED" in killed_state.values()
+    result = subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    runs = all_runs()
+    keys = [r.data.tags[tracking.KEY_TAG] for r in runs if r.info.status == "FINISHED"
+            and tracking.KEY_TAG in r.data.tags and r.data.tags.get("robustlogits.job") in ("train", "attack")]
+    assert len(keys) == 4 and len(set(keys)) == 4  # 2 teachers + 2 attacks, each once
+    assert not [r for r in runs if r.info.status == "RUNNING"]
+    for r in runs:  # a run that finished before the kill is the one the study used, untouched
+        if killed_state.get(r.info.run_id) == "FINISHED":
+            assert r.info.status == "FINISHED"
+    versions = all_versions()
+    per_run_epoch = [(v.run_id, v.tags.get("epoch")) for v in versions]
+    assert len(per_run_epoch) == len(set(per_run_epoch)) == 4  # 2 teachers x 2 checkpoints, none twice
+    assert "claims" in result.stdout or "report in" in result.stdout
