@@ -268,3 +268,35 @@ def test_real_cifar10_loads_with_paper_split(real_cifar10_dir, real_data_cache, 
     bundle = data.build_bundle(raw, val_per_class=500, split_seed=0, train_subset=None, stats_subset=2000,
                                heldout_subset=None, device=torch.device("cpu"))
     assert (len(bundle.train), len(bundle.heldout), len(bundle.test)) == (45000, 5000, 10000)
+
+
+def test_concurrent_first_extraction_keeps_the_folder_the_other_process_reads(tmp_path, monkeypatch):
+    """Two workers extracting the same archive at once: the one that finishes second must not
+    delete the folder the first is already decoding from (it did: 'corrupt image ... No such file')."""
+    import tarfile
+
+    from robustlogits import data
+
+    src = tmp_path / "src" / "train" / "cat"
+    src.mkdir(parents=True)
+    for i in range(3):
+        (src / f"{i}.txt").write_text(str(i))
+    archive = tmp_path / "toy.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(tmp_path / "src" / "train", arcname="train")
+    original = tarfile.TarFile.extract
+    state = {"nested": False, "first_target": None}
+
+    def extract_while_another_process_finishes(self, *args, **kwargs):
+        if not state["nested"]:
+            state["nested"] = True  # the other worker runs start to finish now, inside our extraction
+            state["first_target"] = data._extract_archive(archive)
+            state["inode"] = (state["first_target"] / "train" / "cat" / "0.txt").stat().st_ino
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(tarfile.TarFile, "extract", extract_while_another_process_finishes)
+    target = data._extract_archive(archive)
+    assert target == state["first_target"]
+    # The other worker's files are still there, untouched (same inode), and no temp folder is left.
+    assert (target / "train" / "cat" / "0.txt").stat().st_ino == state["inode"]
+    assert sorted(p.name for p in target.parent.iterdir()) == [target.name]

@@ -342,11 +342,19 @@ def _extract_archive(archive: Path) -> Path:
     except (tarfile.TarError, OSError, EOFError) as exc:
         raise UserError(f"corrupt archive {archive}: {exc}") from None
     (tmp / ".complete").touch()
-    if target.exists():
-        import shutil
+    import shutil
 
+    if (target / ".complete").is_file():  # another process (a second worker) finished first: use
+        shutil.rmtree(tmp, ignore_errors=True)  # its copy, never delete a folder someone may be reading
+        return target
+    if target.exists():  # an unfinished leftover
         shutil.rmtree(target)
-    os.replace(tmp, target)
+    try:
+        os.replace(tmp, target)
+    except OSError:
+        if not (target / ".complete").is_file():
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
     return target
 
 

@@ -245,7 +245,9 @@ def _residual_corr_cost(A: np.ndarray, X: np.ndarray) -> tuple[float, np.ndarray
     H = np.linalg.inv(A.T @ A)
     W = X @ A
     C = X @ X.T - W @ H @ W.T
-    d = np.diag(C).copy()
+    # A centre lying (numerically) inside span(A) has no residual left: floor its variance so the
+    # cost stays finite there instead of turning the line search to NaN.
+    d = np.maximum(np.diag(C).copy(), 1e-12 * max(float(np.max(np.diag(X @ X.T))), 1e-300))
     R = C / np.outer(d, d)
     cost = 0.5 * float(np.sum(C * R))
     B = R - np.diag(np.sum(C * R, axis=1) / d)
