@@ -21,13 +21,12 @@ import numpy as np
 import torch
 
 from robustlogits import tracking
-from robustlogits.data import Split, load_test_split, stratified_indices
-from robustlogits.device import resolve_device
+from robustlogits.data import Split, stratified_indices
 from robustlogits.errors import UserError
 from robustlogits.manifold import ManifoldResult, manifold_analysis, simulated_capacity
-from robustlogits.model_store import resolve_and_load, synthetic_params_from_run
 from robustlogits.models import extract_stages, stage_names
 from robustlogits.perturb import LinfPGD
+from robustlogits.test_logits import open_models
 
 
 @dataclass
@@ -232,14 +231,9 @@ def run(model_specs: list[str], settings, out_dir: Path, data_dir: str | None = 
         raise UserError("give at least one model (registry URI, registered name, or runs:/ID/PATH)")
     if track:
         tracking.check_store(experiment)
-    dev = resolve_device(device)
-    models = [resolve_and_load(spec, device=dev) for spec in model_specs]
-    datasets = {dataset or m.dataset for m in models}
-    if None in datasets or len(datasets) != 1:
-        raise UserError(f"models must share one known dataset (found {sorted(map(str, datasets))}); pass --dataset")
-    name = datasets.pop()
-    synthetic = synthetic_params_from_run(models[0].source_run_id) if name == "synthetic" else None
-    test, _ = load_test_split(name, data_dir or models[0].data_dir, dev, synthetic)
+    opened = open_models(model_specs, data_dir=data_dir, dataset=dataset, device=device, experiment=experiment,
+                         purpose="the manifold analysis")
+    models, name, test = opened.models, opened.dataset, opened.test
     settings.validate(len(test))
     images = choose_images(test, settings)
     results = [analyse_model(m.model, m.describe(), images, settings, progress) for m in models]

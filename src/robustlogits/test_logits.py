@@ -109,7 +109,10 @@ def open_models(specs: list[str], *, data_dir: str | None = None, dataset: str |
         raise UserError(f"models must share one known dataset (found {sorted(map(str, names))}); pass --dataset")
     name = names.pop()
     synthetic = synthetic_params_from_run(models[0].source_run_id) if name == "synthetic" else None
-    test, raw = load_test_split(name, data_dir or models[0].data_dir, dev, synthetic)
+    digests = {m.data_digest for m in models if m.data_digest}
+    # The recorded folder is a hint; data are accepted only with the digest the models were trained on.
+    test, raw = load_test_split(name, data_dir, dev, synthetic, hint=models[0].data_dir,
+                                digest=digests.pop() if len(digests) == 1 else None)
     counts = {m.describe(): model_class_count(m.model, dev) for m in models}
     if len(set(counts.values())) != 1:
         raise UserError("models have different class counts: " + ", ".join(f"{k}: {v}" for k, v in counts.items()))

@@ -243,33 +243,6 @@ def parent_run(experiment: str, key: str, run_name: str, tags: dict[str, str] | 
             client.set_terminated(run_id, status)
         with contextlib.suppress(ValueError):
             signal.signal(signal.SIGTERM, previous)
-ERROR_TAG = "error"
-TRACEBACK_ARTIFACT = "error/traceback.txt"
-
-
-def record_failure(run_id: str, exc: BaseException) -> None:
-    """A FAILED run says why in the store: the one-line error as a tag, the traceback as an artifact.
-    Best effort: a store that just failed must not hide the original exception."""
-    import traceback
-
-    line = f"{type(exc).__name__}: {exc}".splitlines()[0] if str(exc) else type(exc).__name__
-    text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
-    client = MlflowClient()
-    with contextlib.suppress(Exception):
-        client.set_tag(run_id, ERROR_TAG, line[:5000])
-    with contextlib.suppress(Exception), tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / Path(TRACEBACK_ARTIFACT).name
-        path.write_text(text)
-        client.log_artifact(run_id, str(path), str(Path(TRACEBACK_ARTIFACT).parent))
-
-
-def clear_failure(run_id: str) -> None:
-    """A resumed run is no longer failed: its last error moves to `previous_error` (the traceback stays)."""
-    client = MlflowClient()
-    error = client.get_run(run_id).data.tags.get(ERROR_TAG)
-    if error:
-        client.set_tag(run_id, "previous_error", error)
-        client.delete_tag(run_id, ERROR_TAG)
 
 
 # --- keyed work: "find the FINISHED run with this key, or run it" ------------------------------
