@@ -59,7 +59,7 @@ def teacher_config(preset_name: str, dataset: str, training: str, seed: int, ove
 SCALES: dict[str, Scale] = {
     # Every step, reduced: under 20 minutes on an idle 2-core CPU (see README).
     "smoke": Scale("smoke", "smoke", seeds=2, ks=(1, 3, 7), train_overrides=("run.checkpoint_epochs=1,3,5",),
-                   attack_n_examples=500, attack_n_iter=50, sweep_epochs=(1, 3, 5),
+                   attack_n_examples=500, attack_n_iter=50, sweep_epochs=(1, 5),
                    manifold_images=30, manifold_perturbations=20, manifold_pgd_steps=3),
     # The CPU study preset: hours.
     "study": Scale("study", "study", seeds=3, ks=(1, 2, 3, 5, 7, 9), attack_n_examples=1000, attack_n_iter=100),
