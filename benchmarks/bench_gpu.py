@@ -38,6 +38,8 @@ import warnings
 import torch
 from torch.nn import functional as F
 
+from bench_train import cpu_name  # benchmarks/ is on sys.path when run as a script
+
 from robustlogits import training
 from robustlogits.attacks import evaluate_robustness
 from robustlogits.autoattack_adapter import run_standard_autoattack
@@ -302,16 +304,6 @@ def main():
           f"paper {total['paper']:.0f} GPU-h | ours {total['ours']:.1f} GPU-h | reference {total['reference']:.1f} GPU-h "
           f"| ours vs paper {total['paper'] / total['ours']:.1f}x")
     print(f"benchmark wall time {time.perf_counter() - started:.0f} s")
-
-
-def cpu_name() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 if __name__ == "__main__":
