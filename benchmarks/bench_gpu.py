@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import platform
 import time
 import warnings
 
