@@ -16,8 +16,8 @@ import numpy as np
 matplotlib.use("Agg")
 
 from robustlogits import tracking  # noqa: E402
-from robustlogits.errors import UserError  # noqa: E402
-from robustlogits.test_logits import TestModels, log_inputs, open_models  # noqa: E402
+from robustlogits.core.errors import UserError  # noqa: E402
+from robustlogits.jobs.test_logits import TestModels, log_inputs, open_models  # noqa: E402
 
 TRAINING_GROUP = {"standard": "ST", "adversarial": "AT"}
 

@@ -16,10 +16,10 @@ import numpy as np  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 
 from robustlogits import tracking  # noqa: E402
-from robustlogits.attack_records import load_attack_result  # noqa: E402
-from robustlogits.errors import UserError  # noqa: E402
-from robustlogits.figures import QUANTITY_LABEL  # noqa: E402
-from robustlogits.logits import max_logit_and_gap  # noqa: E402
+from robustlogits.tracking.attack_records import load_attack_result  # noqa: E402
+from robustlogits.core.errors import UserError  # noqa: E402
+from robustlogits.core.figures import QUANTITY_LABEL  # noqa: E402
+from robustlogits.core.logits import max_logit_and_gap  # noqa: E402
 
 
 def gap_robustness_table(gap: np.ndarray, robust: np.ndarray, correct: np.ndarray, edges: np.ndarray) -> dict:

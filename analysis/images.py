@@ -17,7 +17,7 @@ import numpy as np
 
 from analysis.common import default_class, default_pair, prepare, write_and_log
 from analysis.ranks import SCORES, confidence
-from robustlogits.errors import UserError
+from robustlogits.core.errors import UserError
 
 QUADRANTS = ("A high, B high", "A low, B high", "A high, B low", "A low, B low")
 

@@ -4,7 +4,7 @@ For P stratified test images, M points of each image's Linf ball (eps 8/255): ea
 at a random point of the ball and takes `pgd_steps` PGD steps against the model under analysis,
 so the manifold spans the directions the model is most sensitive to. Activations at every
 named stage are randomly projected to N features on the fly (the full early-layer activations
-of a ResNet-18 would not fit in memory) and analysed with MFTMA (`robustlogits.manifold`).
+of a ResNet-18 would not fit in memory) and analysed with MFTMA (`robustlogits.core.mftma`).
 """
 
 from __future__ import annotations
@@ -21,12 +21,12 @@ import numpy as np
 import torch
 
 from robustlogits import tracking
-from robustlogits.data import Split, stratified_indices
-from robustlogits.errors import UserError
-from robustlogits.manifold import ManifoldResult, manifold_analysis, simulated_capacity
-from robustlogits.models import extract_stages, stage_names
-from robustlogits.perturb import LinfPGD
-from robustlogits.test_logits import open_models
+from robustlogits.core.data import Split, stratified_indices
+from robustlogits.core.errors import UserError
+from robustlogits.core.mftma import ManifoldResult, manifold_analysis, simulated_capacity
+from robustlogits.core.models import extract_stages, stage_names
+from robustlogits.core.perturb import LinfPGD
+from robustlogits.jobs.test_logits import open_models
 
 
 @dataclass

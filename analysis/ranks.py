@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from analysis.common import default_class, default_pair, group_pairs, pair_stats, prepare, write_and_log
-from robustlogits.errors import UserError
+from robustlogits.core.errors import UserError
 
 SCORES = ("softmax", "logit")
 TARGETS = ("label", "top")

@@ -49,8 +49,8 @@ from matplotlib.figure import Figure
 from scipy import optimize
 
 from robustlogits import tracking
-from robustlogits.errors import UserError
-from robustlogits.test_logits import logits_of_run
+from robustlogits.core.errors import UserError
+from robustlogits.jobs.test_logits import logits_of_run
 
 PAPER_THRESHOLD = 3.5
 CORRECT_BRANCHES = ("+", "-")

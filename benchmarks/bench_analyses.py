@@ -18,7 +18,7 @@ import time
 
 import numpy as np
 
-from analysis.errors import class_means, distribution, error_ranks
+from analysis.error_classes import class_means, distribution, error_ranks
 from analysis.images import nearest_by_cosine, quadrants
 from analysis.overlap import average_overlap, positions, within_class_permutation
 from analysis.ranks import confidence, figure_b, rank_matrix

@@ -2,7 +2,7 @@
 
 Three timings on the same small CNN and the same synthetic examples, in one process:
 
-* ``ours``: ``robustlogits.attacks.evaluate_robustness`` (1 restart, per-example records,
+* ``ours``: ``robustlogits.core.attacks.evaluate_robustness`` (1 restart, per-example records,
   bound checks, library checks, fp32 with TF32 off);
 * ``library defaults``: AutoAttack called directly with ``version='custom'``,
   ``attacks_to_run=['apgd-ce', 'apgd-dlr']`` and everything else left at its defaults
@@ -28,8 +28,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from robustlogits import autoattack_adapter as adapter
-from robustlogits.attacks import evaluate_robustness
+from robustlogits.core import autoattack_adapter as adapter
+from robustlogits.core.attacks import evaluate_robustness
 
 
 class SmallCNN(nn.Module):

@@ -49,9 +49,9 @@ def main() -> None:
     import mlflow
     import torch
 
-    from robustlogits import training_run
+    from robustlogits.jobs import tracked_training as training_run
     from robustlogits.config import apply_overrides, preset
-    from robustlogits.train_job import run_training
+    from robustlogits.jobs.train import run_training
 
     cfg = preset("smoke")
     cfg.run.training = args.training

@@ -1,4 +1,4 @@
-"""Benchmark of the MFTMA core (robustlogits.manifold) on random manifolds.
+"""Benchmark of the MFTMA core (robustlogits.core.mftma) on random manifolds.
 
     PYTHONPATH=src python benchmarks/bench_manifold.py            # timings
     PYTHONPATH=src python benchmarks/bench_manifold.py --validate # + theory/simulation table
@@ -25,9 +25,7 @@ from scipy import optimize
 
 import scipy
 
-from robustlogits import manifold as mf
-
-
+from robustlogits.core import mftma as mf
 def random_manifolds(P, N, M, radius, seed=0):
     """Gaussian centres (norm ~1) and Gaussian clouds with a decaying spectrum of the given radius."""
     rng = np.random.default_rng(seed)

@@ -1,4 +1,4 @@
-"""Our MFTMA (`robustlogits.manifold`) beside the reference implementation on the same inputs.
+"""Our MFTMA (`robustlogits.core.mftma`) beside the reference implementation on the same inputs.
 
 The reference is github schung039/neural_manifolds_replicaMFT (`manifold_analysis_corr`), the
 code behind the paper's Figure 5. It needs Python 3.11 with numpy<2, scipy<1.12, cvxopt,
@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from robustlogits.manifold import manifold_analysis
+from robustlogits.core.mftma import manifold_analysis
 
 REFERENCE_RUNNER = textwrap.dedent("""
     import json, sys, time

@@ -36,7 +36,7 @@ def main() -> None:
     import torch
 
     from robustlogits import tracking
-    from robustlogits.models import build_model
+    from robustlogits.core.models import build_model
 
     if args.threads:
         torch.set_num_threads(args.threads)

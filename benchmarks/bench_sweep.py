@@ -43,10 +43,11 @@ def main() -> None:
     os.environ.pop("MLFLOW_TRACKING_URI", None)
     os.environ["ROBUSTLOGITS_CACHE"] = os.path.join(folder, "cache")
 
-    from robustlogits import distill_job, study_engine
+    from robustlogits.jobs import distill as distill_job
+    from robustlogits.study import engine as study_engine
     from robustlogits.config import preset
-    from robustlogits.sweep import SweepSettings, run_sweep
-    from robustlogits.train_job import run_training
+    from robustlogits.study.sweep import SweepSettings, run_sweep
+    from robustlogits.jobs.train import run_training
 
     cfg = preset("test")
     cfg.run.training = "adversarial"

@@ -1,4 +1,4 @@
-"""MLproject entry point `reproduce`: a thin Typer CLI over robustlogits.reproduce_job."""
+"""MLproject entry point `reproduce`: a thin Typer CLI over robustlogits.study.reproduce.run."""
 
 from robustlogits.cli import reproduce, single_command
 

@@ -1,4 +1,4 @@
-"""MLproject entry point `sweep`: a thin Typer CLI over robustlogits.sweep."""
+"""MLproject entry point `sweep`: a thin Typer CLI over robustlogits.study.sweep."""
 
 from robustlogits.cli import single_command, sweep
 

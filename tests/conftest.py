@@ -45,7 +45,7 @@ def real_data_cache(tmp_path_factory) -> Path:
 def teacher_store(tmp_path_factory):
     """One store with a synthetic AT teacher (2 versions, epoch 2 in Production) and an ST teacher."""
     from robustlogits.config import preset
-    from robustlogits.train_job import run_training
+    from robustlogits.jobs.train import run_training
 
     root = tmp_path_factory.mktemp("teachers")
     mp = pytest.MonkeyPatch()

@@ -7,9 +7,8 @@ import time
 
 import mlflow
 
-from robustlogits import study_engine, tracking
-
-
+from robustlogits.study import engine as study_engine
+from robustlogits import tracking
 @study_engine.task("square")
 def square(params: dict) -> dict[str, float]:
     def job() -> str:

@@ -7,10 +7,10 @@ import pytest
 from mlflow.tracking import MlflowClient
 from typer.testing import CliRunner
 
-from robustlogits.attack_job import AttackConfig, run_attack
-from robustlogits.attack_records import load_attack_result
+from robustlogits.jobs.attack import AttackConfig, run_attack
+from robustlogits.tracking.attack_records import load_attack_result
 from robustlogits.cli import app
-from robustlogits.errors import UserError
+from robustlogits.core.errors import UserError
 from robustlogits.tracking import resolve_model
 
 AT = "synthetic-cnn-tiny-at"

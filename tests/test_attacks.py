@@ -1,4 +1,4 @@
-"""Tests for robustlogits.attacks / autoattack_adapter on tiny models and synthetic data.
+"""Tests for robustlogits.core.attacks / autoattack_adapter on tiny models and synthetic data.
 
 Images are 3x8x8 with 10 classes whose means differ slightly, so a linear model is accurate
 but breakable at eps=8/255; iterations are cut to 10 to keep the file fast on 2 CPU cores.
@@ -16,15 +16,15 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from robustlogits import autoattack_adapter as adapter
-from robustlogits.data import stratified_indices
-from robustlogits.attacks import (
+from robustlogits.core import autoattack_adapter as adapter
+from robustlogits.core.data import stratified_indices
+from robustlogits.core.attacks import (
     AttackBoundsError,
     AttackResult,
     check_bounds,
     evaluate_robustness,
 )
-from robustlogits.errors import UserError
+from robustlogits.core.errors import UserError
 
 N_CLASSES = 10
 N = 300

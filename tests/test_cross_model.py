@@ -11,7 +11,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 from typer.testing import CliRunner
 
-from analysis.errors import class_means, distribution, error_ranks, rank_table
+from analysis.error_classes import class_means, distribution, error_ranks, rank_table
 from analysis.images import nearest_by_cosine, quadrants
 from analysis.overlap import average_overlap, curve, positions, within_class_permutation
 from analysis.ranks import class_ranks, confidence, disagreement, rank_matrix
@@ -177,7 +177,7 @@ def test_a_model_against_itself_agrees_perfectly(with_teachers, tmp_path):
 
 
 def test_logits_are_cached_per_version_and_data(with_teachers, tmp_path):
-    from robustlogits.test_logits import open_models
+    from robustlogits.jobs.test_logits import open_models
 
     version = MlflowClient().get_model_version(AT, "2")
     uri = f"runs:/{version.run_id}/epoch-0002"
@@ -195,8 +195,8 @@ def test_logits_are_cached_per_version_and_data(with_teachers, tmp_path):
 
 
 def test_errors_with_natural_and_adversarial_errors(with_teachers, tmp_path):
-    from analysis.errors import run as errors
-    from robustlogits.attack_job import AttackConfig, run_attack
+    from analysis.error_classes import run as errors
+    from robustlogits.jobs.attack import AttackConfig, run_attack
 
     attack_id, _ = run_attack(AttackConfig(model=f"models:/{AT}/2", n_examples=60, n_iter=5), progress=False)
     summary = errors([ST, AT], out_dir=tmp_path / "e")
@@ -237,7 +237,7 @@ def test_bad_input_is_one_line_exit_2_and_nothing_running(with_teachers, tmp_pat
     bad_group = runner.invoke(app, ["analyze", "overlap", "--group", "AT", "--out", str(tmp_path / "x")])
     assert bad_group.exit_code == 2 and "NAME=MODEL" in bad_group.output
 
-    from robustlogits.attack_job import AttackConfig, run_attack
+    from robustlogits.jobs.attack import AttackConfig, run_attack
 
     st_attack, _ = run_attack(AttackConfig(model=f"models:/{ST}/2", n_examples=20, n_iter=2), progress=False)
     wrong = runner.invoke(app, ["analyze", "errors", "--models", AT, "--attack-runs", st_attack, "--out", str(tmp_path / "x")])
@@ -250,7 +250,7 @@ def test_bad_input_is_one_line_exit_2_and_nothing_running(with_teachers, tmp_pat
 
 def test_models_of_different_class_counts_are_refused(with_teachers, tmp_path):
     from robustlogits import tracking
-    from robustlogits.models import build_model
+    from robustlogits.core.models import build_model
 
     with mlflow.start_run() as run:
         mlflow.log_params({"data.dataset": "synthetic", "data.synthetic_classes": 5})

@@ -10,8 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
-from robustlogits import data
-from robustlogits.errors import UserError
+from robustlogits.core import data
+from robustlogits.core.errors import UserError
 
 
 def _images(n: int, seed: int) -> np.ndarray:
@@ -275,8 +275,7 @@ def test_concurrent_first_extraction_keeps_the_folder_the_other_process_reads(tm
     delete the folder the first is already decoding from (it did: 'corrupt image ... No such file')."""
     import tarfile
 
-    from robustlogits import data
-
+    from robustlogits.core import data
     src = tmp_path / "src" / "train" / "cat"
     src.mkdir(parents=True)
     for i in range(3):

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from robustlogits import device as dev
+from robustlogits.core import device as dev
 from robustlogits.config import preset
-from robustlogits.errors import UserError
+from robustlogits.core.errors import UserError
 
 
 @pytest.mark.parametrize("setting, expected", [("true", True), ("false", False), (True, True), (False, False),
@@ -40,7 +40,7 @@ def test_bad_amp_setting_is_one_clear_error():
 def test_presets_default_to_auto_and_log_the_choice(monkeypatch):
     from mlflow.tracking import MlflowClient
 
-    from robustlogits.train_job import run_training
+    from robustlogits.jobs.train import run_training
 
     assert preset("smoke").run.amp == "auto" and preset("paper").run.amp == "auto"
     monkeypatch.setattr(dev, "bf16_is_native", lambda device: False)
@@ -58,7 +58,7 @@ def test_auto_trains_exactly_as_the_setting_it_resolves_to(native, forced, monke
     forcing bf16 (or fp32), so the choice changes speed only."""
     from mlflow.tracking import MlflowClient
 
-    from robustlogits.train_job import run_training
+    from robustlogits.jobs.train import run_training
 
     monkeypatch.setattr(dev, "bf16_is_native", lambda device: native)
     client, histories = MlflowClient(), {}

@@ -14,9 +14,9 @@ from mlflow.tracking import MlflowClient
 from typer.testing import CliRunner
 
 from robustlogits.cli import app
-from robustlogits.data import make_synthetic, build_bundle
-from robustlogits.distill_job import averaged_teacher_logits, students_of
-from robustlogits.models import build_model
+from robustlogits.core.data import make_synthetic, build_bundle
+from robustlogits.jobs.distill import averaged_teacher_logits, students_of
+from robustlogits.core.models import build_model
 from robustlogits.tracking import logged_model_id
 
 REPO = Path(__file__).resolve().parents[1]
@@ -194,7 +194,7 @@ def test_lineage_in_a_sqlite_store_teacher_is_input_student_is_output(tmp_path, 
     import mlflow
 
     from robustlogits.config import preset
-    from robustlogits.train_job import run_training
+    from robustlogits.jobs.train import run_training
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)

@@ -89,9 +89,10 @@ def mlflow_server(tmp_path):
 
 
 def test_two_workers_on_postgres_and_an_mlflow_server(postgres_url, mlflow_server, tmp_path, monkeypatch):
-    from robustlogits import study_engine, sweep
+    from robustlogits.study import engine as study_engine
+    from robustlogits.study import sweep
     from robustlogits.config import preset
-    from robustlogits.train_job import run_training
+    from robustlogits.jobs.train import run_training
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
     monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)

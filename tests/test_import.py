@@ -14,11 +14,11 @@ from typer.testing import CliRunner
 
 from analysis.gaps import run as run_gap_job
 from analysis.manifolds import ManifoldSettings, run as run_manifold_job
-from robustlogits import models
-from robustlogits.attack_job import AttackConfig, run_attack
+from robustlogits.core import models
+from robustlogits.jobs.attack import AttackConfig, run_attack
 from robustlogits.cli import app
-from robustlogits.distill_job import distill_preset, run_distill
-from robustlogits.model_store import resolve_and_load
+from robustlogits.jobs.distill import distill_preset, run_distill
+from robustlogits.tracking.models import resolve_and_load
 
 NORM = "0.5,0.25"  # the synthetic data's normalisation, as MEAN,STD
 

@@ -1,4 +1,4 @@
-"""Validation of the MFTMA core (robustlogits.manifold) against theory and simulation.
+"""Validation of the MFTMA core (robustlogits.core.mftma) against theory and simulation.
 
 Tolerances are stated in each test's name/docstring; sizes are small so the file runs in
 well under a minute on 2 cores.
@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 from scipy import integrate, optimize
 
-from robustlogits.errors import UserError
-from robustlogits.manifold import (
+from robustlogits.core.errors import UserError
+from robustlogits.core.mftma import (
     alpha_ball,
     alpha_point,
     anchor_points,
@@ -225,7 +225,7 @@ def test_reference_centre_removal_always_takes_out_at_least_one_direction():
 
 
 def test_residual_correlation_gradient_matches_finite_differences():
-    from robustlogits.manifold import _residual_corr_cost
+    from robustlogits.core.mftma import _residual_corr_cost
 
     rng = np.random.default_rng(0)
     X, A = rng.standard_normal((8, 7)), rng.standard_normal((7, 2))

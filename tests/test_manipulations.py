@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from robustlogits.errors import UserError
-from robustlogits.manipulations import (
+from robustlogits.core.errors import UserError
+from robustlogits.core.manipulations import (
     MANIPULATIONS,
     correct_fix,
     fix_k_average,

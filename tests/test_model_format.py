@@ -11,10 +11,12 @@ import pytest
 import torch
 from torch import nn
 
-from robustlogits import model_format, models, tracking
-from robustlogits.errors import UserError
-from robustlogits.model_store import resolve_and_load
-from robustlogits.training import TrainState, make_state
+from robustlogits.core import model_format
+from robustlogits.core import models
+from robustlogits import tracking
+from robustlogits.core.errors import UserError
+from robustlogits.tracking.models import resolve_and_load
+from robustlogits.core.training import TrainState, make_state
 from robustlogits.config import OptimConfig
 
 X = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
@@ -82,7 +84,7 @@ def test_stored_model_loads_after_its_class_is_renamed(monkeypatch):
     expected = model(X)
 
     # The code moves on: CifarResNet becomes ResNetForCifar, and the factory builds the new class.
-    renamed = type("ResNetForCifar", (models.CifarResNet,), {"__module__": "robustlogits.models"})
+    renamed = type("ResNetForCifar", (models.CifarResNet,), {"__module__": "robustlogits.core.models"})
     monkeypatch.delattr(models, "CifarResNet")
     monkeypatch.setattr(models, "ResNetForCifar", renamed, raising=False)
     monkeypatch.setitem(models.ARCHS, "resnet20", lambda c: (renamed((3, 3, 3), (16, 32, 64), c),

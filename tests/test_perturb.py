@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from robustlogits.models import build_model
-from robustlogits.perturb import LinfPGD
+from robustlogits.core.models import build_model
+from robustlogits.core.perturb import LinfPGD
 
 EPS = 8 / 255
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 
-from robustlogits.progress import Progress
+from robustlogits.core.progress import Progress
 
 
 def test_without_a_terminal_a_line_every_tenth(caplog):

@@ -21,11 +21,11 @@ from typer.testing import CliRunner
 
 from robustlogits import tracking
 from robustlogits.cli import app
-from robustlogits.errors import UserError
-from robustlogits.paper_reference import CLAIMS, TABLE2_LABELS
-from robustlogits.reproduce_job import ReproduceOptions, make_plan, plan_table, run_reproduce
-from robustlogits.reproduce_plan import GROUPS, SCALES, build_plan, select_groups
-from robustlogits.reproduce_report import mean_std, pct
+from robustlogits.core.errors import UserError
+from robustlogits.study.reproduce.paper import CLAIMS, TABLE2_LABELS
+from robustlogits.study.reproduce.run import ReproduceOptions, make_plan, plan_table, run_reproduce
+from robustlogits.study.reproduce.plan import GROUPS, SCALES, build_plan, select_groups
+from robustlogits.study.reproduce.report import mean_std, pct
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -105,7 +105,7 @@ def test_unreachable_tracking_store_fails_before_anything(monkeypatch):
 
 
 def test_verdict_rules_decide_from_the_numbers():
-    from robustlogits.paper_reference import judge_all
+    from robustlogits.study.reproduce.paper import judge_all
 
     def student(adv, nat=0.5):
         return [{"adversarial": adv, "natural": nat, "run": "r"}]
@@ -184,7 +184,7 @@ def test_second_run_does_nothing(in_study):
     assert trial_count(in_study["root"]) == trials
     plan = make_plan(ReproduceOptions(scale="test"))
     assert all(plan.done.values())
-    from robustlogits.reproduce_estimate import estimate
+    from robustlogits.study.reproduce.estimate import estimate
 
     table = plan_table(plan, 1, estimate(plan.chosen))
     assert "0 to run" in table and "to do" not in table

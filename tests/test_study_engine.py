@@ -16,8 +16,8 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 import tests.engine_tasks  # noqa: F401 - registers the "square" task
-from robustlogits import study_engine as se
-from robustlogits.errors import UserError
+from robustlogits.study import engine as se
+from robustlogits.core.errors import UserError
 
 REPO = Path(__file__).resolve().parents[1]
 SPACE = {"x": {"choices": [1, 2]}, "y": {"choices": ["a", "b"]}}
@@ -169,7 +169,7 @@ def test_ctrl_c_fails_the_trial_and_its_run_and_leaves_a_resumable_study(tmp_pat
 def test_worker_devices_round_robin_and_per_device_limit(monkeypatch):
     import torch
 
-    from robustlogits.device import resolve_device, worker_devices
+    from robustlogits.core.device import resolve_device, worker_devices
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert worker_devices(3) == [None, None, None]  # CPU-only: simply N workers

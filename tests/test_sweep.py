@@ -17,7 +17,8 @@ from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 from typer.testing import CliRunner
 
-from robustlogits import study_engine, sweep
+from robustlogits.study import engine as study_engine
+from robustlogits.study import sweep
 from robustlogits.cli import app
 
 REPO = Path(__file__).resolve().parents[1]
@@ -29,7 +30,7 @@ GRID = ["--teacher", TEACHER, "--teacher-epochs", "all", "--losses", "l1,kl", "-
 def sweep_store(tmp_path_factory):
     """A store of its own with one synthetic AT teacher (checkpoints at epochs 1 and 2)."""
     from robustlogits.config import preset
-    from robustlogits.train_job import run_training
+    from robustlogits.jobs.train import run_training
 
     root = tmp_path_factory.mktemp("sweep-teacher")
     mp = pytest.MonkeyPatch()

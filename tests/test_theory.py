@@ -11,7 +11,7 @@ import pytest
 from scipy import optimize, special
 
 from analysis import theory as T
-from robustlogits.errors import UserError
+from robustlogits.core.errors import UserError
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

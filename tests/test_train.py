@@ -14,11 +14,12 @@ import torch
 from mlflow.tracking import MlflowClient
 from typer.testing import CliRunner
 
-from robustlogits import train_job, training_run
-from robustlogits.data import load_bundle
+from robustlogits.jobs import train as train_job
+from robustlogits.jobs import tracked_training as training_run
+from robustlogits.core.data import load_bundle
 from robustlogits.cli import app
 from robustlogits.config import apply_overrides, flatten, preset
-from robustlogits.logits import compute_logits
+from robustlogits.core.logits import compute_logits
 
 REPO = Path(__file__).resolve().parents[1]
 STAT_KEYS = [f"{split}_{q}_{s}" for split in ("train", "test") for q in ("max_logit", "gap")

@@ -10,12 +10,12 @@ import torch
 from torch.nn import functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from robustlogits import training
+from robustlogits.core import training
 from robustlogits.config import AdversaryConfig, OptimConfig
-from robustlogits.data import build_bundle, make_synthetic
-from robustlogits.models import build_model
-from robustlogits.perturb import LinfPGD
-from robustlogits.training import (Objective, TrainingDiverged, adversarial_objective, cross_entropy, fit,
+from robustlogits.core.data import build_bundle, make_synthetic
+from robustlogits.core.models import build_model
+from robustlogits.core.perturb import LinfPGD
+from robustlogits.core.training import (Objective, TrainingDiverged, adversarial_objective, cross_entropy, fit,
                                    make_state, standard_objective)
 
 DEVICE = torch.device("cpu")
@@ -181,7 +181,7 @@ def test_pgd_updates_in_place_and_equals_the_textbook_attack():
 
 def test_negative_sync_every_is_one_clear_error():
     from robustlogits.config import preset
-    from robustlogits.errors import UserError
+    from robustlogits.core.errors import UserError
 
     cfg = preset("test")
     cfg.run.sync_every = -1

@@ -1,0 +1,65 @@
+"""The `train` job: ST or PGD-AT with every epoch's logit distribution, checkpoints in the registry.
+
+What is logged each epoch lives in `training_run`; this job picks the objective, and `--resume`
+continues a killed run in the same MLflow run without duplicating metric steps.
+"""
+
+from __future__ import annotations
+
+import mlflow
+import torch
+from mlflow.tracking import MlflowClient
+
+from robustlogits import tracking
+from robustlogits.config import TrainConfig, apply_overrides, flatten
+from robustlogits.core.data import load_bundle
+from robustlogits.core.device import resolve_amp, resolve_device
+from robustlogits.core.errors import UserError
+from robustlogits.core.training import Objective, adversarial_objective, standard_objective
+from robustlogits.jobs.tracked_training import STATE_ARTIFACT, log_run_inputs, new_state, train_tracked
+
+
+def config_from_run(run_id: str) -> TrainConfig:
+    """Rebuild a run's config from its params: the params are the complete description."""
+    try:
+        params = MlflowClient().get_run(run_id).data.params
+    except Exception:  # noqa: BLE001
+        raise UserError(f"no run {run_id!r} in the tracking store") from None
+    known = flatten(TrainConfig())
+    cfg = TrainConfig()
+    apply_overrides(cfg, [f"{k}={v}" for k, v in params.items() if k in known])
+    return cfg
+
+
+def run_training(cfg: TrainConfig, resume: str | None = None, progress: bool | None = None) -> str:
+    """Train as configured (or continue run `resume`) and return the MLflow run id."""
+    if resume:
+        tracking.check_store(cfg.run.experiment)
+        cfg = config_from_run(resume)
+        status = MlflowClient().get_run(resume).info.status
+        if status == "FINISHED":
+            raise UserError(f"run {resume} already FINISHED; nothing to resume")
+    cfg.validate()
+    # Log what will actually happen, not "None": defaults that depend on other values are resolved.
+    cfg.data.val_per_class = cfg.resolved_val_per_class()
+    cfg.run.teacher_epoch = cfg.resolved_teacher_epoch()
+    device = resolve_device(cfg.run.device)
+    amp = resolve_amp(cfg.run.amp, device)
+    torch.manual_seed(cfg.run.seed)
+    bundle = load_bundle(cfg, device)
+    state = new_state(cfg, bundle.num_classes, device)
+    objective: Objective = adversarial_objective(cfg.adversary, amp) if cfg.adversarial else standard_objective()
+    tags = {"robustlogits.job": "train", "training": cfg.run.training, "dataset": cfg.data.dataset,
+            "arch": cfg.model.arch, "preset": cfg.preset}
+    run_name = f"{cfg.preset}-{cfg.run.training}-{cfg.model.arch}"
+    if resume:
+        state.load_bytes(tracking.download_artifact(resume, STATE_ARTIFACT).read_bytes())
+    with tracking.managed_run(cfg.run.experiment, run_name=run_name, run_id=resume, tags=tags) as run:
+        run_id = run.info.run_id
+        if not resume:
+            log_run_inputs(cfg, bundle, amp)
+        else:
+            mlflow.set_tag("resumed_from_epoch", state.epoch)
+            tracking.clear_failure(run_id)
+        train_tracked(cfg, bundle, state, objective, run_id, amp, progress=progress)
+    return run_id

@@ -1,0 +1,217 @@
+"""The paper's study as a plan of keyed steps, at three scales (and `test`, for the test-suite).
+
+A step is one unit of work done by an existing job (train, attack, distill, an analysis). Its key
+hashes its resolved config and the keys of the steps it reads from (which in turn hash theirs,
+down to the training data's digest), so the whole plan's keys are known before anything runs and
+"done" means "a FINISHED run carries this key".
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+from robustlogits import tracking
+from robustlogits.config import apply_overrides, flatten, preset
+from robustlogits.core.errors import UserError
+
+STAGES = ("train", "attack", "distill", "analyze")
+
+
+@dataclass(frozen=True)
+class Scale:
+    """How big each part of the study is. Every value is logged as a param of the study run."""
+
+    name: str
+    preset: str                            # train/distill preset (model, data, epochs)
+    seeds: int
+    datasets: tuple[str, ...] = ("cifar10", "cifar100")
+    ks: tuple[int, ...] | None = None      # fix-k values (None: 1..C-1, Figure 4B)
+    fix_modes: tuple[str, ...] = ("permute", "average")
+    train_overrides: tuple[str, ...] = ()
+    attack_n_examples: int | None = None   # None: the whole test split
+    attack_n_iter: int = 100
+    sweep_epochs: tuple[int, ...] | None = None  # A.6 / A.7 teacher checkpoints (None: all)
+    sweep_losses: tuple[str, ...] = ("l1", "kl")
+    manifold_images: int = 50
+    manifold_perturbations: int = 50
+    manifold_features: int = 500
+    manifold_pgd_steps: int = 5
+
+    def teacher_config(self, dataset: str, training: str, seed: int):
+        return teacher_config(self.preset, dataset, training, seed, self.train_overrides)
+
+
+def teacher_config(preset_name: str, dataset: str, training: str, seed: int, overrides=(), data_dir=None):
+    """A teacher's resolved training config, as logged (resolved defaults, not "None")."""
+    cfg = preset(preset_name)
+    cfg.run.training = training
+    cfg.data.dataset = dataset
+    cfg.run.seed = seed
+    cfg.data.data_dir = data_dir
+    apply_overrides(cfg, overrides)
+    cfg.validate()
+    cfg.data.val_per_class = cfg.resolved_val_per_class()
+    cfg.run.teacher_epoch = cfg.resolved_teacher_epoch()
+    return cfg
+
+
+SCALES: dict[str, Scale] = {
+    # Every step, reduced: under 20 minutes on an idle 2-core CPU (see README).
+    "smoke": Scale("smoke", "smoke", seeds=2, ks=(1, 3, 7), train_overrides=("run.checkpoint_epochs=1,3,5",),
+                   attack_n_examples=500, attack_n_iter=50, sweep_epochs=(1, 5),
+                   manifold_images=30, manifold_perturbations=20, manifold_pgd_steps=3),
+    # The CPU study preset: hours.
+    "study": Scale("study", "study", seeds=3, ks=(1, 2, 3, 5, 7, 9), attack_n_examples=1000, attack_n_iter=100),
+    # Appendix A.2 exactly, for GPUs: every k, the full test split, every checkpoint in the sweeps.
+    "paper": Scale("paper", "paper", seeds=3),
+    # Seconds, on synthetic data: the test-suite's study.
+    "test": Scale("test", "test", seeds=2, datasets=("synthetic",), ks=(1,), attack_n_examples=40,
+                  attack_n_iter=5, manifold_images=6, manifold_perturbations=4, manifold_features=50,
+                  manifold_pgd_steps=1),
+}
+
+# Step groups for --only / --skip, in the order the study runs them.
+CROSS_MODEL = ("ranks", "errors", "overlap", "images")   # Figures 3A-B, 3C, 3D / B.6, B.2-B.3
+GROUPS = ("train", "attack", "distill", "sweeps", "gap", "theory", "manifold", *CROSS_MODEL)
+
+
+@dataclass
+class Step:
+    name: str            # e.g. "distill/cifar10/s0/permute-k3"
+    group: str           # one of GROUPS
+    stage: str           # one of STAGES: a stage runs only when the stages before it are done
+    task: str            # the registered task that runs it
+    args: dict           # JSON-able, everything a worker on another machine needs
+    needs: dict = field(default_factory=dict)   # role -> upstream step name (or list of names)
+    key: str = ""
+    estimate_s: float = 0.0
+
+    def item(self, keys: dict[str, str]) -> dict:
+        """The work item a worker receives: the step with its upstream steps' keys resolved."""
+        def resolve(ref):
+            return [keys[r] for r in ref] if isinstance(ref, list) else keys[ref]
+        return {"step": self.name, "task": self.task, "key": self.key, "args": self.args, "inputs": {role: resolve(ref) for role, ref in self.needs.items()}}
+
+
+def scale(name: str) -> Scale:
+    if name not in SCALES:
+        raise UserError(f"unknown scale {name!r}; choose one of: {', '.join(SCALES)}")
+    return SCALES[name]
+
+
+def select_groups(only: list[str] | None, skip: list[str] | None) -> tuple[str, ...]:
+    for given in (*(only or ()), *(skip or ())):
+        if given not in GROUPS:
+            raise UserError(f"unknown step {given!r}; choose from: {', '.join(GROUPS)}")
+    chosen = [g for g in GROUPS if (not only or g in only) and g not in (skip or ())]
+    if not chosen:
+        raise UserError("--only/--skip leave no step to run")
+    return tuple(chosen)
+
+
+def class_count(dataset: str, scale_: Scale) -> int:
+    if dataset == "synthetic":
+        return preset(scale_.preset).data.synthetic_classes
+    return 100 if dataset == "cifar100" else 10
+
+
+def build_plan(scale_: Scale, seeds: int, datasets: dict[str, str], data_dir: str | None) -> list[Step]:
+    """Every step of the study (sections 4.1-4.3, appendices A-C) for the datasets present.
+
+    `datasets` maps each dataset to its content digest (the identity of the training data).
+    """
+    if seeds < 1:
+        raise UserError(f"seeds must be >= 1, got {seeds}")
+    steps: list[Step] = []
+    for dataset, digest in datasets.items():
+        steps += _dataset_steps(scale_, seeds, dataset, digest, data_dir)
+    by_name = {s.name: s for s in steps}
+    for step in steps:  # upstream first: steps are listed in dependency order
+        upstream = {role: ([by_name[r].key for r in ref] if isinstance(ref, list) else by_name[ref].key)
+                    for role, ref in step.needs.items()}
+        payload = {k: v for k, v in step.args.items() if k != "data_dir"}
+        step.key = tracking.job_key({"task": step.task, "args": payload, "inputs": upstream})
+    return steps
+
+
+def _dataset_steps(sc: Scale, seeds: int, dataset: str, digest: str, data_dir: str | None) -> list[Step]:
+    steps: list[Step] = []
+    teacher_epoch = sc.teacher_config(dataset, "adversarial", 0).run.teacher_epoch
+    checkpoints = sc.teacher_config(dataset, "adversarial", 0).run.checkpoint_epochs
+    attack = {"n_examples": sc.attack_n_examples, "n_iter": sc.attack_n_iter}
+    for seed in range(seeds):
+        for kind, training in (("st", "standard"), ("at", "adversarial")):
+            cfg = sc.teacher_config(dataset, training, seed)
+            config = {k: v for k, v in flatten(cfg).items()
+                      if k not in ("data.data_dir", "run.device", "run.experiment")}
+            steps.append(Step(f"train/{dataset}/{kind}/s{seed}", "train", "train", "reproduce-train",
+                              {"preset": sc.preset, "training": training, "dataset": dataset, "seed": seed,
+                               "overrides": list(sc.train_overrides), "data_dir": data_dir,
+                               "config": config, "data_digest": digest}))
+            steps.append(Step(f"attack/{dataset}/{kind}/s{seed}", "attack", "attack", "reproduce-attack",
+                              {"epoch": teacher_epoch, "seed": 0, **attack, "data_dir": data_dir},
+                              {"model": f"train/{dataset}/{kind}/s{seed}"}))
+    classes = class_count(dataset, sc)
+    distilled = dataset != "cifar100"  # the paper distils on CIFAR-10 only (section 4.2)
+    if distilled:
+        ks = [k for k in (sc.ks or range(1, classes)) if 1 <= k < classes]
+        for seed in range(seeds):
+            students = [("normal", "none", None)]
+            students += [(f"{mode}-k{k}", mode, k) for mode in sc.fix_modes for k in ks]
+            students += [("correct-fix-1", "correct-fix", 1), ("hybrid", "hybrid", None)]
+            for label, manipulation, k in students:
+                steps.append(_student(sc, dataset, seed, label, manipulation, k, teacher_epoch, "l1", "distill",
+                                      data_dir))
+        for epoch in sc.sweep_epochs or checkpoints:
+            for loss in sc.sweep_losses:
+                steps.append(_student(sc, dataset, 0, f"e{epoch}-{loss}", "none", None, epoch, loss, "sweeps",
+                                      data_dir))
+    teachers = {"at": f"train/{dataset}/at/s0", "st": f"train/{dataset}/st/s0"}
+    steps.append(Step(f"analyze/{dataset}/gap", "gap", "analyze", "reproduce-gap", {"bins": 10},
+                      {"attacks": [f"attack/{dataset}/{kind}/s{seed}" for kind in ("st", "at")
+                                   for seed in range(seeds)]}))
+    steps.append(Step(f"analyze/{dataset}/theory", "theory", "analyze", "reproduce-theory",
+                      {"classes": classes, "epoch": teacher_epoch},
+                      {"runs": [teachers["st"], teachers["at"]]}))
+    models = {"ST teacher": teachers["st"], "AT teacher": teachers["at"]}
+    if distilled:
+        models |= {"robust student (normal)": f"distill/{dataset}/s0/normal",
+                   "non-robust student (correct-fix-1)": f"distill/{dataset}/s0/correct-fix-1"}
+    steps.append(Step(f"analyze/{dataset}/manifold", "manifold", "analyze", "reproduce-manifold",
+                      {"labels": list(models), "epochs": [teacher_epoch if "teacher" in label else None
+                                                          for label in models], "n_images": sc.manifold_images,
+                       "n_perturbations": sc.manifold_perturbations, "n_features": sc.manifold_features,
+                       "pgd_steps": sc.manifold_pgd_steps, "data_dir": data_dir},
+                      {"models": list(models.values())}))
+    teachers_all = [(f"{kind.upper()} s{seed}", f"train/{dataset}/{kind}/s{seed}") for kind in ("at", "st")
+                    for seed in range(seeds)]
+    for analysis in CROSS_MODEL:
+        needs = {"models": [name for _, name in teachers_all]}
+        if analysis == "errors":
+            needs["attacks"] = [name.replace("train/", "attack/", 1) for _, name in teachers_all]
+        steps.append(Step(f"analyze/{dataset}/{analysis}", analysis, "analyze", "reproduce-cross-model",
+                          {"analysis": analysis, "labels": [label for label, _ in teachers_all],
+                           "epochs": [teacher_epoch] * len(teachers_all), "data_dir": data_dir}, needs))
+    return steps
+
+
+def _student(sc: Scale, dataset: str, seed: int, label: str, manipulation: str, k: int | None, epoch: int,
+             loss: str, group: str, data_dir: str | None) -> Step:
+    args = {"preset": sc.preset, "manipulation": manipulation, "k": k, "seed": seed, "loss": loss,
+            "teacher_epoch": epoch, "n_examples": sc.attack_n_examples, "n_iter": sc.attack_n_iter,
+            "data_dir": data_dir}
+    needs = {"teacher": f"train/{dataset}/at/s{seed}"}
+    if manipulation == "hybrid":
+        needs["st_teacher"] = f"train/{dataset}/st/s{seed}"
+    prefix = "distill" if group == "distill" else "sweep"
+    return Step(f"{prefix}/{dataset}/s{seed}/{label}", group, "distill", "reproduce-distill", args, needs)
+
+
+def select(steps: list[Step], groups: tuple[str, ...]) -> list[Step]:
+    return [s for s in steps if s.group in groups]
+
+
+def scale_params(sc: Scale, seeds: int) -> dict:
+    return {f"scale.{k}": v for k, v in dataclasses.asdict(sc).items()} | {"seeds": seeds}
+

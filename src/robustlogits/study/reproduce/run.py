@@ -1,0 +1,221 @@
+"""The `reproduce` job: the paper's whole study as one resumable command, and a report beside the paper.
+
+It plans every step (`reproduce_plan`), checks the input, then runs the stages in order (train,
+attack, distill, analyze); within a stage the steps not yet done are independent work items run
+by the study engine's workers. All step runs nest under one parent run, which holds the report.
+Running it again finds every finished step by its key and only redoes what is missing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from robustlogits import tracking
+from robustlogits.core.errors import UserError
+from robustlogits.study.reproduce.plan import (STAGES, Step, build_plan, scale, scale_params, select, select_groups,
+                                         teacher_config)
+
+log = logging.getLogger(__name__)
+STUDY_JOB = "reproduce"
+
+
+@dataclass
+class ReproduceOptions:
+    scale: str = "smoke"
+    seeds: int | None = None          # default: the scale's
+    only: list[str] = field(default_factory=list)
+    skip: list[str] = field(default_factory=list)
+    workers: int = 1
+    storage: str | None = None        # Optuna storage shared with `sweep worker`s on other machines
+    out: str = "reproduce"
+    data_dir: str | None = None
+    dry_run: bool = False
+    experiment: str = "robustlogits-reproduce"
+    heartbeat: int = 10               # seconds; a silent worker's step is queued again after 3 beats
+
+
+@dataclass
+class Plan:
+    study_key: str
+    steps: list[Step]
+    chosen: list[Step]
+    done: dict[str, str | None]       # step name -> FINISHED run id (None: not done)
+    datasets: dict[str, str]
+    skipped_datasets: dict[str, str]
+
+
+def dataset_digests(datasets: tuple[str, ...], preset_name: str, data_dir: str | None) -> tuple[dict, dict]:
+    """Digest of each dataset present. CIFAR-10 (or the synthetic set) must be there; CIFAR-100 is
+    optional, looked for without a download."""
+    from robustlogits.core.data import load_raw
+
+    found, skipped = {}, {}
+    for dataset in datasets:
+        d = teacher_config(preset_name, dataset, "standard", 0).data
+        synthetic = dict(train_per_class=d.synthetic_train_per_class, test_per_class=d.synthetic_test_per_class,
+                         num_classes=d.synthetic_classes, size=d.synthetic_size)
+        if dataset == "cifar100":
+            previous = os.environ.get("ROBUSTLOGITS_NO_DOWNLOAD")
+            os.environ["ROBUSTLOGITS_NO_DOWNLOAD"] = "1"
+            try:
+                found[dataset] = load_raw(dataset, data_dir).digest
+            except UserError as exc:
+                skipped[dataset] = str(exc).split(". Looked")[0]
+            finally:
+                if previous is None:
+                    os.environ.pop("ROBUSTLOGITS_NO_DOWNLOAD", None)
+        else:
+            found[dataset] = load_raw(dataset, data_dir, synthetic=synthetic).digest
+    return found, skipped
+
+
+def check_storage(url: str | None) -> None:
+    """An Optuna storage that cannot be reached fails here, before anything runs."""
+    if url:
+        from robustlogits.study.engine import open_storage
+
+        open_storage(url, heartbeat=None)
+
+
+def make_plan(opts: ReproduceOptions) -> Plan:
+    """Validate everything and plan the study; nothing is written."""
+    sc = scale(opts.scale)
+    seeds = sc.seeds if opts.seeds is None else opts.seeds
+    if seeds < 1:
+        raise UserError(f"--seeds must be >= 1, got {seeds}")
+    if opts.workers < 1:
+        raise UserError(f"--workers must be >= 1, got {opts.workers}")
+    groups = select_groups(opts.only, opts.skip)
+    check_storage(opts.storage)
+    datasets, skipped = dataset_digests(sc.datasets, sc.preset, opts.data_dir)
+    tracking.check_store(opts.experiment)
+    steps = build_plan(sc, seeds, datasets, opts.data_dir)
+    chosen = select(steps, groups)
+    finished = tracking.finished_runs_by_key()
+    done = {s.name: finished.get(s.key) for s in steps}
+    by_name = {s.name: s for s in steps}
+    chosen_names = {s.name for s in chosen}
+    for step in chosen:
+        for ref in step.needs.values():
+            for name in ref if isinstance(ref, list) else [ref]:
+                if name not in chosen_names and not done[name]:
+                    raise UserError(f"step {step.name} needs {name} ({by_name[name].group}), which is neither done "
+                                    f"nor selected; drop --only/--skip {by_name[name].group}")
+    study_key = tracking.job_key({"job": STUDY_JOB, **scale_params(sc, seeds), "data": datasets})
+    return Plan(study_key, steps, chosen, done, datasets, skipped)
+
+
+def run_reproduce(opts: ReproduceOptions) -> dict:
+    """Plan, then (unless dry-run) run what is not done and write the report. Returns a summary."""
+    plan = make_plan(opts)
+    if opts.dry_run:
+        from robustlogits.study.reproduce.estimate import estimate
+
+        sources = estimate(plan.chosen)
+        return {"plan": plan, "throughput": sources}
+    sc = scale(opts.scale)
+    seeds = sc.seeds if opts.seeds is None else opts.seeds
+    run_name = f"reproduce-{sc.name}-{seeds}seeds"
+    with tracking.parent_run(opts.experiment, plan.study_key, run_name,
+                             {"robustlogits.job": STUDY_JOB, "scale": sc.name}) as parent:
+        _log_study_params(parent, scale_params(sc, seeds) | {f"data_digest.{k}": v for k, v in plan.datasets.items()})
+        keys = {s.name: s.key for s in plan.steps}
+        for stage in STAGES:
+            finished = tracking.finished_runs_by_key()
+            todo: dict[str, Step] = {}
+            for step in plan.chosen:  # one item per key: a sweep point equal to a student is that student
+                if step.stage == stage and step.key not in finished:
+                    todo.setdefault(step.key, step)
+            if todo:
+                log.info("stage %s: %d step(s) to run", stage, len(todo))
+                run_stage(f"reproduce-{plan.study_key}-{stage}", [s.item(keys) for s in todo.values()], opts, parent)
+        from robustlogits.study.reproduce.report import write_report
+
+        report, verdicts = write_report(plan, sc, seeds, parent, Path(opts.out))
+    return {"plan": plan, "parent_run_id": parent, "report": report, "verdicts": verdicts}
+
+
+def run_stage(study_name: str, items: list[dict], opts: ReproduceOptions, parent: str) -> None:
+    """One stage's independent steps as a study of fixed work items on the study engine: local
+    workers run them, and with a shared `--storage` so can `sweep worker`s on other machines.
+    The stage study's own parent run nests under the reproduce run, so the UI shows one tree."""
+    from mlflow.tracking import MlflowClient
+
+    from robustlogits.study import engine as study_engine
+    from robustlogits.study.reproduce.steps import DONE_METRIC, STAGE_TASK
+
+    storage = opts.storage or study_engine.default_storage()
+    client = MlflowClient()
+    # the stage runs live in the study run's experiment (under `mlflow run`: the launcher's), so
+    # the UI draws one tree
+    experiment = client.get_experiment(client.get_run(parent).info.experiment_id).name
+    spec = {"task": STAGE_TASK, "module": "robustlogits.study.reproduce.steps", "kind": "reproduce-stage",
+            "sampler": "items", "objectives": [DONE_METRIC], "experiment": experiment}
+    study = study_engine.open_study(study_name, storage, ["maximize"], spec, opts.heartbeat)
+    client.set_tag(study_engine.parent_run_id(study), "mlflow.parentRunId", parent)
+    added = study_engine.enqueue_items(study, items)
+    log.info("study %s: %d item(s) queued; other machines join with: robustlogits sweep worker --study %s "
+             "--storage %s", study_name, added, study_name, study_engine.redact(storage))
+    with study_engine.driving(study):
+        status = study_engine.run_workers(study_name, storage, opts.workers, heartbeat=opts.heartbeat)
+    if not status.done:
+        raise UserError(f"stage study {study_name} did not finish: {status.summary()}")
+
+
+def _log_study_params(run_id: str, params: dict) -> None:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient()
+    logged = client.get_run(run_id).data.params
+    for key, value in params.items():
+        text = "None" if value is None else str(value)
+        if key not in logged:
+            with contextlib.suppress(Exception):
+                client.log_param(run_id, key, text[:6000])
+
+
+def duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min"
+    if seconds < 2 * 86400:
+        return f"{seconds / 3600:.1f} h"
+    return f"{seconds / 86400:.1f} days"
+
+
+def plan_table(plan: Plan, workers: int, throughput: dict[str, str]) -> str:
+    """The dry-run's table: step, key, done or not, estimated time; then the totals."""
+    first_of_key: dict[str, str] = {}
+    rows = []
+    for step in plan.chosen:
+        run = plan.done.get(step.name)
+        if run:
+            state, seconds = f"done ({run[:8]})", 0.0
+        elif step.key in first_of_key:
+            state, seconds = f"= {first_of_key[step.key]}", 0.0
+        else:
+            state, seconds = "to do", step.estimate_s
+        first_of_key.setdefault(step.key, step.name)
+        rows.append((step.name, step.key, state, duration(seconds) if seconds else "-", step.stage, seconds))
+    width = max(len(r[0]) for r in rows)
+    lines = [f"{'step':<{width}}  {'key':<24}  {'status':<22}  estimate", "-" * (width + 60)]
+    lines += [f"{name:<{width}}  {key:<24}  {state:<22}  {est}" for name, key, state, est, _, _ in rows]
+    serial = sum(r[5] for r in rows)
+    wall = 0.0
+    for stage in STAGES:  # stages run one after another; a stage's steps share the workers
+        times = [r[5] for r in rows if r[4] == stage and r[5]]
+        if times:
+            wall += max(sum(times) / workers, max(times))
+    todo = sum(1 for r in rows if r[2] == "to do")
+    lines += ["-" * (width + 60),
+              f"{len(rows)} steps, {len(rows) - todo} done or shared, {todo} to run: about {duration(serial)} of work, "
+              f"{duration(wall)} with {workers} worker(s)",
+              "throughput used: " + ", ".join(f"{arch} {text}" for arch, text in throughput.items())]
+    for name, why in plan.skipped_datasets.items():
+        lines.append(f"{name}: skipped ({why})")
+    return "\n".join(lines)
