@@ -96,10 +96,6 @@ def _group_of(label: str, groups: dict[str, list[str]]) -> str:
     return next((g for g, members in groups.items() if label in members), "")
 
 
-def metric_key(text: str) -> str:
-    return re.sub(r"[^0-9A-Za-z_\-./ ]", "_", text)
-
-
 def write_and_log(kind: str, ctx: TestModels, out_dir: Path, summary: dict, figures: dict, params: dict,
                   metrics: dict[str, float], track: bool) -> dict:
     """Write figures and `<kind>.json` to out_dir; with `track`, one run holding them, the models as
@@ -113,18 +109,14 @@ def write_and_log(kind: str, ctx: TestModels, out_dir: Path, summary: dict, figu
     for filename, fig in figures.items():
         fig.savefig(out_dir / filename, dpi=110)
     if track:
-        with tracking.managed_run(ctx.experiment, run_name=f"analyze-{kind}",
-                                  tags={"robustlogits.job": f"analyze-{kind}", "dataset": ctx.dataset}) as run:
-            summary["run_id"] = run.info.run_id
+        with tracking.job_run(ctx.experiment, f"analyze-{kind}",
+                              {"robustlogits.job": f"analyze-{kind}", "dataset": ctx.dataset}) as run_id:
+            summary["run_id"] = run_id
             tracking.log_params(params | {"models": ctx.specs, "dataset": ctx.dataset})
             log_inputs(ctx)
-            import mlflow
-
-            finite = {metric_key(k): float(v) for k, v in metrics.items() if v is not None and np.isfinite(v)}
-            if finite:
-                mlflow.log_metrics(finite)
-            for filename, fig in figures.items():
-                mlflow.log_figure(fig, f"{kind}/{filename}")
+            tracking.log_results(metrics)
+            for filename, fig in list(figures.items()):
+                tracking.log_figure(fig, f"{kind}/{filename}")
             tracking.log_json(summary, f"{kind}/{kind}.json")
     for fig in figures.values():
         plt.close(fig)

@@ -13,9 +13,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-from mlflow.tracking import MlflowClient
 
 from analysis.common import prepare, write_and_log
+from robustlogits import tracking
 from robustlogits.core.errors import UserError
 from robustlogits.jobs.test_logits import TestModels, identity
 
@@ -55,29 +55,20 @@ def distribution(ranks: np.ndarray, num_classes: int) -> list[float]:
     return (counts / max(counts.sum(), 1)).tolist()
 
 
-def find_attack_run(ctx_model, client: MlflowClient | None = None) -> str | None:
+def find_attack_run(ctx_model) -> str | None:
     """The newest FINISHED `attack` run of this model version (or URI)."""
-    client = client or MlflowClient()
     ident = identity(ctx_model)
-    if "name" in ident:
-        where = f"tags.model_name = '{ident['name']}' and tags.model_version = '{ident['version']}'"
-    else:
-        where = f"tags.model_uri = '{ident['uri']}'"
-    found = client.search_runs([e.experiment_id for e in client.search_experiments()],
-                               f"tags.`robustlogits.job` = 'attack' and {where} and attributes.status = 'FINISHED'",
-                               order_by=["attributes.start_time DESC"], max_results=1)
-    return found[0].info.run_id if found else None
+    tags = ({"model_name": ident["name"], "model_version": ident["version"]} if "name" in ident
+            else {"model_uri": ident["uri"]})
+    found = tracking.finished_runs(tags={"robustlogits.job": "attack", **tags}, limit=1)
+    return found[0].run_id if found else None
 
 
 def match_attack_runs(ctx: TestModels, attack_runs: list[str]) -> dict[int, str | None]:
     """Model position -> attack run: the ones given (each must belong to one of the models), else found."""
-    client = MlflowClient()
     chosen: dict[int, str | None] = {}
     for run_id in attack_runs:
-        try:
-            tags = client.get_run(run_id).data.tags
-        except Exception:  # noqa: BLE001
-            raise UserError(f"no run {run_id!r} in the tracking store") from None
+        tags = tracking.run_record(run_id).tags
         if tags.get("robustlogits.job") != "attack":
             raise UserError(f"run {run_id} is not an attack run")
         owner = ({"name": tags["model_name"], "version": tags.get("model_version")} if "model_name" in tags
@@ -90,16 +81,14 @@ def match_attack_runs(ctx: TestModels, attack_runs: list[str]) -> dict[int, str 
             chosen[k] = run_id
     for k, model in enumerate(ctx.models):
         if k not in chosen:
-            chosen[k] = find_attack_run(model, client)
+            chosen[k] = find_attack_run(model)
     return chosen
 
 
 def adversarial_errors(run_id: str, ctx: TestModels) -> tuple[np.ndarray, np.ndarray, int]:
     """(labels, adversarial predictions) of the examples the attack broke (clean-correct, adversarially
     wrong), and how many examples the attack covered; checked against the test split."""
-    from robustlogits.tracking.attack_records import load_attack_result
-
-    result = load_attack_result(run_id)
+    result = tracking.load_attack_result(run_id)
     idx = np.asarray(result.index, dtype=np.int64)
     if idx.max(initial=-1) >= len(ctx.y) or not np.array_equal(ctx.y[idx], result.label):
         raise UserError(f"attack run {run_id} was run on other data than the {ctx.dataset} test split analysed")

@@ -4,19 +4,15 @@ per-example artifacts (or a distillation's final attack)."""
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-import mlflow  # noqa: E402
 import numpy as np  # noqa: E402
-from mlflow.tracking import MlflowClient  # noqa: E402
 
 from robustlogits import tracking  # noqa: E402
-from robustlogits.tracking.attack_records import load_attack_result  # noqa: E402
 from robustlogits.core.errors import UserError  # noqa: E402
 from robustlogits.core.figures import QUANTITY_LABEL  # noqa: E402
 from robustlogits.core.logits import max_logit_and_gap  # noqa: E402
@@ -71,14 +67,10 @@ def run(attack_runs: list[str], out_dir: Path, bins: int = 10, max_gap: float | 
         raise UserError(f"bins must be >= 1, got {bins}")
     if track:
         tracking.check_store(experiment)
-    client = MlflowClient()
     models = []
     for run_id in attack_runs:
-        try:
-            tags = client.get_run(run_id).data.tags
-        except Exception:  # noqa: BLE001
-            raise UserError(f"no run {run_id!r} in the tracking store") from None
-        result = load_attack_result(run_id)
+        tags = tracking.run_record(run_id).tags
+        result = tracking.load_attack_result(run_id)
         label = (f"{tags['model_name']} v{tags.get('model_version', '?')}" if "model_name" in tags
                  else tags.get("mlflow.runName", run_id[:8]))
         _, gap = max_logit_and_gap(result.clean_logits)
@@ -97,13 +89,12 @@ def run(attack_runs: list[str], out_dir: Path, bins: int = 10, max_gap: float | 
     fig = gap_robustness_figure({label: (gap, robust) for label, _, gap, robust, _ in models}, edges)
     fig.savefig(out_dir / "figure2_gap_robustness.png", dpi=120)
     if track:
-        with tracking.managed_run(experiment, run_name="analyze-gap", tags={"robustlogits.job": "analyze-gap"}) as run:
+        with tracking.job_run(experiment, "analyze-gap", {"robustlogits.job": "analyze-gap"}) as run_id:
             tracking.log_params({"attack_runs": attack_runs, "bins": bins, "max_gap": top})
             for label, info in summary["models"].items():
-                key = re.sub(r"[^0-9A-Za-z_\-./ ]", "_", label)
-                mlflow.log_metrics({f"{key}.mean_gap": info["mean_gap"],
-                                    f"{key}.adversarial_accuracy": info["adversarial_accuracy"]})
+                tracking.log_results({f"{label}.mean_gap": info["mean_gap"],
+                                      f"{label}.adversarial_accuracy": info["adversarial_accuracy"]})
             tracking.log_figure(fig, "gap/figure2_gap_robustness.png")
-            mlflow.log_artifact(str(out_dir / "gap_robustness.json"), "gap")
-            summary["run_id"] = run.info.run_id
+            tracking.log_file(out_dir / "gap_robustness.json", "gap")
+            summary["run_id"] = run_id
     return summary

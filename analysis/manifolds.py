@@ -11,55 +11,21 @@ from __future__ import annotations
 
 import json
 import math
-import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import mlflow
 import numpy as np
 import torch
 
 from robustlogits import tracking
+from robustlogits.config import ManifoldConfig
 from robustlogits.core.data import Split, stratified_indices
 from robustlogits.core.errors import UserError
 from robustlogits.core.mftma import ManifoldResult, manifold_analysis, simulated_capacity
 from robustlogits.core.models import extract_stages, stage_names
 from robustlogits.core.perturb import LinfPGD
 from robustlogits.jobs.test_logits import open_models
-
-
-@dataclass
-class ManifoldSettings:
-    n_images: int = 50          # P
-    n_perturbations: int = 50   # M
-    n_features: int = 500       # N (random projection when a stage is wider)
-    eps: float = 8 / 255
-    pgd_steps: int = 5
-    kappa: float = 0.0
-    n_t: int = 200
-    seed: int = 0
-    simulated: bool = False     # also bisect for the empirical capacity (slow; Figure A.8)
-    batch_size: int = 250
-    definitions: str = "reference"    # R_M, D_M as the MFTMA reference code ("printed": the paper's A.4)
-    center_method: str = "reference"  # centre-structure removal as the reference code ("principal", "none")
-    center_reps: int = 10             # random starts per K of the reference's subspace optimisation
-
-    def validate(self, n_test: int) -> None:
-        if not 2 <= self.n_images <= n_test:
-            raise UserError(f"n-images must be in 2..{n_test} (the test split), got {self.n_images}")
-        if self.n_perturbations < 1:
-            raise UserError(f"n-perturbations must be >= 1, got {self.n_perturbations}")
-        if self.n_features < 1:
-            raise UserError(f"n-features must be >= 1, got {self.n_features}")
-        if self.eps < 0 or self.pgd_steps < 0:
-            raise UserError("eps and pgd-steps must be >= 0")
-        if self.definitions not in ("reference", "printed"):
-            raise UserError(f"definitions must be reference or printed, got {self.definitions!r}")
-        if self.center_method not in ("reference", "principal", "none"):
-            raise UserError(f"center-method must be reference, principal or none, got {self.center_method!r}")
-        if self.center_reps < 1:
-            raise UserError(f"center-reps must be >= 1, got {self.center_reps}")
 
 
 @dataclass
@@ -87,11 +53,11 @@ class ModelManifolds:
                 **{k: [s.metrics().get(k) for s in self.stages] for k in self.stages[0].metrics()}}
 
 
-def choose_images(test: Split, settings: ManifoldSettings) -> Split:
+def choose_images(test: Split, settings: ManifoldConfig) -> Split:
     return test.subset(stratified_indices(test.labels.cpu().numpy(), settings.n_images, settings.seed))
 
 
-def perturbation_cloud(model: torch.nn.Module, images: Split, settings: ManifoldSettings) -> torch.Tensor:
+def perturbation_cloud(model: torch.nn.Module, images: Split, settings: ManifoldConfig) -> torch.Tensor:
     """[P*M, 3, H, W] points in each image's eps ball (image-major), from random starts plus PGD."""
     device = images.labels.device
     x = images.images.float().div(255).repeat_interleave(settings.n_perturbations, 0)
@@ -115,7 +81,7 @@ def perturbation_cloud(model: torch.nn.Module, images: Split, settings: Manifold
         model.train(was_training)
 
 
-def projected_stage_features(model: torch.nn.Module, points: torch.Tensor, settings: ManifoldSettings,
+def projected_stage_features(model: torch.nn.Module, points: torch.Tensor, settings: ManifoldConfig,
                              stages: list[str]) -> dict[str, tuple[np.ndarray, int]]:
     """Per stage: ([P*M, min(width, N)] features, original width), projecting batch by batch."""
     projections: dict[str, torch.Tensor | None] = {}
@@ -146,7 +112,7 @@ def _projection(width: int, n_features: int, seed: int, device) -> torch.Tensor 
     return (torch.randn(width, n_features, generator=generator) / math.sqrt(n_features)).to(device)
 
 
-def analyse_model(model: torch.nn.Module, label: str, images: Split, settings: ManifoldSettings,
+def analyse_model(model: torch.nn.Module, label: str, images: Split, settings: ManifoldConfig,
                   progress: bool | None = None) -> ModelManifolds:
     stages = stage_names(model)
     points = perturbation_cloud(model, images, settings)
@@ -249,21 +215,21 @@ def run(model_specs: list[str], settings, out_dir: Path, data_dir: str | None = 
     for filename, fig in figures.items():
         fig.savefig(out_dir / filename, dpi=120)
     if track:
-        with tracking.managed_run(experiment, run_name="analyze-manifold",
-                                  tags={"robustlogits.job": "analyze-manifold", "dataset": name}) as parent:
+        with tracking.job_run(experiment, "analyze-manifold",
+                              {"robustlogits.job": "analyze-manifold", "dataset": name}) as parent:
             tracking.log_params({f"manifold.{k}": v for k, v in vars(settings).items()} | {"models": model_specs})
             tracking.log_model_inputs([m.model_id for m in models])
             for result, model in zip(results, models):
-                with tracking.managed_run(experiment, run_name=f"manifold {result.label}", nested=True,
-                                          tags={"robustlogits.job": "analyze-manifold-model", "model_uri": model.uri,
-                                                "stages": ",".join(s.stage for s in result.stages)}):
+                with tracking.nested_run(f"manifold {result.label}",
+                                         {"robustlogits.job": "analyze-manifold-model", "model_uri": model.uri,
+                                          "stages": ",".join(s.stage for s in result.stages)}):
                     for step, stage in enumerate(result.stages):
-                        mlflow.log_metrics(stage.metrics(), step=step)
+                        tracking.log_results(stage.metrics(), step=step)
                 for stage in result.stages:
-                    mlflow.log_metrics({re.sub(r"[^0-9A-Za-z_\-./ ]", "_", f"{result.label}.{stage.stage}.{k}"): v
-                                        for k, v in stage.metrics().items()}, run_id=parent.info.run_id)
+                    tracking.log_results({f"{result.label}.{stage.stage}.{k}": v for k, v in stage.metrics().items()},
+                                         run_id=parent)
             for filename, fig in figures.items():
                 tracking.log_figure(fig, f"manifold/{filename}")
-            mlflow.log_artifact(str(out_dir / "manifold.json"), "manifold")
-            summary["run_id"] = parent.info.run_id
+            tracking.log_file(out_dir / "manifold.json", "manifold")
+            summary["run_id"] = parent
     return summary

@@ -7,7 +7,7 @@ correctly classified sample the label is 0 as well, for a misclassified one the 
 remaining C - 2 classes are "others". E = exp(beta), C = number of classes.
 
 Derived here (the extracted paper text is garbled and, where readable, disagrees; see
-THEORY_NOTES.md):
+docs/theory.md):
 
 * correct samples, v = f (1 - y):   (1-x) f^2 + 2(1+x) f + 2(1+x)^2 = 0 with x = (C-1)/E, so
   f_pm = (1+x)/(1-x) [-1 pm sqrt(2x - 1)]; real only for beta <= ln(2(C-1)) (the truncated loss
@@ -39,8 +39,6 @@ import pathlib
 import re
 from pathlib import Path
 from typing import Sequence
-
-import mlflow
 
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -680,7 +678,7 @@ def _class_summary(c: int, eps: float, oc: float, ow: float, grid) -> tuple[dict
         if not left < right:
             cont[key] = None
             continue
-        res = optimize.minimize_scalar(lambda x: surrogate_loss(x, c, correct)[()],
+        res = optimize.minimize_scalar(lambda x, correct=correct: surrogate_loss(x, c, correct)[()],
                                        bounds=(left + 1e-9, right), method="bounded",
                                        options={"xatol": 1e-9})
         vec, _ = surrogate_logits(res.x, c, correct)
@@ -710,7 +708,7 @@ def _class_summary(c: int, eps: float, oc: float, ow: float, grid) -> tuple[dict
     return summary, {"loss": loss, "rel": rel, "mark": mark}
 
 
-def run_theory(out_dir: pathlib.Path, class_counts=(10, 100), error_rate: float = 0.196,
+def write_theory_figures(out_dir: pathlib.Path, class_counts=(10, 100), error_rate: float = 0.196,
                omega_correct: float = 1.0, omega_wrong: float = 1.0,
                grid=DEFAULT_GRID) -> dict:
     """Figures C.1-C.3 and theory.json in out_dir; returns the JSON-able summary."""
@@ -907,25 +905,27 @@ def _flat_numbers(tree: dict, prefix: str = "") -> dict[str, float]:
 def run(out_dir: Path, class_counts=(10, 100), error_rate: float = 0.196, omega_correct: float = 1.0,
                    omega_wrong: float = 1.0, logits_runs: list[str] = (), track: bool = True,
                    experiment: str = "robustlogits") -> dict:
+    """The analysis as every other: the figures of `write_theory_figures`, plus these runs' logits
+    placed on the model's axes, in one tracked run."""
     out_dir = Path(out_dir)
     if track:
         tracking.check_store(experiment)
     models = [logits_of_run(spec) for spec in logits_runs]  # resolve runs before writing anything
     if models and len({z.shape[1] for z, _, _ in models}) != 1:
         raise UserError("the runs given have different class counts; compare runs of one dataset")
-    summary = run_theory(out_dir, class_counts=tuple(class_counts), error_rate=error_rate,
+    summary = write_theory_figures(out_dir, class_counts=tuple(class_counts), error_rate=error_rate,
                          omega_correct=omega_correct, omega_wrong=omega_wrong)
     if models:
         summary["empirical"] = place_empirical([(z, y, name) for z, y, name in models], None,
                                                out_dir / "fig_empirical_admissible.png")
         (out_dir / "theory.json").write_text(json.dumps(summary, indent=1, default=str))
     if track:
-        with tracking.managed_run(experiment, run_name="analyze-theory", tags={"robustlogits.job": "analyze-theory"}):
+        with tracking.job_run(experiment, "analyze-theory", {"robustlogits.job": "analyze-theory"}) as run_id:
             tracking.log_params({"class_counts": list(class_counts), "error_rate": error_rate,
                                  "omega_correct": omega_correct, "omega_wrong": omega_wrong,
                                  "logits_runs": list(logits_runs)})
             metrics = {k: v for k, v in _flat_numbers(summary).items() if not k.startswith("files")}
-            mlflow.log_metrics(dict(list(metrics.items())[:900]))
-            mlflow.log_artifacts(str(out_dir), "theory")
-            summary["run_id"] = mlflow.active_run().info.run_id
+            tracking.log_results(dict(list(metrics.items())[:900]))
+            tracking.log_folder(out_dir, "theory")
+            summary["run_id"] = run_id
     return summary

@@ -65,7 +65,7 @@ def train(model: nn.Module, x, y, steps: int, device) -> nn.Module:
     torch.manual_seed(0)
     model.to(device).train()
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    for step in range(steps):
+    for _step in range(steps):
         i = torch.randint(0, x.shape[0], (128,))
         opt.zero_grad()
         F.cross_entropy(model(x[i].to(device)), y[i].to(device)).backward()

@@ -49,8 +49,8 @@ def main() -> None:
     import mlflow
     import torch
 
-    from robustlogits.jobs import tracked_training as training_run
     from robustlogits.config import apply_overrides, preset
+    from robustlogits.jobs import tracked_training as training_run
     from robustlogits.jobs.train import run_training
 
     cfg = preset("smoke")

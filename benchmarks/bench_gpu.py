@@ -35,20 +35,19 @@ import time
 import warnings
 
 import torch
+from bench_train import cpu_name  # benchmarks/ is on sys.path when run as a script
 from torch.nn import functional as F
 
-from bench_train import cpu_name  # benchmarks/ is on sys.path when run as a script
-
+from robustlogits.config import AdversaryConfig, DataConfig, OptimConfig, preset
 from robustlogits.core import training
 from robustlogits.core.attacks import evaluate_robustness
 from robustlogits.core.autoattack_adapter import run_standard_autoattack
-from robustlogits.config import AdversaryConfig, DataConfig, OptimConfig, preset
 from robustlogits.core.data import Split, build_bundle, load_raw, make_synthetic
 from robustlogits.core.device import bf16_is_native, precision_name, resolve_amp, resolve_device
-from robustlogits.jobs.distill import averaged_teacher_logits
 from robustlogits.core.logits import compute_logits
 from robustlogits.core.models import build_model
 from robustlogits.core.perturb import LinfPGD
+from robustlogits.jobs.distill import averaged_teacher_logits
 
 PAPER_HOURS = {"ST": 1.66, "AT": 18.0, "KD": 3.83}  # Table 3, per run, Titan Xp
 EPS, STEP = 8 / 255, 2 / 255

@@ -21,11 +21,12 @@ import sys
 import time
 
 import numpy as np
+import scipy
 from scipy import optimize
 
-import scipy
-
 from robustlogits.core import mftma as mf
+
+
 def random_manifolds(P, N, M, radius, seed=0):
     """Gaussian centres (norm ~1) and Gaussian clouds with a decaying spectrum of the given radius."""
     rng = np.random.default_rng(seed)

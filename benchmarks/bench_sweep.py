@@ -43,11 +43,11 @@ def main() -> None:
     os.environ.pop("MLFLOW_TRACKING_URI", None)
     os.environ["ROBUSTLOGITS_CACHE"] = os.path.join(folder, "cache")
 
+    from robustlogits.config import SweepConfig, preset
     from robustlogits.jobs import distill as distill_job
-    from robustlogits.study import engine as study_engine
-    from robustlogits.config import preset
-    from robustlogits.study.sweep import SweepSettings, run_sweep
     from robustlogits.jobs.train import run_training
+    from robustlogits.study import engine as study_engine
+    from robustlogits.study.sweep import run_sweep
 
     cfg = preset("test")
     cfg.run.training = "adversarial"
@@ -75,7 +75,7 @@ def main() -> None:
     distill_job.run_distill, study_engine.run_workers = timed_distill, timed_workers
 
     def sweep(seed: int, workers: int) -> float:
-        settings = SweepSettings(teacher="synthetic-cnn-tiny-at", losses=["l1", "kl"], preset="test",
+        settings = SweepConfig(teacher="synthetic-cnn-tiny-at", losses=["l1", "kl"], preset="test",
                                  workers=workers, study=f"bench-{seed}-{workers}",
                                  overrides=[f"optim.epochs={args.epochs}", f"run.seed={seed}"])
         start = time.perf_counter()

@@ -23,8 +23,8 @@ import torch
 from torch.nn import functional as F
 
 from robustlogits.config import AdversaryConfig, OptimConfig
-from robustlogits.core.device import bf16_is_native, precision_name, resolve_amp
 from robustlogits.core.data import build_bundle, load_raw, make_synthetic
+from robustlogits.core.device import bf16_is_native, precision_name, resolve_amp
 from robustlogits.core.models import build_model
 from robustlogits.core.perturb import LinfPGD
 from robustlogits.core.training import adversarial_objective, fit, make_state, standard_objective

@@ -1,10 +1,6 @@
-"""MLproject entry point `distill`: `-P distill.manipulation=permute -P distill.k=3`, any other
-config value as `-P section.field=value` (the names the run logs), and `-P preset=NAME`."""
+"""MLproject entry point `distill`: its parameters are the `robustlogits distill` options (see MLproject)."""
 
-import sys
-
-from robustlogits.cli import distill, mlproject_args, single_command
+from robustlogits.cli.mlproject import run_entry_point
 
 if __name__ == "__main__":
-    sys.argv[1:] = mlproject_args(sys.argv[1:], plain=("preset",))
-    single_command(distill)()
+    run_entry_point("distill")

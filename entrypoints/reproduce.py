@@ -1,6 +1,6 @@
-"""MLproject entry point `reproduce`: a thin Typer CLI over robustlogits.study.reproduce.run."""
+"""MLproject entry point `reproduce`: its parameters are the `robustlogits reproduce` options (see MLproject)."""
 
-from robustlogits.cli import reproduce, single_command
+from robustlogits.cli.mlproject import run_entry_point
 
 if __name__ == "__main__":
-    single_command(reproduce)()
+    run_entry_point("reproduce")

@@ -1,6 +1,6 @@
-"""MLproject entry point `sweep`: a thin Typer CLI over robustlogits.study.sweep."""
+"""MLproject entry point `sweep`: its parameters are the `robustlogits sweep` options (see MLproject)."""
 
-from robustlogits.cli import single_command, sweep
+from robustlogits.cli.mlproject import run_entry_point
 
 if __name__ == "__main__":
-    single_command(sweep)()
+    run_entry_point("sweep")

@@ -1,10 +1,6 @@
-"""MLproject entry point `train`: `-P section.field=value` for any config value, under the name
-the run logs it as (`robustlogits config` lists them), plus `-P preset=NAME` and `-P resume=RUN_ID`."""
+"""MLproject entry point `train`: its parameters are the `robustlogits train` options (see MLproject)."""
 
-import sys
-
-from robustlogits.cli import mlproject_args, single_command, train
+from robustlogits.cli.mlproject import run_entry_point
 
 if __name__ == "__main__":
-    sys.argv[1:] = mlproject_args(sys.argv[1:], plain=("preset", "resume"))
-    single_command(train)()
+    run_entry_point("train")

@@ -5,20 +5,21 @@ from __future__ import annotations
 import os
 import time
 
-import mlflow
-
-from robustlogits.study import engine as study_engine
 from robustlogits import tracking
+from robustlogits.study import engine as study_engine
+
+
 @study_engine.task("square")
 def square(params: dict) -> dict[str, float]:
     def job() -> str:
-        with tracking.managed_run("robustlogits", run_name=f"square-{params['x']}-{params.get('y')}",
-                                  tags={"robustlogits.job": "square"}) as run:
-            mlflow.log_param("x", params["x"])
+        with tracking.job_run("robustlogits", f"square-{params['x']}-{params.get('y')}",
+                              {"robustlogits.job": "square"}) as run_id:
+            tracking.log_params({"x": params["x"]})
             time.sleep(float(os.environ.get("SQUARE_SLEEP", "0")))
             if params.get("y") == "fail":
                 raise RuntimeError("asked to fail")
-            mlflow.log_metrics({"score": params["x"] ** 2, "other": -params["x"]})
-            return run.info.run_id
+            tracking.log_results({"score": params["x"] ** 2, "other": -params["x"]})
+            return run_id
 
-    return study_engine.keyed("square", {"x": params["x"], "y": params.get("y")}, job)
+    key = tracking.job_key({"task": "square", "x": params["x"], "y": params.get("y")})
+    return study_engine.keyed("square", key, job)

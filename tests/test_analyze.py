@@ -71,7 +71,8 @@ def test_manifold_bad_input(with_teachers, tmp_path):
 
 
 def test_gap_robustness_from_attack_runs(with_teachers, tmp_path):
-    from robustlogits.jobs.attack import AttackConfig, run_attack
+    from robustlogits.config import AttackConfig
+    from robustlogits.jobs.attack import run_attack
 
     runs = [run_attack(AttackConfig(model=m, n_examples=60, n_iter=5), progress=False)[0]
             for m in ("synthetic-cnn-tiny-st", "synthetic-cnn-tiny-at")]

@@ -7,11 +7,12 @@ import pytest
 from mlflow.tracking import MlflowClient
 from typer.testing import CliRunner
 
-from robustlogits.jobs.attack import AttackConfig, run_attack
-from robustlogits.tracking.attack_records import load_attack_result
 from robustlogits.cli import app
+from robustlogits.config import AttackConfig
 from robustlogits.core.errors import UserError
+from robustlogits.jobs.attack import run_attack
 from robustlogits.tracking import resolve_model
+from robustlogits.tracking.attack_records import load_attack_result
 
 AT = "synthetic-cnn-tiny-at"
 
@@ -112,12 +113,3 @@ def test_model_with_other_class_count_is_refused(with_teachers, tmp_path):
     with pytest.raises(UserError, match="outputs 10 classes but cifar100 has 100"):
         run_attack(AttackConfig(model=AT, dataset="cifar100", data_dir=str(tmp_path / "c100"), n_examples=10))
     assert run_count() == before
-
-
-def test_mlproject_attack_parameters_are_the_logged_names():
-    from robustlogits.cli import mlproject_args
-
-    argv = ["--attack.model", "models:/m@teacher", "--attack.n_examples", "500", "--attack.eps", "8/255"]
-    assert mlproject_args(argv, options_prefix="attack") == [
-        "--model", "models:/m@teacher", "--n-examples", "500", "--eps", "8/255"]
-    assert mlproject_args(["--model", "models:/m@teacher"], options_prefix="attack") == ["--model", "models:/m@teacher"]

@@ -17,13 +17,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from robustlogits.core import autoattack_adapter as adapter
-from robustlogits.core.data import stratified_indices
 from robustlogits.core.attacks import (
     AttackBoundsError,
     AttackResult,
     check_bounds,
     evaluate_robustness,
 )
+from robustlogits.core.data import stratified_indices
 from robustlogits.core.errors import UserError
 
 N_CLASSES = 10

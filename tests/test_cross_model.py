@@ -196,7 +196,8 @@ def test_logits_are_cached_per_version_and_data(with_teachers, tmp_path):
 
 def test_errors_with_natural_and_adversarial_errors(with_teachers, tmp_path):
     from analysis.error_classes import run as errors
-    from robustlogits.jobs.attack import AttackConfig, run_attack
+    from robustlogits.config import AttackConfig
+    from robustlogits.jobs.attack import run_attack
 
     attack_id, _ = run_attack(AttackConfig(model=f"models:/{AT}/2", n_examples=60, n_iter=5), progress=False)
     summary = errors([ST, AT], out_dir=tmp_path / "e")
@@ -237,7 +238,8 @@ def test_bad_input_is_one_line_exit_2_and_nothing_running(with_teachers, tmp_pat
     bad_group = runner.invoke(app, ["analyze", "overlap", "--group", "AT", "--out", str(tmp_path / "x")])
     assert bad_group.exit_code == 2 and "NAME=MODEL" in bad_group.output
 
-    from robustlogits.jobs.attack import AttackConfig, run_attack
+    from robustlogits.config import AttackConfig
+    from robustlogits.jobs.attack import run_attack
 
     st_attack, _ = run_attack(AttackConfig(model=f"models:/{ST}/2", n_examples=20, n_iter=2), progress=False)
     wrong = runner.invoke(app, ["analyze", "errors", "--models", AT, "--attack-runs", st_attack, "--out", str(tmp_path / "x")])
@@ -262,18 +264,14 @@ def test_models_of_different_class_counts_are_refused(with_teachers, tmp_path):
 
 
 def test_mlproject_entry_point_runs_the_new_modes(with_teachers, tmp_path):
-    import importlib.util
-    from pathlib import Path
+    from robustlogits.cli import mlproject
 
-    import typer
-
-    path = Path(__file__).resolve().parents[1] / "entrypoints" / "analyze.py"
-    spec = importlib.util.spec_from_file_location("analyze_entry", path)
-    entry = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(entry)
-    entry.analyze(mode="overlap", models=f"{ST},{AT}", groups=f"ST={ST};AT={AT}", out=str(tmp_path / "o"))
+    with pytest.raises(SystemExit) as done:  # as `mlflow run -e analyze -P mode=overlap ...` calls it
+        mlproject.run_entry_point("analyze", ["--mode", "overlap", "--models", f"{ST},{AT}", "--group",
+                                              f"ST={ST};AT={AT}", "--out", str(tmp_path / "o"), "--bins", "default"])
+    assert done.value.code == 0
     summary = json.loads((tmp_path / "o" / "overlap.json").read_text())
     assert summary["groups"] == {"ST": [f"{ST} v2"], "AT": [f"{AT} v2"]}
-    with pytest.raises(typer.Exit) as exit_info:
-        entry.analyze(mode="nope")
-    assert exit_info.value.exit_code == 2
+    with pytest.raises(SystemExit) as exit_info:
+        mlproject.run_entry_point("analyze", ["--mode", "nope"])
+    assert exit_info.value.code == 2

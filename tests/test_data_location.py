@@ -9,8 +9,8 @@ import pytest
 from mlflow.tracking import MlflowClient
 from typer.testing import CliRunner
 
-from robustlogits.core import data
 from robustlogits.cli import app
+from robustlogits.core import data
 from robustlogits.core.errors import UserError
 from tests.test_data import write_cifar10_pickles
 

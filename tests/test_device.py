@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from robustlogits.core import device as dev
 from robustlogits.config import preset
+from robustlogits.core import device as dev
 from robustlogits.core.errors import UserError
 
 

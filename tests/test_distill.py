@@ -14,10 +14,10 @@ from mlflow.tracking import MlflowClient
 from typer.testing import CliRunner
 
 from robustlogits.cli import app
-from robustlogits.core.data import make_synthetic, build_bundle
-from robustlogits.jobs.distill import averaged_teacher_logits, students_of
+from robustlogits.core.data import build_bundle, make_synthetic
 from robustlogits.core.models import build_model
-from robustlogits.tracking import logged_model_id
+from robustlogits.jobs.distill import averaged_teacher_logits
+from robustlogits.tracking import logged_model_id, students_of
 
 REPO = Path(__file__).resolve().parents[1]
 AT, ST, STUDENT = "synthetic-cnn-tiny-at", "synthetic-cnn-tiny-st", "synthetic-cnn-tiny-student"

@@ -89,10 +89,10 @@ def mlflow_server(tmp_path):
 
 
 def test_two_workers_on_postgres_and_an_mlflow_server(postgres_url, mlflow_server, tmp_path, monkeypatch):
-    from robustlogits.study import engine as study_engine
-    from robustlogits.study import sweep
     from robustlogits.config import preset
     from robustlogits.jobs.train import run_training
+    from robustlogits.study import engine as study_engine
+    from robustlogits.study import sweep
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
     monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)
@@ -101,7 +101,7 @@ def test_two_workers_on_postgres_and_an_mlflow_server(postgres_url, mlflow_serve
     cfg.run.training = "adversarial"
     run_training(cfg, progress=False)
     # The coordinator's side: plan, create the study on PostgreSQL, queue the grid once.
-    plan = sweep.plan(sweep.SweepSettings(teacher="synthetic-cnn-tiny-at", losses=["l1", "mse"],
+    plan = sweep.plan(sweep.SweepConfig(teacher="synthetic-cnn-tiny-at", losses=["l1", "mse"],
                                           teacher_epochs=["2"], preset="test", study="cluster"))
     study = study_engine.open_study(plan.name, postgres_url, plan.directions, plan.spec)
     assert study_engine.enqueue_items(study, plan.items) == 2

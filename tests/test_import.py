@@ -13,11 +13,12 @@ from torch import nn
 from typer.testing import CliRunner
 
 from analysis.gaps import run as run_gap_job
-from analysis.manifolds import ManifoldSettings, run as run_manifold_job
-from robustlogits.core import models
-from robustlogits.jobs.attack import AttackConfig, run_attack
+from analysis.manifolds import run as run_manifold_job
 from robustlogits.cli import app
-from robustlogits.jobs.distill import distill_preset, run_distill
+from robustlogits.config import AttackConfig, ManifoldConfig, distill_preset
+from robustlogits.core import models
+from robustlogits.jobs.attack import run_attack
+from robustlogits.jobs.distill import run_distill
 from robustlogits.tracking.models import resolve_and_load
 
 NORM = "0.5,0.25"  # the synthetic data's normalisation, as MEAN,STD
@@ -89,7 +90,7 @@ def test_state_dict_import_then_attack_distill_and_analyze(tmp_path):
     assert student.data.tags["teacher_name"] == "ext-sd" and student.info.status == "FINISHED"
     gap = run_gap_job([attack_run], tmp_path / "gap", 4, None, track=False)
     assert gap["models"]
-    manifold = run_manifold_job(["models:/ext-sd@teacher"], ManifoldSettings(n_images=4, n_perturbations=4, n_features=20,
+    manifold = run_manifold_job(["models:/ext-sd@teacher"], ManifoldConfig(n_images=4, n_perturbations=4, n_features=20,
                                 pgd_steps=0), tmp_path / "manifold", track=False, device="cpu", progress=False)
     assert len(next(iter(manifold["models"].values()))["stage"]) == len(models.stage_names(source))
 

@@ -71,7 +71,7 @@ def spheres(R, D, M, P=4, N=48, seed=0):
 
 def test_alpha_point_closed_form_matches_quadrature_to_1e8():
     for k in (-1.0, 0.0, 0.5, 2.0):
-        inv, _ = integrate.quad(lambda t: (k - t) ** 2 * math.exp(-t * t / 2) / math.sqrt(2 * math.pi), -np.inf, k)
+        inv, _ = integrate.quad(lambda t, k=k: (k - t) ** 2 * math.exp(-t * t / 2) / math.sqrt(2 * math.pi), -np.inf, k)
         assert alpha_point(k) == pytest.approx(1 / inv, rel=1e-8)
     assert alpha_point(0.0) == pytest.approx(2.0, rel=1e-12)
     np.testing.assert_allclose(alpha_point(np.array([0.0, 1.0])), [2.0, alpha_point(1.0)])

@@ -11,13 +11,12 @@ import pytest
 import torch
 from torch import nn
 
-from robustlogits.core import model_format
-from robustlogits.core import models
 from robustlogits import tracking
-from robustlogits.core.errors import UserError
-from robustlogits.tracking.models import resolve_and_load
-from robustlogits.core.training import TrainState, make_state
 from robustlogits.config import OptimConfig
+from robustlogits.core import model_format, models
+from robustlogits.core.errors import UserError
+from robustlogits.core.training import TrainState, make_state
+from robustlogits.tracking.models import resolve_and_load
 
 X = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
 

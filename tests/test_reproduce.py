@@ -21,11 +21,12 @@ from typer.testing import CliRunner
 
 from robustlogits import tracking
 from robustlogits.cli import app
+from robustlogits.config import ReproduceConfig, scale
 from robustlogits.core.errors import UserError
 from robustlogits.study.reproduce.paper import CLAIMS, TABLE2_LABELS
-from robustlogits.study.reproduce.run import ReproduceOptions, make_plan, plan_table, run_reproduce
-from robustlogits.study.reproduce.plan import GROUPS, SCALES, build_plan, select_groups
+from robustlogits.study.reproduce.plan import GROUPS, build_plan, select_groups
 from robustlogits.study.reproduce.report import mean_std, pct
+from robustlogits.study.reproduce.run import make_plan, plan_table, run_reproduce
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -49,7 +50,7 @@ def trial_count(root: Path) -> int:
 
 
 def test_plan_covers_the_study_and_keys_follow_config_and_inputs():
-    sc = SCALES["smoke"]
+    sc = scale("smoke")
     steps = build_plan(sc, 2, {"cifar10": "digest-a"}, None)
     names = {s.name for s in steps}
     assert {"train/cifar10/at/s1", "attack/cifar10/st/s0", "distill/cifar10/s1/permute-k7",
@@ -65,7 +66,7 @@ def test_plan_covers_the_study_and_keys_follow_config_and_inputs():
     assert all(other_data[n] != keys[n] for n in keys)  # the data digest reaches every key via the inputs
     moved = {s.name: s.key for s in build_plan(sc, 2, {"cifar10": "digest-a"}, "/elsewhere")}
     assert moved == keys  # a data folder is a hint, not an identity
-    paper = build_plan(SCALES["paper"], 3, {"cifar10": "d", "cifar100": "e"}, None)
+    paper = build_plan(scale("paper"), 3, {"cifar10": "d", "cifar100": "e"}, None)
     assert sum(s.name.startswith("distill/cifar10/s0/permute-k") for s in paper) == 9  # k = 1..C-1
     assert not any(s.name.startswith("distill/cifar100") for s in paper)  # distillation is CIFAR-10 only
     assert {s.name for s in paper} >= {"train/cifar100/at/s2", "analyze/cifar100/overlap"}
@@ -140,7 +141,7 @@ def study(tmp_path_factory):
         mp.setenv(key, value)
     mp.chdir(root)
     mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
-    opts = ReproduceOptions(scale="test", out=str(root / "out"), heartbeat=2)
+    opts = ReproduceConfig(scale="test", out=str(root / "out"), heartbeat=2)
     result = run_reproduce(opts)
     mp.undo()
     return {"root": root, "env": env, "opts": opts, "result": result}
@@ -159,11 +160,13 @@ def test_every_step_has_one_finished_run_nested_under_the_study(in_study):
     plan, parent = in_study["result"]["plan"], in_study["result"]["parent_run_id"]
     runs = all_runs()
     by_id = {r.info.run_id: r for r in runs}
-    keyed = {}
+    keyed, artifacts_by_key = {}, {}
     for r in runs:
         if tracking.KEY_TAG in r.data.tags and r.info.run_id != parent:
-            keyed.setdefault(r.data.tags[tracking.KEY_TAG], []).append(r)
+            reusable = r.data.tags.get("robustlogits.job") in ("teacher-logits", "test-logits")
+            (artifacts_by_key if reusable else keyed).setdefault(r.data.tags[tracking.KEY_TAG], []).append(r)
     assert {s.key for s in plan.steps} == set(keyed)
+    assert artifacts_by_key and all(len(v) == 1 for v in artifacts_by_key.values())  # each artifact made once
     assert all(len(v) == 1 and v[0].info.status == "FINISHED" for v in keyed.values())
     assert all(r.info.status in ("FINISHED",) for r in runs)  # nothing left RUNNING or FAILED
     for r in [v[0] for v in keyed.values()]:  # step run -> stage study run -> the reproduce run
@@ -182,7 +185,7 @@ def test_second_run_does_nothing(in_study):
     assert result["parent_run_id"] == in_study["result"]["parent_run_id"]
     assert {r.info.run_id for r in all_runs()} == runs and len(all_versions()) == versions
     assert trial_count(in_study["root"]) == trials
-    plan = make_plan(ReproduceOptions(scale="test"))
+    plan = make_plan(ReproduceConfig(scale="test"))
     assert all(plan.done.values())
     from robustlogits.study.reproduce.estimate import estimate
 

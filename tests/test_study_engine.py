@@ -16,8 +16,8 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 import tests.engine_tasks  # noqa: F401 - registers the "square" task
-from robustlogits.study import engine as se
 from robustlogits.core.errors import UserError
+from robustlogits.study import engine as se
 
 REPO = Path(__file__).resolve().parents[1]
 SPACE = {"x": {"choices": [1, 2]}, "y": {"choices": ["a", "b"]}}

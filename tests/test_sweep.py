@@ -17,9 +17,9 @@ from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 from typer.testing import CliRunner
 
+from robustlogits.cli import app
 from robustlogits.study import engine as study_engine
 from robustlogits.study import sweep
-from robustlogits.cli import app
 
 REPO = Path(__file__).resolve().parents[1]
 TEACHER, STUDENT = "synthetic-cnn-tiny-at", "synthetic-cnn-tiny-student"
@@ -173,7 +173,7 @@ def test_bad_input_exits_2_before_any_run_or_trial(store, tmp_path, args, messag
 
 def test_an_existing_study_with_another_space_is_refused_with_the_difference(store, tmp_path):
     url = f"sqlite:///{tmp_path / 'optuna.db'}"
-    p = sweep.plan(sweep.SweepSettings(teacher=TEACHER, losses=["l1"], preset="test", study="s"))
+    p = sweep.plan(sweep.SweepConfig(teacher=TEACHER, losses=["l1"], preset="test", study="s"))
     study_engine.open_study(p.name, url, p.directions, p.spec)
     before = len(all_runs())
     result = invoke("--teacher", TEACHER, "--losses", "l1,mse", "--preset", "test", "--study", "s", "--storage", url)

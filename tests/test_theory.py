@@ -217,7 +217,7 @@ def test_gap_change_matches_eq8_summed_over_a_surrogate_training_set(n_classes):
 
 def test_run_theory_writes_figures_and_json(tmp_path):
     start = time.perf_counter()
-    summary = T.run_theory(tmp_path / "out", class_counts=(10, 100), grid=(0.0, 10.0, 41))
+    summary = T.write_theory_figures(tmp_path / "out", class_counts=(10, 100), grid=(0.0, 10.0, 41))
     assert time.perf_counter() - start < 15
     for key in ("c1", "c2", "c3"):
         data = open(summary["files"][key], "rb").read()
@@ -273,10 +273,10 @@ def test_bad_input_raises_user_error(tmp_path):
         lambda: T.f_branches(np.nan, 10),
         lambda: T.mean_field_loss(1.0, 3.0, 10, 1.5),
         lambda: T.gap_change(1.0, 3.0, 10, -0.1),
-        lambda: T.run_theory(tmp_path, class_counts=(2,)),
-        lambda: T.run_theory(tmp_path, error_rate=float("nan")),
-        lambda: T.run_theory(tmp_path, omega_wrong=-1.0),
-        lambda: T.run_theory(tmp_path, grid=(5.0, 1.0, 10)),
+        lambda: T.write_theory_figures(tmp_path, class_counts=(2,)),
+        lambda: T.write_theory_figures(tmp_path, error_rate=float("nan")),
+        lambda: T.write_theory_figures(tmp_path, omega_wrong=-1.0),
+        lambda: T.write_theory_figures(tmp_path, grid=(5.0, 1.0, 10)),
         lambda: T.place_empirical(ok_logits, np.zeros(3, int), tmp_path / "a.png"),
         lambda: T.place_empirical(np.full((4, 10), np.nan), ok_labels, tmp_path / "a.png"),
         lambda: T.place_empirical(np.zeros((4, 2)), ok_labels, tmp_path / "a.png"),

@@ -14,12 +14,12 @@ import torch
 from mlflow.tracking import MlflowClient
 from typer.testing import CliRunner
 
-from robustlogits.jobs import train as train_job
-from robustlogits.jobs import tracked_training as training_run
-from robustlogits.core.data import load_bundle
-from robustlogits.cli import app
+from robustlogits.cli import app, mlproject
 from robustlogits.config import apply_overrides, flatten, preset
+from robustlogits.core.data import load_bundle
 from robustlogits.core.logits import compute_logits
+from robustlogits.jobs import tracked_training as training_run
+from robustlogits.jobs import train as train_job
 
 REPO = Path(__file__).resolve().parents[1]
 STAT_KEYS = [f"{split}_{q}_{s}" for split in ("train", "test") for q in ("max_logit", "gap")
@@ -265,21 +265,16 @@ def test_mlflow_run_entry_point_with_local_env_manager(tmp_path, isolated_store)
     assert [r.info.status for r in runs] == ["FINISHED"]
     params = runs[0].data.params
     assert params["run.training"] == "adversarial" and params["optim.epochs"] == "1"
-    # Each value once, under the name the run's config uses; no launcher-only duplicates, no ''.
-    assert set(params) == set(flatten(preset("test"))) | {"run.precision"}
+    # Every config value under the name the run's config uses; beside them only the launcher's
+    # record of the entry point's declared parameters, each `default` (not passed) unless given,
+    # so no recorded value contradicts the config. No ''.
+    declared = set(mlproject.declared_parameters("train"))
+    assert set(params) == set(flatten(preset("test"))) | {"run.precision"} | declared
+    assert params["preset"] == "test"
+    assert all(params[name] == mlproject.NOT_GIVEN for name in declared - {"preset"})
     assert "''" not in params.values()
     assert "registered model synthetic-cnn-tiny-at version(s) 1" in proc.stdout
     assert str(MlflowClient().get_model_version_by_alias("synthetic-cnn-tiny-at", "teacher").version) == "1"
-
-
-def test_short_mlproject_names_map_to_logged_keys():
-    from robustlogits.cli import mlproject_args
-
-    assert mlproject_args(["--training", "adversarial", "--data_dir", "d", "--optim.lr", "0.1", "--preset", "smoke"],
-                          plain=("preset",)) == [
-        "--set", "run.training=adversarial", "--set", "data.data_dir=d", "--set", "optim.lr=0.1", "--preset", "smoke"]
-    assert mlproject_args(["--manipulation", "permute", "--k", "3"], plain=("preset",)) == [
-        "--set", "distill.manipulation=permute", "--set", "distill.k=3"]
 
 
 def test_mlflow_run_rejects_unknown_parameters(tmp_path):
@@ -288,8 +283,8 @@ def test_mlflow_run_rejects_unknown_parameters(tmp_path):
                           env=env, capture_output=True, text=True, timeout=120, cwd=REPO)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
-        "error: unknown MLproject parameter 'trainig': pass a config key as the run logs it, "
-        "e.g. -P run.training=adversarial (`robustlogits config` lists every key)"]
+        "error: unknown MLproject parameter 'trainig' for train: use one it declares (see MLproject) or a config "
+        "key as the run logs it, e.g. -P run.training=adversarial (`robustlogits config` lists every key)"]
     assert all_runs() == []
 
 

@@ -10,13 +10,20 @@ import torch
 from torch.nn import functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from robustlogits.core import training
 from robustlogits.config import AdversaryConfig, OptimConfig
+from robustlogits.core import training
 from robustlogits.core.data import build_bundle, make_synthetic
 from robustlogits.core.models import build_model
 from robustlogits.core.perturb import LinfPGD
-from robustlogits.core.training import (Objective, TrainingDiverged, adversarial_objective, cross_entropy, fit,
-                                   make_state, standard_objective)
+from robustlogits.core.training import (
+    Objective,
+    TrainingDiverged,
+    adversarial_objective,
+    cross_entropy,
+    fit,
+    make_state,
+    standard_objective,
+)
 
 DEVICE = torch.device("cpu")
 

@@ -16,8 +16,8 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from robustlogits.config import apply_overrides, preset
-from robustlogits.jobs.train import run_training
 from robustlogits.jobs.tracked_training import HISTOGRAM_IMAGE_KEY
+from robustlogits.jobs.train import run_training
 from tests.browser import CHROMIUM, Browser, free_port
 
 SCREENSHOT = os.environ.get("ROBUSTLOGITS_SCREENSHOT")  # keep the screenshot here when set

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from robustlogits.core import autoattack_adapter as aa_adapter
+from robustlogits.core.device import resolve_device
 from robustlogits.core.errors import UserError
 
 __all__ = [
@@ -154,7 +155,7 @@ class AttackResult:
         return [csv_path, npz_path]
 
     @classmethod
-    def load(cls, npz_path: str | Path) -> "AttackResult":
+    def load(cls, npz_path: str | Path) -> AttackResult:
         """Read back what :meth:`save` wrote (without adversarial images)."""
         with np.load(npz_path, allow_pickle=False) as z:
             meta = json.loads(str(z["meta"]))
@@ -247,17 +248,6 @@ def _as_labels(labels: Any, n: int) -> torch.Tensor:
     if int(labels.min()) < 0:
         raise UserError("labels contain negative class ids")
     return labels
-
-
-def _resolve_device(device: Any) -> torch.device:
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError("device 'cuda' requested but CUDA is not available")
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())
-    return device
 
 
 def _is_oom(exc: BaseException) -> bool:
@@ -433,7 +423,7 @@ def evaluate_robustness(
         if index.shape[0] != n:
             raise UserError(f"indices has {index.shape[0]} entries for {n} images")
         index = index.astype(np.int64)
-    dev = _resolve_device(device)
+    dev = resolve_device(device)
     backend = aa_adapter.load_backend()  # fails early, with an install hint
     collector = aa_adapter.WarningCollector().watch_package(backend)
     eps = float(eps)

@@ -88,7 +88,7 @@ class Backend:
         return os.path.dirname(os.path.abspath(self.package.__file__))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def load_backend() -> Backend:
     """Import the first AutoAttack package that works; cached because imports are slow."""
     errors = []
@@ -139,7 +139,7 @@ class WarningCollector:
 
     def __init__(self, source: str = "autoattack"):
         self.source = source
-        self._counts: "OrderedDict[str, int]" = OrderedDict()
+        self._counts: OrderedDict[str, int] = OrderedDict()
         self._package_dirs: tuple[str, ...] = ()
 
     # -- recording -------------------------------------------------------------
@@ -191,13 +191,13 @@ class WarningCollector:
     critical = warning
 
     # -- python warnings raised from inside the package -------------------------------
-    def watch_package(self, backend: Backend) -> "WarningCollector":
+    def watch_package(self, backend: Backend) -> WarningCollector:
         self._package_dirs = (backend.directory,)
         self.source = backend.name
         return self
 
     @contextlib.contextmanager
-    def capture(self) -> Iterator["WarningCollector"]:
+    def capture(self) -> Iterator[WarningCollector]:
         """Record package warnings raised by ``warnings.warn``; re-raise all others unchanged."""
         caught: list = []
         try:

@@ -158,7 +158,7 @@ def _load_from_dir(directory: Path, dataset: str, looked: list[str]) -> RawDatas
     pickles = directory / _pickle_dirname(dataset)
     for pdir in (pickles, directory):
         if _has_pickles(pdir, dataset):
-            return _cached(dataset, "pickle", pdir, _pickle_files(pdir, dataset), lambda bar: _decode_pickles(pdir, dataset, bar))
+            return _cached(dataset, "pickle", pdir, _pickle_files(pdir, dataset), lambda bar, pdir=pdir: _decode_pickles(pdir, dataset, bar))
     looked.append(f"pickle layout {pickles}")
     if (directory / "train").is_dir() and (directory / "test").is_dir():
         files = sorted(p for p in directory.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
@@ -452,7 +452,7 @@ class Split:
     def __len__(self) -> int:
         return len(self.labels)
 
-    def subset(self, positions: np.ndarray, name: str | None = None) -> "Split":
+    def subset(self, positions: np.ndarray, name: str | None = None) -> Split:
         pos = torch.as_tensor(positions, device=self.labels.device)
         return Split(name or self.name, self.images[pos], self.labels[pos], self.indices[positions])
 

@@ -18,16 +18,22 @@ from robustlogits.core.errors import UserError
 AMP_SETTINGS = ("auto", "true", "false")
 
 
-def resolve_device(name: str) -> torch.device:
-    """`auto`: the device a study worker was given (ROBUSTLOGITS_DEVICE), else a GPU if any."""
-    if name == "auto":
-        name = os.environ.get("ROBUSTLOGITS_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UserError(f"unknown device {name!r}") from None
+def resolve_device(name: str | torch.device | None = "auto") -> torch.device:
+    """`auto` (or None): the device a study worker was given (ROBUSTLOGITS_DEVICE), else a GPU if
+    any. A bare `cuda` becomes the current GPU, so tensors and models agree on the index."""
+    if isinstance(name, torch.device):
+        device = name
+    else:
+        if name is None or name == "auto":
+            name = os.environ.get("ROBUSTLOGITS_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu")
+        try:
+            device = torch.device(name)
+        except RuntimeError:
+            raise UserError(f"unknown device {name!r}") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError("device cuda requested but no GPU is available")
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
     return device
 
 

@@ -25,6 +25,7 @@ import json
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch import nn
@@ -57,7 +58,7 @@ class ArchitectureSpec:
         return json.dumps(asdict(self), indent=1)
 
     @classmethod
-    def from_json(cls, text: str) -> "ArchitectureSpec":
+    def from_json(cls, text: str) -> ArchitectureSpec:
         raw = json.loads(text)
         if raw.get("format") != FORMAT:
             raise UserError(f"not a robustlogits model spec (format {raw.get('format')!r})")
@@ -70,7 +71,7 @@ class ArchitectureSpec:
 
 def spec_of(model: nn.Module) -> ArchitectureSpec:
     """The spec of a model about to be stored: factory-built if its arch is one we can rebuild."""
-    num_classes = int(getattr(model, "num_classes"))
+    num_classes = int(model.num_classes)
     if isinstance(model, Normalized) and buildable(model.arch):
         return ArchitectureSpec(FACTORY, model.arch, num_classes, model.mean.flatten().tolist(),
                                 model.std.flatten().tolist())
@@ -148,20 +149,19 @@ def pickle_free():
             os.environ[key] = previous
 
 
-def load_model_dir(model_dir: Path, device: torch.device | str = "cpu") -> nn.Module:
-    """A downloaded MLflow model folder -> an eval-mode module on `device`, without running stored code."""
-    import mlflow
-
+def load_model_dir(model_dir: Path, device: torch.device | str = "cpu",
+                   load_graph: Callable[[Path], nn.Module] | None = None) -> nn.Module:
+    """A downloaded MLflow model folder -> an eval-mode module on `device`, without running stored
+    code. `load_graph` reads an exported graph (a model no factory builds); the tracking layer
+    passes MLflow's pickle-free loader."""
     model_dir = Path(model_dir)
     spec_path = model_dir / "extra_files" / SPEC_FILE
     if spec_path.is_file():
         spec = ArchitectureSpec.from_json(spec_path.read_text())
         if spec.builder == FACTORY:
             model = rebuild(spec, (model_dir / "extra_files" / WEIGHTS_FILE).read_bytes(), str(model_dir))
-        elif spec.builder == GRAPH:
-            with pickle_free():
-                graph = mlflow.pytorch.load_model(str(model_dir), map_location=torch.device("cpu"))
-            model = ExternalModel(graph, spec.num_classes, spec.arch)
+        elif spec.builder == GRAPH and load_graph is not None:
+            model = ExternalModel(load_graph(model_dir), spec.num_classes, spec.arch)
         else:
             raise UserError(f"unknown model builder {spec.builder!r} in {spec_path}")
     elif (model_dir / "data" / "model.pth").is_file():

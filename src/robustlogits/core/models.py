@@ -177,7 +177,7 @@ class ExternalModel(nn.Module):
         self.num_classes = num_classes
         self.stages: dict[str, str] = {}
 
-    def train(self, mode: bool = True) -> "ExternalModel":
+    def train(self, mode: bool = True) -> ExternalModel:
         if mode:
             raise UserError("an imported model without an architecture runs in eval mode only "
                             "(re-import it with --arch to get a trainable, per-stage model)")
@@ -216,3 +216,12 @@ def extract_stages(model: nn.Module, x: torch.Tensor, names: list[str] | None = 
     if "logits" in names:
         captured["logits"] = logits
     return {n: captured[n] for n in names}
+
+
+def model_class_count(model: nn.Module, device: torch.device, image_shape=(3, 32, 32)) -> int:
+    """How many classes a model outputs: its own record, else one forward pass."""
+    count = getattr(model, "num_classes", None)
+    if count is None:
+        with torch.no_grad():
+            count = model.eval()(torch.zeros(2, *image_shape, device=device)).shape[1]
+    return int(count)

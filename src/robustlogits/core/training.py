@@ -8,17 +8,19 @@ import io
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-from robustlogits.config import AdversaryConfig, OptimConfig
 from robustlogits.core.data import Split, augment, iterate_batches, to_float
 from robustlogits.core.errors import UserError
 from robustlogits.core.perturb import LinfPGD, autocast
 from robustlogits.core.progress import Progress
+
+if TYPE_CHECKING:  # configs are read, never imported: core sits below config
+    from robustlogits.config import AdversaryConfig, OptimConfig
 
 
 class TrainingDiverged(UserError):

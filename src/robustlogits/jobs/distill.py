@@ -12,123 +12,27 @@ clean images only, through the same training loop as `train`.
 from __future__ import annotations
 
 import copy
-import dataclasses
 import hashlib
 import json
-from dataclasses import dataclass, field
 
-import mlflow
 import numpy as np
 import torch
-from mlflow.tracking import MlflowClient
 
 from robustlogits import tracking
-from robustlogits.tracking.attack_records import log_attack_result
+from robustlogits.config import DistillationConfig, DistillConfig
 from robustlogits.core.attacks import attack_split, check_n_examples
-from robustlogits.config import TrainConfig, preset
 from robustlogits.core.data import Split, augment, load_bundle, to_float
 from robustlogits.core.device import resolve_amp, resolve_device
 from robustlogits.core.errors import UserError
-from robustlogits.core.manipulations import MANIPULATIONS, manipulate, manipulation_report
-from robustlogits.tracking.models import ResolvedModel, model_class_count, resolve_and_load, synthetic_params_from_run
-from robustlogits.core.training import DISTILLATION_LOSSES, distillation_objective
+from robustlogits.core.manipulations import manipulate, manipulation_report
+from robustlogits.core.models import model_class_count
+from robustlogits.core.training import distillation_objective
 from robustlogits.jobs.tracked_training import log_run_inputs, new_state, train_tracked
+from robustlogits.tracking import ResolvedModel
 
 TEACHER_LOGITS_JOB = "teacher-logits"
 TEACHER_LOGITS_EXPERIMENT_SUFFIX = "-teacher-logits"
-STUDENTS_TAG = "students"  # on a teacher's version: its registered students, kept up to date
-
-
-@dataclass
-class DistillSettings:
-    # Teacher: a registry URI or registered name; None = "<dataset>-<arch>-at" of the preset.
-    teacher: str | None = None
-    teacher_stage: str | None = None     # default Production when no alias/version is given
-    teacher_alias: str | None = None
-    teacher_version: str | None = None
-    # Second, standard-trained teacher for `hybrid`; None = "models:/<dataset>-<arch>-st/Production".
-    st_teacher: str | None = None
-    manipulation: str = "none"
-    k: int | None = None                 # correct-fix defaults to the paper's k = 1
-    fix_mode: str = "permute"            # how correct-fix fixes the rest: permute | average
-    manipulation_seed: int = 0
-    loss: str = "l1"
-    temperature: float = 1.0
-    # Teacher targets: mean logits over this many random crop/flip passes (A.3, point 3).
-    n_augment: int = 8
-    teacher_bn: str = "eval"             # eval: running statistics; train: batch statistics
-    teacher_logits_seed: int = 0
-    teacher_logits_run: str | None = None  # reuse this run's artifact explicitly
-    attack: bool = True
-    attack_n_examples: int | None = None
-    attack_n_iter: int = 100
-
-
-@dataclass
-class DistillConfig(TrainConfig):
-    distill: DistillSettings = field(default_factory=DistillSettings)
-
-    def allowed_trainings(self) -> tuple[str, ...]:
-        return ("distillation",)
-
-    def registered_model_name(self) -> str:
-        return self.run.registered_name or f"{self.data.dataset}-{self.model.arch}-student"
-
-    def teacher_spec(self) -> str:
-        return self.distill.teacher or f"{self.data.dataset}-{self.model.arch}-at"
-
-    def st_teacher_spec(self) -> str:
-        return self.distill.st_teacher or f"models:/{self.data.dataset}-{self.model.arch}-st/Production"
-
-    def resolved_k(self) -> int | None:
-        d = self.distill
-        return 1 if d.k is None and d.manipulation == "correct-fix" else d.k
-
-    def validate(self) -> None:
-        super().validate()
-        d = self.distill
-        if d.manipulation not in MANIPULATIONS:
-            raise UserError(f"unknown manipulation {d.manipulation!r}; choose one of: {', '.join(MANIPULATIONS)}")
-        if d.loss not in DISTILLATION_LOSSES:
-            raise UserError(f"unknown loss {d.loss!r}; choose one of: {', '.join(DISTILLATION_LOSSES)}")
-        if not d.temperature > 0:
-            raise UserError(f"temperature must be > 0, got {d.temperature}")
-        if d.manipulation in ("permute", "average") and d.k is None:
-            raise UserError(f"manipulation {d.manipulation!r} needs k (1..number of classes)")
-        if d.fix_mode not in ("permute", "average"):
-            raise UserError(f"unknown fix_mode {d.fix_mode!r}; choose permute or average")
-        if d.n_augment < 1:
-            raise UserError(f"n_augment must be >= 1, got {d.n_augment}")
-        if d.teacher_bn not in ("eval", "train"):
-            raise UserError(f"unknown teacher_bn {d.teacher_bn!r}; choose eval or train")
-        if d.attack_n_examples is not None and d.attack_n_examples < 1:
-            raise UserError(f"attack n-examples must be >= 1, got {d.attack_n_examples}")
-
-    def check_k(self, num_classes: int) -> None:
-        k = self.resolved_k()
-        if k is not None and self.distill.manipulation not in ("none", "hybrid") and not 1 <= k <= num_classes:
-            raise UserError(f"k must be in 1..{num_classes} for {self.data.dataset}, got {k}")
-
-
-DISTILL_DEFAULTS = {
-    "smoke": dict(n_augment=4, attack_n_examples=500, attack_n_iter=50),
-    "study": dict(n_augment=8, attack_n_examples=1000),
-    "paper": dict(n_augment=8),
-    "test": dict(n_augment=2, attack_n_examples=40, attack_n_iter=5),
-}
-
-
-def distill_preset(name: str) -> DistillConfig:
-    """A train preset's data/model/optim settings for the student, plus distillation defaults."""
-    base = preset(name)
-    cfg = DistillConfig(**{f.name: getattr(base, f.name) for f in dataclasses.fields(TrainConfig)})
-    cfg.run.training = "distillation"
-    cfg.run.checkpoint_epochs = ()  # empty: the student is registered at its last epoch
-    cfg.run.teacher_epoch = None
-    cfg.run.teacher_stage = ""
-    cfg.run.teacher_alias = ""
-    cfg.distill = DistillSettings(**DISTILL_DEFAULTS.get(name, {}))
-    return cfg
+TEACHER_LOGITS_ARTIFACT = "teacher_logits/teacher_logits.npz"
 
 
 # --- teacher logits -------------------------------------------------------------------------
@@ -155,8 +59,8 @@ def averaged_teacher_logits(teacher: torch.nn.Module, split: Split, n_augment: i
     return total / n_augment
 
 
-def teacher_logits_key(teacher: ResolvedModel, digest: str, split: Split, d: DistillSettings) -> str:
-    return tracking.job_key({
+def teacher_logits_key(teacher: ResolvedModel, digest: str, split: Split, d: DistillationConfig) -> str:
+    return tracking.job_key({"job": TEACHER_LOGITS_JOB,
         "teacher": teacher.model_id or teacher.uri, "name": teacher.name, "version": teacher.version, "data": digest,
         "indices": hashlib.sha256(split.indices.astype(np.int64).tobytes()).hexdigest(),
         "n_augment": d.n_augment, "bn": d.teacher_bn, "seed": d.teacher_logits_seed})
@@ -164,7 +68,7 @@ def teacher_logits_key(teacher: ResolvedModel, digest: str, split: Split, d: Dis
 
 def load_teacher_logits(run_id: str, split: Split, num_classes: int, dataset: str) -> torch.Tensor:
     """Read an artifact back, refusing one made for other data, another split or class count."""
-    path = tracking.download_artifact(run_id, "teacher_logits/teacher_logits.npz")
+    path = tracking.download_artifact(run_id, TEACHER_LOGITS_ARTIFACT)
     with np.load(path) as z:
         logits, indices, labels = z["logits"], z["indices"], z["labels"]
         meta = json.loads(str(z["meta"]))
@@ -187,33 +91,36 @@ def obtain_teacher_logits(teacher: ResolvedModel, cfg: DistillConfig, split: Spl
     if explicit_run:
         return explicit_run, load_teacher_logits(explicit_run, split, num_classes, dataset), True
     key = teacher_logits_key(teacher, digest, split, cfg.distill)
-    run_id = tracking.find_finished_run(key, tag="teacher_logits_key")
-    if run_id:
-        return run_id, load_teacher_logits(run_id, split, num_classes, dataset), True
-    d = cfg.distill
-    logits = averaged_teacher_logits(teacher.model, split, d.n_augment, d.teacher_bn, d.teacher_logits_seed,
-                                     cfg.run.eval_batch_size)
-    meta = {"teacher_name": teacher.name, "teacher_version": teacher.version, "teacher_uri": teacher.uri,
-            "teacher_run_id": teacher.source_run_id, "dataset": dataset, "data_digest": digest,
-            "n_augment": d.n_augment, "teacher_bn": d.teacher_bn, "seed": d.teacher_logits_seed,
-            "num_classes": num_classes, "n_images": len(split), "key": key}
-    tags = {"robustlogits.job": TEACHER_LOGITS_JOB, "teacher_logits_key": key,
-            "teacher_name": str(teacher.name), "teacher_version": str(teacher.version)}
-    # Reusable artifacts, not trainings: they get an experiment of their own.
-    with tracking.managed_run(cfg.run.experiment + TEACHER_LOGITS_EXPERIMENT_SUFFIX,
-                              run_name=f"teacher-logits-{teacher.name}-v{teacher.version}",
-                              tags=tags, nested=mlflow.active_run() is not None, fresh=True) as run:
-        tracking.log_params({f"teacher_logits.{k}": v for k, v in meta.items()})
-        tracking.log_model_inputs([teacher.model_id])
-        array = logits.cpu().numpy().astype(np.float32)
-        tracking.log_arrays("teacher_logits/teacher_logits.npz", logits=array, indices=split.indices,
-                            labels=split.labels.cpu().numpy(), meta=np.asarray(json.dumps(meta)))
-        tracking.log_json(meta | {"digest": hashlib.sha256(array.tobytes()).hexdigest()},
-                          "teacher_logits/teacher_logits.json")
-        error = float((logits.argmax(1) != split.labels).float().mean())
-        mlflow.log_metric("teacher_train_error_rate", error)
-        run_id = run.info.run_id
-    return run_id, logits, False
+    computed: list[torch.Tensor] = []
+
+    def compute() -> str:
+        d = cfg.distill
+        logits = averaged_teacher_logits(teacher.model, split, d.n_augment, d.teacher_bn, d.teacher_logits_seed,
+                                         cfg.run.eval_batch_size)
+        computed.append(logits)
+        meta = {"teacher_name": teacher.name, "teacher_version": teacher.version, "teacher_uri": teacher.uri,
+                "teacher_run_id": teacher.source_run_id, "dataset": dataset, "data_digest": digest,
+                "n_augment": d.n_augment, "teacher_bn": d.teacher_bn, "seed": d.teacher_logits_seed,
+                "num_classes": num_classes, "n_images": len(split), "key": key}
+        tags = {"robustlogits.job": TEACHER_LOGITS_JOB,
+                "teacher_name": str(teacher.name), "teacher_version": str(teacher.version)}
+        # Reusable artifacts, not trainings: they get an experiment of their own.
+        with tracking.artifact_run(cfg.run.experiment + TEACHER_LOGITS_EXPERIMENT_SUFFIX,
+                                   f"teacher-logits-{teacher.name}-v{teacher.version}", tags) as run_id:
+            tracking.log_params({f"teacher_logits.{k}": v for k, v in meta.items()})
+            tracking.log_model_inputs([teacher.model_id])
+            array = logits.cpu().numpy().astype(np.float32)
+            tracking.log_arrays(TEACHER_LOGITS_ARTIFACT, logits=array, indices=split.indices,
+                                labels=split.labels.cpu().numpy(), meta=np.asarray(json.dumps(meta)))
+            tracking.log_json(meta | {"digest": hashlib.sha256(array.tobytes()).hexdigest()},
+                              "teacher_logits/teacher_logits.json")
+            tracking.log_results({"teacher_train_error_rate": float((logits.argmax(1) != split.labels).float().mean())})
+        return run_id
+
+    found = tracking.find_or_run(key, compute)
+    if found.reused:
+        return found.run_id, load_teacher_logits(found.run_id, split, num_classes, dataset), True
+    return found.run_id, computed[0], False
 
 
 # --- the job -------------------------------------------------------------------------------------
@@ -225,9 +132,9 @@ def run_distill(cfg: DistillConfig, progress: bool | None = None) -> str:
     tracking.check_store(cfg.run.experiment)
     device = resolve_device(cfg.run.device)
     d = cfg.distill
-    teacher = resolve_and_load(cfg.teacher_spec(), stage=d.teacher_stage, alias=d.teacher_alias,
+    teacher = tracking.resolve_and_load(cfg.teacher_spec(), stage=d.teacher_stage, alias=d.teacher_alias,
                                version=d.teacher_version, device=device)
-    st_teacher = resolve_and_load(cfg.st_teacher_spec(), device=device) if d.manipulation == "hybrid" else None
+    st_teacher = tracking.resolve_and_load(cfg.st_teacher_spec(), device=device) if d.manipulation == "hybrid" else None
     adopt_teacher_data(cfg, teacher)
     cfg.validate()
     cfg.data.val_per_class = cfg.resolved_val_per_class()  # logged as what it is, not "None"
@@ -256,19 +163,18 @@ def run_distill(cfg: DistillConfig, progress: bool | None = None) -> str:
     lineage = {"teacher_name": teacher.name, "teacher_version": teacher.version,
                "teacher_run_id": teacher.source_run_id, "teacher_uri": teacher.uri, "manipulation": d.manipulation,
                "k": cfg.resolved_k(), "fix_mode": d.fix_mode, "loss": d.loss, "temperature": d.temperature,
-               "teacher_logits_run": logits_run, "teacher_logits_artifact": "teacher_logits/teacher_logits.npz"}
+               "teacher_logits_run": logits_run, "teacher_logits_artifact": TEACHER_LOGITS_ARTIFACT}
     if st_teacher is not None:
         lineage |= {"st_teacher_name": st_teacher.name, "st_teacher_version": st_teacher.version}
     lineage = {k: str(v) for k, v in lineage.items() if v is not None}
     name = f"distill-{d.manipulation}" + (f"-k{cfg.resolved_k()}" if cfg.resolved_k() else "") + f"-{d.loss}"
-    with tracking.managed_run(cfg.run.experiment, run_name=name,
-                              tags={"robustlogits.job": "distill", "dataset": cfg.data.dataset,
-                                    "arch": cfg.model.arch, "preset": cfg.preset} | lineage) as run:
-        run_id = run.info.run_id
+    tags = {"robustlogits.job": "distill", "dataset": cfg.data.dataset, "arch": cfg.model.arch,
+            "preset": cfg.preset} | lineage
+    with tracking.job_run(cfg.run.experiment, name, tags) as run_id:
         log_run_inputs(cfg, bundle, amp)
-        mlflow.log_param("teacher_logits_reused", reused)
+        tracking.log_params({"teacher_logits_reused": reused})
         tracking.log_model_inputs([m.model_id for m in (teacher, st_teacher) if m is not None])
-        mlflow.log_metrics({f"targets_{k}": float(v) for k, v in report.items()})
+        tracking.log_results({f"targets_{k}": float(v) for k, v in report.items()})
         train_tracked(cfg, bundle, state, objective, run_id, amp, version_tags=lineage, progress=progress)
         result = None
         if d.attack:
@@ -276,17 +182,15 @@ def run_distill(cfg: DistillConfig, progress: bool | None = None) -> str:
                                   n_iter=d.attack_n_iter, seed=cfg.run.seed, eps=cfg.adversary.eps, device=device,
                                   progress=progress)
             model_ids = state.extra.get("model_ids", {})  # the student's logged model: the attack's metrics are its own
-            log_attack_result(result, model_id=model_ids[max(model_ids)] if model_ids else None)
+            tracking.log_attack_result(result, model_id=model_ids[max(model_ids)] if model_ids else None)
     versions = state.extra.get("versions", {})
     if result is not None and versions:
-        last, client = versions[max(versions)], MlflowClient()
-        for key, value in (("adversarial_accuracy", f"{result.adversarial_accuracy:.4f}"),
-                           ("attacked_natural_accuracy", f"{result.natural_accuracy:.4f}"),
-                           ("adversarial_accuracy_run", run_id),
-                           ("adversarial_accuracy_setting", f"apgd-ce-dlr eps={cfg.adversary.eps:.5f} "
-                                                            f"n={result.n_examples} n_iter={d.attack_n_iter}")):
-            client.set_model_version_tag(cfg.registered_model_name(), last, key, value)
-    update_students_tag(teacher.name, teacher.version)
+        tracking.set_version_tags(cfg.registered_model_name(), versions[max(versions)], {
+            "adversarial_accuracy": f"{result.adversarial_accuracy:.4f}",
+            "attacked_natural_accuracy": f"{result.natural_accuracy:.4f}", "adversarial_accuracy_run": run_id,
+            "adversarial_accuracy_setting": f"apgd-ce-dlr eps={cfg.adversary.eps:.5f} n={result.n_examples} "
+                                            f"n_iter={d.attack_n_iter}"})
+    tracking.update_students_tag(teacher.name, teacher.version)
     return run_id
 
 
@@ -296,39 +200,6 @@ def adopt_teacher_data(cfg: DistillConfig, teacher: ResolvedModel) -> None:
     if teacher.dataset:
         cfg.data.dataset = teacher.dataset
     if cfg.data.dataset == "synthetic":
-        synthetic = synthetic_params_from_run(teacher.source_run_id) or {}
+        synthetic = tracking.synthetic_params_from_run(teacher.source_run_id) or {}
         for key, value in synthetic.items():
             setattr(cfg.data, f"synthetic_{key}" if key != "num_classes" else "synthetic_classes", value)
-
-
-def update_students_tag(teacher_name: str | None, teacher_version: str | None) -> None:
-    """The link seen from the teacher's side: its version lists every registered student.
-
-    Rebuilt from the registry each time (not appended), so concurrent distillations converge."""
-    if not teacher_name or not teacher_version:
-        return
-    students = sorted(students_of(teacher_name, teacher_version), key=lambda v: (v.name, int(v.version)))
-    if not students:
-        return
-    text = ", ".join(f"{v.name}/{v.version} ({_student_label(v.tags)})" for v in students)
-    if len(text) > 4900:
-        text = text[:4800].rsplit(", ", 1)[0] + f", ... ({len(students)} in all)"
-    MlflowClient().set_model_version_tag(teacher_name, teacher_version, STUDENTS_TAG, text)
-
-
-def _student_label(tags: dict) -> str:
-    label = tags.get("manipulation", "?") + (f" k={tags['k']}" if tags.get("k") else "")
-    return label + (f", adv {tags['adversarial_accuracy']}" if tags.get("adversarial_accuracy") else "")
-
-
-def students_of(teacher_name: str, teacher_version: str | int | None = None) -> list:
-    """Every registered student version distilled from a teacher (optionally one version of it)."""
-    client = MlflowClient()
-    query = f"tags.teacher_name = '{teacher_name}'"
-    if teacher_version is not None:
-        query += f" and tags.teacher_version = '{teacher_version}'"
-    try:
-        return list(client.search_model_versions(query))
-    except Exception:  # noqa: BLE001 - stores without tag filters: filter here
-        return [v for v in client.search_model_versions("") if v.tags.get("teacher_name") == teacher_name
-                and (teacher_version is None or v.tags.get("teacher_version") == str(teacher_version))]

@@ -16,16 +16,15 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import mlflow
 import numpy as np
-from mlflow.tracking import MlflowClient
 
 from robustlogits import tracking
 from robustlogits.core.data import RawDataset, Split, load_test_split
 from robustlogits.core.device import resolve_device
 from robustlogits.core.errors import UserError
 from robustlogits.core.logits import compute_logits
-from robustlogits.tracking.models import ResolvedModel, model_class_count, resolve_and_load, synthetic_params_from_run
+from robustlogits.core.models import model_class_count
+from robustlogits.tracking import ResolvedModel
 
 log = logging.getLogger(__name__)
 ARTIFACT = "test_logits/test_logits.npz"
@@ -103,12 +102,12 @@ def open_models(specs: list[str], *, data_dir: str | None = None, dataset: str |
         raise UserError(f"{purpose} needs at least {minimum} model{'s' if minimum > 1 else ''}, got {len(specs)} "
                         "(registered names, models:/ or runs:/ URIs)")
     dev = resolve_device(device)
-    models = [resolve_and_load(spec, device=dev) for spec in specs]
+    models = [tracking.resolve_and_load(spec, device=dev) for spec in specs]
     names = {dataset or m.dataset for m in models}
     if None in names or len(names) != 1:
         raise UserError(f"models must share one known dataset (found {sorted(map(str, names))}); pass --dataset")
     name = names.pop()
-    synthetic = synthetic_params_from_run(models[0].source_run_id) if name == "synthetic" else None
+    synthetic = tracking.synthetic_params_from_run(models[0].source_run_id) if name == "synthetic" else None
     digests = {m.data_digest for m in models if m.data_digest}
     # The recorded folder is a hint; data are accepted only with the digest the models were trained on.
     test, raw = load_test_split(name, data_dir, dev, synthetic, hint=models[0].data_dir,
@@ -140,24 +139,31 @@ def _logits_for(model: ResolvedModel, label: str, ctx: TestModels) -> ModelLogit
     stored = _checkpoint_logits(model, ctx)
     if stored is not None:
         return ModelLogits(label, model, stored, "checkpoint", model.source_run_id)
-    key = cache_key(model, ctx.raw.digest)
-    run_id = tracking.find_finished_run(key)
-    if run_id is not None:
-        with np.load(tracking.download_artifact(run_id, ARTIFACT)) as z:
-            if np.array_equal(z["indices"], ctx.indices) and np.array_equal(z["labels"], ctx.y):
-                return ModelLogits(label, model, z["logits"].astype(np.float32), "cache", run_id)
-    log.info("computing test logits of %s (%d images, fp32)", label, len(ctx.test))
-    logits = compute_logits(model.model, ctx.test.images).cpu().numpy().astype(np.float32)
-    tags = {"robustlogits.job": JOB_TAG, tracking.KEY_TAG: key, "data_digest": ctx.raw.digest,
-            "model_uri": model.uri, **{f"model_{k}": v for k, v in identity(model).items() if k != "uri"}}
-    with tracking.managed_run(ctx.experiment, run_name=f"test-logits {label}", tags=tags, fresh=True) as run:
-        tracking.log_params({"model_uri": model.uri, "dataset": ctx.dataset, "n_examples": len(ctx.test),
-                             "precision": "fp32"})
-        tracking.log_model_inputs([model.model_id])
-        tracking.log_dataset_input(ctx.dataset, ctx.raw.digest, f"test/{ctx.raw.source}", "evaluation", len(ctx.test))
-        tracking.log_arrays(ARTIFACT, logits=logits, labels=ctx.y, indices=ctx.indices)
-        run_id = run.info.run_id
-    return ModelLogits(label, model, logits, "computed", run_id)
+    computed: list[np.ndarray] = []
+
+    def compute() -> str:
+        log.info("computing test logits of %s (%d images, fp32)", label, len(ctx.test))
+        logits = compute_logits(model.model, ctx.test.images).cpu().numpy().astype(np.float32)
+        computed.append(logits)
+        tags = {"robustlogits.job": JOB_TAG, "data_digest": ctx.raw.digest, "model_uri": model.uri,
+                **{f"model_{k}": v for k, v in identity(model).items() if k != "uri"}}
+        with tracking.artifact_run(ctx.experiment, f"test-logits {label}", tags) as run_id:
+            tracking.log_params({"model_uri": model.uri, "dataset": ctx.dataset, "n_examples": len(ctx.test),
+                                 "precision": "fp32"})
+            tracking.log_model_inputs([model.model_id])
+            tracking.log_dataset_input(ctx.dataset, ctx.raw.digest, f"test/{ctx.raw.source}", "evaluation",
+                                       len(ctx.test))
+            tracking.log_arrays(ARTIFACT, logits=logits, labels=ctx.y, indices=ctx.indices)
+        return run_id
+
+    found = tracking.find_or_run(cache_key(model, ctx.raw.digest), compute)
+    if not found.reused:
+        return ModelLogits(label, model, computed[0], "computed", found.run_id)
+    with np.load(tracking.download_artifact(found.run_id, ARTIFACT)) as z:
+        if not (np.array_equal(z["indices"], ctx.indices) and np.array_equal(z["labels"], ctx.y)):
+            raise UserError(f"the cached test logits of {label} (run {found.run_id}) are for another split "
+                            "of the same data; delete that run to compute them again")
+        return ModelLogits(label, model, z["logits"].astype(np.float32), "cache", found.run_id)
 
 
 def _checkpoint_logits(model: ResolvedModel, ctx: TestModels) -> np.ndarray | None:
@@ -179,15 +185,10 @@ def logits_of_run(spec: str) -> tuple[np.ndarray, np.ndarray, str]:
     """`RUN_ID` or `RUN_ID:EPOCH`: a train run's checkpoint test logits (latest checkpoint by default),
     or an attack run's clean logits."""
     run_id, _, epoch = spec.partition(":")
-    try:
-        run = MlflowClient().get_run(run_id)
-    except Exception:  # noqa: BLE001
-        raise UserError(f"no run {run_id!r} in the tracking store") from None
-    label = run.data.tags.get("mlflow.runName", run_id[:8])
-    if run.data.tags.get("robustlogits.job") == "attack":
-        from robustlogits.tracking.attack_records import load_attack_result
-
-        result = load_attack_result(run_id)
+    run = tracking.run_record(run_id)
+    label = run.tags.get("mlflow.runName", run_id[:8])
+    if run.tags.get("robustlogits.job") == "attack":
+        result = tracking.load_attack_result(run_id)
         return result.clean_logits, result.label, label
     files = tracking.list_artifacts(run_id, "test_logits")
     epochs = sorted(int(Path(f).stem.split("_")[-1]) for f in files if Path(f).stem.split("_")[-1].isdigit())
@@ -205,4 +206,4 @@ def log_inputs(ctx: TestModels) -> None:
     """The analysed models and the test data as inputs of the active run."""
     tracking.log_model_inputs(list(dict.fromkeys(m.model_id for m in ctx.models if m.model_id)))
     tracking.log_dataset_input(ctx.dataset, ctx.raw.digest, f"test/{ctx.raw.source}", "evaluation", len(ctx.test))
-    mlflow.set_tag("data_digest", ctx.raw.digest)
+    tracking.set_tags({"data_digest": ctx.raw.digest})

@@ -13,7 +13,6 @@ import json
 import logging
 from pathlib import Path
 
-import mlflow
 import numpy as np
 import torch
 
@@ -48,7 +47,7 @@ def log_run_inputs(cfg: TrainConfig, bundle: DataBundle, amp: bool) -> None:
     if bundle.root:
         cfg.data.data_dir = bundle.root
     tracking.log_params(flatten(cfg) | {"run.precision": precision_name(amp)})
-    mlflow.set_tag("data_digest", bundle.digest)
+    tracking.set_tags({"data_digest": bundle.digest})
     tracking.log_dataset_input(cfg.data.dataset, bundle.digest, bundle.source, "training", len(bundle.train))
     tracking.log_json(bundle.split_record, "data/split.json")
 
@@ -104,12 +103,12 @@ class EpochLogger:
         if every and (e % every == 0 or e == cfg.optim.epochs):
             metrics.update(self.robustness_monitor())
         tracking.log_json({"epoch": e, "splits": histograms}, f"histograms/epoch_{e:04d}.json")
-        mlflow.log_image(self.histogram_image(e, histograms), key=HISTOGRAM_IMAGE_KEY, step=e, synchronous=True)
+        tracking.log_epoch_image(self.histogram_image(e, histograms), HISTOGRAM_IMAGE_KEY, e)
         model_id = None
         if e in cfg.run.checkpoint_epochs:
             metrics["checkpoint_test_accuracy"], model_id = self.checkpoint(e)
         # A checkpoint's epoch metrics are also its logged model's metrics: the models table ranks them.
-        mlflow.log_metrics(metrics, step=e, model_id=model_id, synchronous=True)
+        tracking.log_results(metrics, step=e, model_id=model_id)
         # The state goes last: after a kill, resume restarts at the first epoch not fully logged.
         tracking.log_bytes(self.state.to_bytes(), STATE_ARTIFACT)
         log.info("epoch %d: loss %.4f acc %.4f %s", e, result.loss, result.accuracy,
@@ -165,11 +164,11 @@ def finish(cfg: TrainConfig, state: TrainState, run_id: str) -> None:
     teacher = cfg.resolved_teacher_epoch()
     versions = state.extra.get("versions", {})
     if versions:  # what the run registered, for the closing message and the run page
-        mlflow.set_tags({"registered_model": cfg.registered_model_name(),
+        tracking.set_tags({"registered_model": cfg.registered_model_name(),
                          "registered_versions": ",".join(str(versions[e]) for e in sorted(versions))})
     if teacher is not None and teacher in versions and (cfg.run.teacher_stage or cfg.run.teacher_alias):
         tracking.promote(cfg.registered_model_name(), versions[teacher], cfg.run.teacher_stage, cfg.run.teacher_alias)
-        mlflow.set_tag("teacher_version", versions[teacher])
+        tracking.set_tags({"teacher_version": versions[teacher]})
     histograms = load_histograms(run_id)
     for quantity in ("max_logit", "gap"):
         fig = evolution_figure(histograms, quantity, f"{cfg.run.training} {cfg.model.arch} on {cfg.data.dataset}: "

@@ -6,9 +6,7 @@ continues a killed run in the same MLflow run without duplicating metric steps.
 
 from __future__ import annotations
 
-import mlflow
 import torch
-from mlflow.tracking import MlflowClient
 
 from robustlogits import tracking
 from robustlogits.config import TrainConfig, apply_overrides, flatten
@@ -21,10 +19,7 @@ from robustlogits.jobs.tracked_training import STATE_ARTIFACT, log_run_inputs, n
 
 def config_from_run(run_id: str) -> TrainConfig:
     """Rebuild a run's config from its params: the params are the complete description."""
-    try:
-        params = MlflowClient().get_run(run_id).data.params
-    except Exception:  # noqa: BLE001
-        raise UserError(f"no run {run_id!r} in the tracking store") from None
+    params = tracking.run_record(run_id).params
     known = flatten(TrainConfig())
     cfg = TrainConfig()
     apply_overrides(cfg, [f"{k}={v}" for k, v in params.items() if k in known])
@@ -36,8 +31,7 @@ def run_training(cfg: TrainConfig, resume: str | None = None, progress: bool | N
     if resume:
         tracking.check_store(cfg.run.experiment)
         cfg = config_from_run(resume)
-        status = MlflowClient().get_run(resume).info.status
-        if status == "FINISHED":
+        if tracking.run_record(resume).status == "FINISHED":
             raise UserError(f"run {resume} already FINISHED; nothing to resume")
     cfg.validate()
     # Log what will actually happen, not "None": defaults that depend on other values are resolved.
@@ -54,12 +48,12 @@ def run_training(cfg: TrainConfig, resume: str | None = None, progress: bool | N
     run_name = f"{cfg.preset}-{cfg.run.training}-{cfg.model.arch}"
     if resume:
         state.load_bytes(tracking.download_artifact(resume, STATE_ARTIFACT).read_bytes())
-    with tracking.managed_run(cfg.run.experiment, run_name=run_name, run_id=resume, tags=tags) as run:
-        run_id = run.info.run_id
-        if not resume:
-            log_run_inputs(cfg, bundle, amp)
-        else:
-            mlflow.set_tag("resumed_from_epoch", state.epoch)
-            tracking.clear_failure(run_id)
+    if resume:
+        with tracking.resume_run(resume, cfg.run.experiment) as run_id:
+            tracking.set_tags({"resumed_from_epoch": state.epoch})
+            train_tracked(cfg, bundle, state, objective, run_id, amp, progress=progress)
+        return run_id
+    with tracking.job_run(cfg.run.experiment, run_name, tags) as run_id:
+        log_run_inputs(cfg, bundle, amp)
         train_tracked(cfg, bundle, state, objective, run_id, amp, progress=progress)
     return run_id

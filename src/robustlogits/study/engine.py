@@ -2,8 +2,8 @@
 
 - A **task** is a named unit of work, `fn(params) -> metrics`, registered with `@task(name)`.
   It runs an existing job through `keyed`: the job's key (resolved config plus the identities of
-  its inputs) is looked up first, so a retried or resumed trial returns the finished run's
-  metrics instead of running twice.
+  its inputs) is looked up first (`tracking.find_or_run`), so a retried or resumed trial returns
+  the finished run's metrics instead of running twice.
 - A **study** carries its whole description (`spec`) in its user attrs, so a worker anywhere
   needs only the study name and the storage URL. `open_study` creates or loads it and refuses a
   different spec under the same name.
@@ -29,16 +29,13 @@ import os
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
-import mlflow
 import optuna
-from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
 from robustlogits import tracking
@@ -85,34 +82,30 @@ _SCOPE: list[_TrialScope] = []  # the trial this process is running (one at a ti
 def _record_reuse(source: str) -> None:
     """A trial answered by an earlier run still gets its own child run under this study: the
     source's params, lineage tags and metrics, and a tag naming the source (no job runs twice)."""
-    original = MlflowClient().get_run(source)
-    tags = {k: v for k, v in original.data.tags.items()
+    original = tracking.run_record(source)
+    tags = {k: v for k, v in original.tags.items()
             if not k.startswith("mlflow.") and k not in (tracking.KEY_TAG, "optuna.study", "optuna.trial", "optuna.state")}
-    with tracking.managed_run("robustlogits", run_name=f"{original.info.run_name} (reused)",
-                              tags=tags | {"robustlogits.reused_run": source}):
-        tracking.log_params(original.data.params)
-        mlflow.log_metrics(original.data.metrics)
+    with tracking.job_run("robustlogits", f"{original.name} (reused)", tags | {"robustlogits.reused_run": source}):
+        tracking.log_params(original.params)
+        tracking.log_results(original.metrics)
 
 
 def run_metrics(run_id: str) -> dict[str, float]:
-    return dict(MlflowClient().get_run(run_id).data.metrics)
+    return tracking.run_record(run_id).metrics
 
 
-def keyed(task_name: str, identity: dict[str, Any], run: Callable[[], str]) -> dict[str, float]:
-    """Return the metrics of the FINISHED run with this key, or call `run()` (which returns the
-    run id of a job run) with the key tagged on the run it opens, and return its metrics."""
-    key = tracking.job_key({"task": task_name, **identity})
-    found = tracking.find_finished_run(key)
+def keyed(task_name: str, key: str, run: Callable[[], str]) -> dict[str, float]:
+    """The metrics of the FINISHED run with this key, or of the job run `run()` opens (which
+    carries the key). A trial answered by an earlier run records that in a child run of its own."""
     scope = _SCOPE[-1] if _SCOPE else None
-    if found:
-        log.info("%s: reusing finished run %s (key %s)", task_name, found, key)
+    with tracking.child_runs(tags={"robustlogits.task": task_name}):
+        found = tracking.find_or_run(key, run)
+    if found.reused:
+        log.info("%s: reusing finished run %s (key %s)", task_name, found.run_id, key)
         if scope:
-            scope.reused_from = found
-            _record_reuse(found)
-        return run_metrics(found)
-    with tracking.child_runs(tags={tracking.KEY_TAG: key, "robustlogits.task": task_name}):
-        run_id = run()
-    return run_metrics(run_id)
+            scope.reused_from = found.run_id
+            _record_reuse(found.run_id)
+    return run_metrics(found.run_id)
 
 
 # --- search spaces ------------------------------------------------------------------------------
@@ -174,7 +167,7 @@ def _on_stale_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> Non
     run_id = trial.user_attrs.get("mlflow_run_id")
     if run_id and tracking.end_run_if_running(run_id, "FAILED"):
         with contextlib.suppress(Exception):
-            MlflowClient().set_tag(run_id, "optuna.state", "FAIL (worker lost)")
+            tracking.set_tags({"optuna.state": "FAIL (worker lost)"}, run_id)
     log.warning("trial %d lost its worker; queued again", trial.number)
     optuna.storages.RetryHeartbeatStaleTrialCallback()(study, trial)
 
@@ -266,44 +259,21 @@ def make_sampler(spec: dict) -> optuna.samplers.BaseSampler:
 
 def _create_parent_run(study: optuna.Study, spec: dict, storage_url: str) -> str:
     """The study's parent run; under `mlflow run` the launcher's run becomes it."""
-    tracking.check_store(spec.get("experiment", "robustlogits"))
-    client = MlflowClient()
-    launched = os.environ.get("MLFLOW_RUN_ID")
-    tags = {"robustlogits.job": spec.get("kind", "study"), "optuna.study": study.study_name}
-    if launched:
-        run_id = launched
-        for k, v in tags.items():
-            client.set_tag(run_id, k, v)
-    else:
-        exp = mlflow.get_experiment_by_name(spec.get("experiment", "robustlogits"))
-        run = client.create_run(exp.experiment_id, run_name=f"{spec.get('kind', 'study')}-{study.study_name}", tags=tags)
-        run_id = run.info.run_id
     params = {"study.name": study.study_name, "study.storage": redact(storage_url)}
     params |= {f"study.{k}": v if isinstance(v, str) else json.dumps(v, default=str)
                for k, v in spec.items() if k not in ("module",)}
-    for key, value in params.items():
-        client.log_param(run_id, key, str(value)[:6000])
-    if not launched:
-        client.set_terminated(run_id, "FINISHED")  # RUNNING again only while a coordinator drives it
-    return run_id
+    return tracking.study_run(spec.get("experiment", "robustlogits"), f"{spec.get('kind', 'study')}-{study.study_name}",
+                              tags={"robustlogits.job": spec.get("kind", "study"), "optuna.study": study.study_name},
+                              params=params, parent=spec.get("parent_run"))
 
 
 def parent_run_id(study: optuna.Study) -> str:
     return study.user_attrs[PARENT_ATTR]
 
 
-@contextlib.contextmanager
-def driving(study: optuna.Study) -> Iterator[str]:
+def driving(study: optuna.Study):
     """The coordinator's lifetime: the parent run is RUNNING inside, FINISHED or FAILED after."""
-    run_id = parent_run_id(study)
-    client = MlflowClient()
-    client.update_run(run_id, status="RUNNING")
-    try:
-        yield run_id
-    except BaseException:
-        client.set_terminated(run_id, "FAILED")
-        raise
-    client.set_terminated(run_id, "FINISHED")
+    return tracking.holding(parent_run_id(study))
 
 
 def enqueue_items(study: optuna.Study, items: list[dict]) -> int:
@@ -372,7 +342,7 @@ def _objective(spec: dict, parent: str, experiment_id: str) -> Callable[[optuna.
             with contextlib.suppress(Exception):
                 trial.set_user_attr("error", f"{type(exc).__name__}: {exc}"[:2000])
                 for run_id in scope.run_ids:
-                    MlflowClient().set_tag(run_id, "optuna.state", "FAIL")
+                    tracking.set_tags({"optuna.state": "FAIL"}, run_id)
             raise
         finally:
             _SCOPE.pop()
@@ -386,11 +356,9 @@ def _objective(spec: dict, parent: str, experiment_id: str) -> Callable[[optuna.
         trial.set_user_attr("reused", scope.reused_from or "")
         if run_id:
             trial.set_user_attr("model_versions", _model_versions(scope.reused_from or run_id))
-            client = MlflowClient()
-            for key, value in {"optuna.trial_number": trial.number,
-                               **{f"trial.{k}": v for k, v in params.items()}}.items():
-                with contextlib.suppress(Exception):
-                    client.log_param(run_id, key, str(value))
+            with contextlib.suppress(Exception):
+                tracking.log_params_to(run_id, {"optuna.trial_number": trial.number,
+                                                **{f"trial.{k}": v for k, v in params.items()}})
         values = [float(metrics[o]) for o in spec["objectives"]]
         log.info("trial %d: %s in %.1f s%s", trial.number,
                  ", ".join(f"{o} {v:.4f}" for o, v in zip(spec["objectives"], values)), seconds,
@@ -402,7 +370,7 @@ def _objective(spec: dict, parent: str, experiment_id: str) -> Callable[[optuna.
 
 def _model_versions(run_id: str) -> list[str]:
     with contextlib.suppress(Exception):
-        return [f"{v.name}/{v.version}" for v in MlflowClient().search_model_versions(f"run_id = '{run_id}'")]
+        return [f"{v.name}/{v.version}" for v in tracking.run_versions(run_id)]
     return []
 
 
@@ -415,7 +383,7 @@ def _after_trial(spec: dict, parent: str, state: dict) -> Callable:
         run_id = trial.user_attrs.get("mlflow_run_id")
         if run_id:
             with contextlib.suppress(Exception):
-                MlflowClient().set_tag(run_id, "optuna.state", trial.state.name)
+                tracking.set_tags({"optuna.state": trial.state.name}, run_id)
         if trial.user_attrs.get("idle"):
             study.stop()
             return
@@ -486,7 +454,7 @@ def run_worker(study_name: str, storage_url: str, n_trials: int | None = None,
     study = load(study_name, storage_url, heartbeat)
     spec = study.user_attrs[SPEC_ATTR]
     parent = parent_run_id(study)
-    experiment_id = MlflowClient().get_run(parent).info.experiment_id
+    experiment_id = tracking.run_record(parent).experiment_id
     objective = _objective(spec, parent, experiment_id)
     report_state: dict = {}
     callbacks = [_after_trial(spec, parent, report_state)]
@@ -600,15 +568,10 @@ def refresh_report(study: optuna.Study, parent: str | None = None, figures: bool
     is logged, not fatal: the trials themselves are safe in the storage."""
     parent = parent or parent_run_id(study)
     spec = study.user_attrs[SPEC_ATTR]
-    client = MlflowClient()
     try:
-        with tempfile.TemporaryDirectory() as tmp:
-            path = Path(tmp) / "trials.csv"
-            path.write_text(trials_csv(trial_rows(study)))
-            client.log_artifact(parent, str(path))
+        tracking.log_text(trials_csv(trial_rows(study)), "trials.csv", run_id=parent)
         st = status(study)
-        for key, value in {"study_complete_trials": st.complete, "study_failed_trials": len(st.failed)}.items():
-            client.log_metric(parent, key, value)
+        tracking.log_results({"study_complete_trials": st.complete, "study_failed_trials": len(st.failed)}, run_id=parent)
         if figures and spec.get("report") in REPORTS:
             REPORTS[spec["report"]](study, parent)
     except Exception as exc:  # noqa: BLE001

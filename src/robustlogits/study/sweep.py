@@ -16,19 +16,18 @@ import os
 import re
 import warnings
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
-from robustlogits.study import engine as study_engine
 from robustlogits import tracking
-from robustlogits.config import apply_overrides, flatten
+from robustlogits.config import SweepConfig, apply_overrides, distill_preset, flatten
 from robustlogits.core.errors import UserError
 from robustlogits.core.manipulations import MANIPULATIONS
 from robustlogits.core.training import DISTILLATION_LOSSES
+from robustlogits.study import engine as study_engine
 
 log = logging.getLogger(__name__)
 
@@ -40,32 +39,7 @@ SAMPLING = ("grid", "tpe", "random")
 
 
 @dataclass
-class SweepSettings:
-    teacher: str
-    teacher_epochs: list[str] = field(default_factory=lambda: ["all"])
-    losses: list[str] = field(default_factory=lambda: ["l1"])
-    temperatures: list[str] = field(default_factory=lambda: ["1"])
-    manipulations: list[str] = field(default_factory=lambda: ["none"])
-    ks: list[str] = field(default_factory=list)
-    seeds: list[str] = field(default_factory=list)
-    lrs: list[str] = field(default_factory=list)
-    sampler: str = "grid"
-    n_trials: int | None = None
-    objectives: list[str] = field(default_factory=lambda: ["adversarial"])
-    preset: str = "smoke"
-    data_dir: str | None = None
-    study: str | None = None
-    storage: str | None = None
-    workers: int = 1
-    workers_per_device: int = 1
-    heartbeat: int = 10
-    sampler_seed: int = 0
-    create_only: bool = False   # create the study and queue the grid; workers join elsewhere
-    overrides: list[str] = field(default_factory=list)
-
-
-@dataclass
-class Plan:
+class SweepPlan:
     name: str
     spec: dict
     directions: list[str]
@@ -97,7 +71,6 @@ def teacher_checkpoints(teacher: str) -> tuple[str, dict[int, str], dict]:
     The run is the one behind the Production version (or the alias/version the reference names),
     else the newest version: its checkpoints are the epochs a sweep can choose from.
     """
-    client = MlflowClient()
     body = teacher[len("models:/"):] if teacher.startswith("models:/") else teacher
     name = re.split(r"[@/]", body, maxsplit=1)[0]
     try:
@@ -116,7 +89,7 @@ def teacher_checkpoints(teacher: str) -> tuple[str, dict[int, str], dict]:
 
 def _versions(name: str) -> list:
     try:
-        return list(MlflowClient().search_model_versions(f"name='{name}'"))
+        return tracking.model_versions(name)
     except Exception:  # noqa: BLE001
         return []
 
@@ -130,10 +103,8 @@ def _numbers(values: list[str], kind, what: str) -> list:
         raise UserError(f"--{what} must be comma-separated {kind.__name__}s, got {','.join(values)}") from None
 
 
-def plan(s: SweepSettings) -> Plan:
+def plan(s: SweepConfig) -> SweepPlan:
     """The study's spec, directions and grid from the settings, or a UserError naming the problem."""
-    from robustlogits.jobs.distill import distill_preset
-
     if s.workers < 1:
         raise UserError(f"--workers must be >= 1, got {s.workers}")
     if s.sampler not in SAMPLING:
@@ -213,30 +184,26 @@ def plan(s: SweepSettings) -> Plan:
                      "preset": s.preset, "overrides": list(s.overrides)}}
     study = s.study or f"sweep-{name}-{tracking.job_key(spec)[:8]}"
     items = study_engine.grid_items(space) if s.sampler == "grid" else []
-    return Plan(study, spec, ["maximize"] * len(s.objectives), items)
+    return SweepPlan(study, spec, ["maximize"] * len(s.objectives), items)
 
 
 def _check_data(teacher: str, version: str, data_dir: str | None) -> None:
     """This machine finds the teacher's training data (by its recorded folder and digest)."""
     from robustlogits.core.data import load_raw
-    from robustlogits.tracking.models import synthetic_params_from_run
 
-    client = MlflowClient()
-    mv = client.get_model_version(teacher, version)
-    run = client.get_run(mv.run_id)
-    dataset = mv.tags.get("dataset") or run.data.params.get("data.dataset")
-    hint = run.data.params.get("data.data_dir")
-    synthetic = synthetic_params_from_run(mv.run_id) if dataset == "synthetic" else None
+    _, mv = tracking.resolve_model(teacher, version=version)
+    run = tracking.run_record(mv.run_id)
+    dataset = mv.tags.get("dataset") or run.params.get("data.dataset")
+    hint = run.params.get("data.data_dir")
+    synthetic = tracking.synthetic_params_from_run(mv.run_id) if dataset == "synthetic" else None
     load_raw(dataset, data_dir, synthetic=synthetic, hint=None if hint in (None, "", "None") else hint,
-             digest=mv.tags.get("data_digest") or run.data.tags.get("data_digest"))
+             digest=mv.tags.get("data_digest") or run.tags.get("data_digest"))
 
 
 # --- the task: one distillation ---------------------------------------------------------------
 
 def trial_config(params: dict):
     """The distillation a trial runs: the preset and --set values, then the sampled values."""
-    from robustlogits.jobs.distill import distill_preset
-
     cfg = distill_preset(params["preset"])
     apply_overrides(cfg, params.get("overrides", []))
     version = params["teacher_versions"][str(params["teacher_epoch"])]
@@ -260,17 +227,18 @@ def distill_task(params: dict) -> dict[str, float]:
 
     cfg = trial_config(params)
     _, mv = tracking.resolve_model(cfg.distill.teacher, version=cfg.distill.teacher_version)
-    teacher_run = MlflowClient().get_run(mv.run_id)
+    teacher_run = tracking.run_record(mv.run_id)
     identity = {"config": {k: v for k, v in flatten(cfg).items() if k not in VOLATILE},
                 "teacher": tracking.logged_model_id(mv) or f"{mv.name}/{mv.version}",
-                "data": mv.tags.get("data_digest") or teacher_run.data.tags.get("data_digest")}
+                "data": mv.tags.get("data_digest") or teacher_run.tags.get("data_digest")}
     progress = False if os.environ.get("ROBUSTLOGITS_WORKER") else None  # no interleaved bars
-    return study_engine.keyed("distill", identity, lambda: run_distill(cfg, progress=progress))
+    key = tracking.job_key({"task": "distill", **identity})
+    return study_engine.keyed("distill", key, lambda: run_distill(cfg, progress=progress))
 
 
 # --- the sweep --------------------------------------------------------------------------------
 
-def run_sweep(s: SweepSettings) -> SweepResult:
+def run_sweep(s: SweepConfig) -> SweepResult:
     """Plan (every check first), open or resume the study, queue the grid, run the workers."""
     p = plan(s)
     url = s.storage or study_engine.default_storage()
@@ -278,9 +246,9 @@ def run_sweep(s: SweepSettings) -> SweepResult:
         os.environ["ROBUSTLOGITS_DATA"] = str(Path(s.data_dir).expanduser().resolve())
     study = study_engine.open_study(p.name, url, p.directions, p.spec, s.heartbeat)
     parent = study_engine.parent_run_id(study)
-    launched = os.environ.get("MLFLOW_RUN_ID")
+    launched = tracking.launched_run_id()
     if launched and launched != parent:  # `mlflow run` of an existing study: point at its parent
-        MlflowClient().set_tag(launched, "robustlogits.study_parent_run", parent)
+        tracking.set_tags({"robustlogits.study_parent_run": parent}, launched)
     added = study_engine.enqueue_items(study, p.items) if p.items else 0
     log.info("study %s: %d grid point(s) queued, %d trial(s) already there; parent run %s",
              p.name, added, len(study.get_trials(deepcopy=False)) - added, parent)
@@ -425,44 +393,38 @@ def sweep_report(study, parent: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
     rows = _complete_rows(study)
     if not rows:
         return
-    client = MlflowClient()
     varying = _varying(rows, ["temperature", "manipulation", "k", "lr"])
     fig = _accuracy_figure(_grouped(rows, "teacher_epoch", ["loss", *varying]), "teacher checkpoint epoch",
                            f"Figure A.6: students against teacher epoch ({study.study_name})", categorical=False)
-    client.log_figure(parent, fig, "figures/fig_a6_teacher_epoch.png")
-    plt.close(fig)
+    tracking.log_figure(fig, "figures/fig_a6_teacher_epoch.png", run_id=parent)
     loss_keys = ["loss"] + [k for k in varying if k == "temperature"]
     for row in rows:
         row["loss_variant"] = _variant(row, loss_keys)
     fig = _accuracy_figure(_grouped(rows, "loss_variant", ["teacher_epoch", *[k for k in varying if k != "temperature"]]),
                            "distillation loss", f"Figure A.7: students against loss ({study.study_name})",
                            categorical=True)
-    client.log_figure(parent, fig, "figures/fig_a7_loss.png")
-    plt.close(fig)
+    tracking.log_figure(fig, "figures/fig_a7_loss.png", run_id=parent)
     importances = _importances(study)
     if importances:
         fig = _bar_figure(importances, f"parameter importances ({study.study_name})")
-        client.log_figure(parent, fig, "figures/param_importances.png")
-        plt.close(fig)
+        tracking.log_figure(fig, "figures/param_importances.png", run_id=parent)
     front = {t.number for t in study.best_trials}
     if len(study.directions) > 1:
         fig = _pareto_figure(rows, front)
-        client.log_figure(parent, fig, "figures/pareto_front.png")
-        plt.close(fig)
+        tracking.log_figure(fig, "figures/pareto_front.png", run_id=parent)
     objective = study.user_attrs["spec"]["objectives"][0]
     key = "adversarial" if objective == "adversarial_accuracy" else "natural"
     best = max((r for r in rows if r["trial"] in front and r[key] is not None), key=lambda r: r[key], default=None)
     summary = {"best_trial": best and best["trial"], "pareto_front": sorted(front), "importances": importances,
                "complete_trials": len(rows)}
     if best:
-        client.log_metric(parent, f"best_{objective}", best[key])
+        tracking.log_results({f"best_{objective}": best[key]}, run_id=parent)
         for ref in best["versions"][:1]:
             name, version = ref.rsplit("/", 1)
-            client.set_registered_model_alias(name, alias_name(study.study_name), version)
+            tracking.set_alias(name, alias_name(study.study_name), version)
             summary["best_model"] = f"models:/{name}@{alias_name(study.study_name)}"
-    client.log_dict(parent, summary, "sweep_summary.json")
+    tracking.log_json(summary, "sweep_summary.json", run_id=parent)

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import mlflow
 
-from robustlogits import tracking
 from robustlogits.core.attacks import AttackResult
 from robustlogits.core.errors import UserError
+from robustlogits.tracking.artifacts import download_artifact, log_folder, log_results
 
 
 def log_attack_result(result: AttackResult, prefix: str = "", model_id: str | None = None) -> None:
@@ -21,17 +21,16 @@ def log_attack_result(result: AttackResult, prefix: str = "", model_id: str | No
 
     With `model_id` the metrics also belong to the attacked logged model, so the models table
     and `mlflow.search_logged_models` rank models by adversarial accuracy."""
-    mlflow.log_metrics({f"{prefix}{k}": v for k, v in result.metrics().items() if v == v}, model_id=model_id,
-                       synchronous=True)
+    log_results({f"{prefix}{k}": v for k, v in result.metrics().items()}, model_id=model_id)
     with tempfile.TemporaryDirectory() as tmp:
         result.save(tmp, stem=f"{prefix}attack".strip("_"))
-        mlflow.log_artifacts(tmp, "attack")
+        log_folder(tmp, "attack")
     if result.warnings:
         mlflow.set_tag(f"{prefix}autoattack_warnings", " | ".join(result.warnings)[:5000])
 
 
 def load_attack_result(run_id: str) -> AttackResult:
-    folder = tracking.download_artifact(run_id, "attack")
+    folder = download_artifact(run_id, "attack")
     paths = sorted(Path(folder).glob("*_result.npz"))
     if not paths:
         raise UserError(f"run {run_id} has no attack result artifact")

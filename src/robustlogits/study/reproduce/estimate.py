@@ -12,8 +12,8 @@ from __future__ import annotations
 import time
 
 import torch
-from mlflow.tracking import MlflowClient
 
+from robustlogits import tracking
 from robustlogits.config import flatten
 from robustlogits.study.reproduce.plan import Step
 
@@ -46,16 +46,12 @@ def probe_images_per_second(arch: str, num_classes: int = 10, batch: int = 64, r
 
 def stored_images_per_second(arch: str, training: str = "standard") -> tuple[float, int] | None:
     """(best `train_images_per_second`, PGD steps) of finished training runs of `arch` in the store."""
-    client = MlflowClient()
     try:
-        runs = client.search_runs([e.experiment_id for e in client.search_experiments()],
-                                  filter_string=f"params.`model.arch` = '{arch}' and params.`run.training` = '{training}'"
-                                                " and attributes.status = 'FINISHED'",
-                                  order_by=["attributes.start_time DESC"], max_results=5)
+        runs = tracking.finished_runs(params={"model.arch": arch, "run.training": training}, limit=5)
     except Exception:  # noqa: BLE001 - an estimate never fails the plan
         return None
-    found = [(r.data.metrics["train_images_per_second"], int(r.data.params.get("adversary.steps", 0)))
-             for r in runs if "train_images_per_second" in r.data.metrics]
+    found = [(r.metrics["train_images_per_second"], int(r.params.get("adversary.steps", 0)))
+             for r in runs if "train_images_per_second" in r.metrics]
     return max(found) if found else None
 
 
@@ -88,7 +84,7 @@ class Estimator:
             config = step.args["config"]
             return self._train(config, self.rate(config["model.arch"])[0], self.train_seconds_per_image(config))
         if step.task == "reproduce-distill":
-            from robustlogits.jobs.distill import distill_preset
+            from robustlogits.config import distill_preset
 
             config = flatten(distill_preset(step.args["preset"]))
             rate = self.rate(config["model.arch"])[0]

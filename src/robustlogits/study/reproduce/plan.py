@@ -12,34 +12,10 @@ import dataclasses
 from dataclasses import dataclass, field
 
 from robustlogits import tracking
-from robustlogits.config import apply_overrides, flatten, preset
+from robustlogits.config import ScaleConfig, apply_overrides, flatten, preset
 from robustlogits.core.errors import UserError
 
 STAGES = ("train", "attack", "distill", "analyze")
-
-
-@dataclass(frozen=True)
-class Scale:
-    """How big each part of the study is. Every value is logged as a param of the study run."""
-
-    name: str
-    preset: str                            # train/distill preset (model, data, epochs)
-    seeds: int
-    datasets: tuple[str, ...] = ("cifar10", "cifar100")
-    ks: tuple[int, ...] | None = None      # fix-k values (None: 1..C-1, Figure 4B)
-    fix_modes: tuple[str, ...] = ("permute", "average")
-    train_overrides: tuple[str, ...] = ()
-    attack_n_examples: int | None = None   # None: the whole test split
-    attack_n_iter: int = 100
-    sweep_epochs: tuple[int, ...] | None = None  # A.6 / A.7 teacher checkpoints (None: all)
-    sweep_losses: tuple[str, ...] = ("l1", "kl")
-    manifold_images: int = 50
-    manifold_perturbations: int = 50
-    manifold_features: int = 500
-    manifold_pgd_steps: int = 5
-
-    def teacher_config(self, dataset: str, training: str, seed: int):
-        return teacher_config(self.preset, dataset, training, seed, self.train_overrides)
 
 
 def teacher_config(preset_name: str, dataset: str, training: str, seed: int, overrides=(), data_dir=None):
@@ -55,21 +31,6 @@ def teacher_config(preset_name: str, dataset: str, training: str, seed: int, ove
     cfg.run.teacher_epoch = cfg.resolved_teacher_epoch()
     return cfg
 
-
-SCALES: dict[str, Scale] = {
-    # Every step, reduced: under 20 minutes on an idle 2-core CPU (see README).
-    "smoke": Scale("smoke", "smoke", seeds=2, ks=(1, 3, 7), train_overrides=("run.checkpoint_epochs=1,3,5",),
-                   attack_n_examples=500, attack_n_iter=50, sweep_epochs=(1, 5),
-                   manifold_images=30, manifold_perturbations=20, manifold_pgd_steps=3),
-    # The CPU study preset: hours.
-    "study": Scale("study", "study", seeds=3, ks=(1, 2, 3, 5, 7, 9), attack_n_examples=1000, attack_n_iter=100),
-    # Appendix A.2 exactly, for GPUs: every k, the full test split, every checkpoint in the sweeps.
-    "paper": Scale("paper", "paper", seeds=3),
-    # Seconds, on synthetic data: the test-suite's study.
-    "test": Scale("test", "test", seeds=2, datasets=("synthetic",), ks=(1,), attack_n_examples=40,
-                  attack_n_iter=5, manifold_images=6, manifold_perturbations=4, manifold_features=50,
-                  manifold_pgd_steps=1),
-}
 
 # Step groups for --only / --skip, in the order the study runs them.
 CROSS_MODEL = ("ranks", "errors", "overlap", "images")   # Figures 3A-B, 3C, 3D / B.6, B.2-B.3
@@ -94,12 +55,6 @@ class Step:
         return {"step": self.name, "task": self.task, "key": self.key, "args": self.args, "inputs": {role: resolve(ref) for role, ref in self.needs.items()}}
 
 
-def scale(name: str) -> Scale:
-    if name not in SCALES:
-        raise UserError(f"unknown scale {name!r}; choose one of: {', '.join(SCALES)}")
-    return SCALES[name]
-
-
 def select_groups(only: list[str] | None, skip: list[str] | None) -> tuple[str, ...]:
     for given in (*(only or ()), *(skip or ())):
         if given not in GROUPS:
@@ -110,13 +65,13 @@ def select_groups(only: list[str] | None, skip: list[str] | None) -> tuple[str, 
     return tuple(chosen)
 
 
-def class_count(dataset: str, scale_: Scale) -> int:
+def class_count(dataset: str, scale_: ScaleConfig) -> int:
     if dataset == "synthetic":
         return preset(scale_.preset).data.synthetic_classes
     return 100 if dataset == "cifar100" else 10
 
 
-def build_plan(scale_: Scale, seeds: int, datasets: dict[str, str], data_dir: str | None) -> list[Step]:
+def build_plan(scale_: ScaleConfig, seeds: int, datasets: dict[str, str], data_dir: str | None) -> list[Step]:
     """Every step of the study (sections 4.1-4.3, appendices A-C) for the datasets present.
 
     `datasets` maps each dataset to its content digest (the identity of the training data).
@@ -135,14 +90,14 @@ def build_plan(scale_: Scale, seeds: int, datasets: dict[str, str], data_dir: st
     return steps
 
 
-def _dataset_steps(sc: Scale, seeds: int, dataset: str, digest: str, data_dir: str | None) -> list[Step]:
+def _dataset_steps(sc: ScaleConfig, seeds: int, dataset: str, digest: str, data_dir: str | None) -> list[Step]:
     steps: list[Step] = []
-    teacher_epoch = sc.teacher_config(dataset, "adversarial", 0).run.teacher_epoch
-    checkpoints = sc.teacher_config(dataset, "adversarial", 0).run.checkpoint_epochs
+    teacher_epoch = teacher_config(sc.preset, dataset, "adversarial", 0, sc.train_overrides).run.teacher_epoch
+    checkpoints = teacher_config(sc.preset, dataset, "adversarial", 0, sc.train_overrides).run.checkpoint_epochs
     attack = {"n_examples": sc.attack_n_examples, "n_iter": sc.attack_n_iter}
     for seed in range(seeds):
         for kind, training in (("st", "standard"), ("at", "adversarial")):
-            cfg = sc.teacher_config(dataset, training, seed)
+            cfg = teacher_config(sc.preset, dataset, training, seed, sc.train_overrides)
             config = {k: v for k, v in flatten(cfg).items()
                       if k not in ("data.data_dir", "run.device", "run.experiment")}
             steps.append(Step(f"train/{dataset}/{kind}/s{seed}", "train", "train", "reproduce-train",
@@ -196,7 +151,7 @@ def _dataset_steps(sc: Scale, seeds: int, dataset: str, digest: str, data_dir: s
     return steps
 
 
-def _student(sc: Scale, dataset: str, seed: int, label: str, manipulation: str, k: int | None, epoch: int,
+def _student(sc: ScaleConfig, dataset: str, seed: int, label: str, manipulation: str, k: int | None, epoch: int,
              loss: str, group: str, data_dir: str | None) -> Step:
     args = {"preset": sc.preset, "manipulation": manipulation, "k": k, "seed": seed, "loss": loss,
             "teacher_epoch": epoch, "n_examples": sc.attack_n_examples, "n_iter": sc.attack_n_iter,
@@ -212,6 +167,6 @@ def select(steps: list[Step], groups: tuple[str, ...]) -> list[Step]:
     return [s for s in steps if s.group in groups]
 
 
-def scale_params(sc: Scale, seeds: int) -> dict:
+def scale_params(sc: ScaleConfig, seeds: int) -> dict:
     return {f"scale.{k}": v for k, v in dataclasses.asdict(sc).items()} | {"seeds": seeds}
 

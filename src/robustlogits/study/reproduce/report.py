@@ -19,19 +19,16 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-
 import numpy as np  # noqa: E402
-from mlflow.tracking import MlflowClient  # noqa: E402
 
 from robustlogits import tracking  # noqa: E402
-from robustlogits.study.reproduce.paper import (TABLE1, TABLE2, TABLE2_LABELS, TEACHER_TRAIN_ERROR,  # noqa: E402
-                                          judge_all)
+from robustlogits.study.reproduce.paper import TABLE1, TABLE2, TABLE2_LABELS, TEACHER_TRAIN_ERROR, judge_all  # noqa: E402
 
 UI_URL = os.environ.get("ROBUSTLOGITS_UI_URL", "http://127.0.0.1:5000")
 
 
 def run_link(run_id: str) -> str:
-    exp = MlflowClient().get_run(run_id).info.experiment_id
+    exp = tracking.run_record(run_id).experiment_id
     return f"{UI_URL}/#/experiments/{exp}/runs/{run_id}"
 
 
@@ -53,25 +50,22 @@ def pct(mean: float | None, std: float | None = None) -> str:
 
 def _heldout_at(run_id: str, epoch: int) -> dict[str, float]:
     """Held-out max-logit / gap mean and skew at `epoch` (val split for CIFAR-10, else test)."""
-    client = MlflowClient()
-    metrics = client.get_run(run_id).data.metrics
+    metrics = tracking.run_record(run_id).metrics
     split = "val" if "val_max_logit_mean" in metrics else "test"
     out = {}
     for quantity in ("max_logit_mean", "max_logit_skew", "gap_mean", "gap_skew"):
-        history = {m.step: m.value for m in client.get_metric_history(run_id, f"{split}_{quantity}")}
+        history = tracking.metric_history(run_id, f"{split}_{quantity}")
         out[quantity] = history.get(epoch, history[max(history)] if history else None)
     return out
 
 
 def collect(plan, dataset: str) -> dict:
     """Everything the report shows for one dataset, read from the steps' FINISHED runs."""
-    from robustlogits.tracking.attack_records import load_attack_result
     from robustlogits.core.logits import max_logit_and_gap
 
     finished = tracking.finished_runs_by_key()
     runs = {s.name: finished.get(s.key) for s in plan.steps}
     steps = {s.name: s for s in plan.steps}
-    client = MlflowClient()
     results: dict = {"dataset": dataset, "teachers": {"st": [], "at": []}, "students": {}, "sweeps": {},
                      "figures": []}
     seeds = sorted({int(n.rsplit("/s", 1)[1]) for n in runs if n.startswith(f"train/{dataset}/")})
@@ -82,14 +76,14 @@ def collect(plan, dataset: str) -> dict:
             if train_run:
                 row |= _heldout_at(train_run, steps[f"attack/{dataset}/{kind}/s{seed}"].args["epoch"])
             if attack_run:
-                m = client.get_run(attack_run).data.metrics
+                m = tracking.run_record(attack_run).metrics
                 row |= {"natural": m.get("natural_accuracy"), "adversarial": m.get("adversarial_accuracy")}
             if train_run or attack_run:
                 results["teachers"][kind].append(row)
     for name, run_id in runs.items():
         if not run_id or not name.startswith((f"distill/{dataset}/", f"sweep/{dataset}/")):
             continue
-        m = client.get_run(run_id).data.metrics
+        m = tracking.run_record(run_id).metrics
         row = {"run": run_id, "natural": m.get("natural_accuracy"), "adversarial": m.get("adversarial_accuracy"),
                "teacher_error": m.get("targets_teacher_error_rate")}
         label = name.rsplit("/", 1)[1]
@@ -102,7 +96,7 @@ def collect(plan, dataset: str) -> dict:
     if at_attacks:
         below, above = [], []
         for run_id in at_attacks:
-            res = load_attack_result(run_id)
+            res = tracking.load_attack_result(run_id)
             _, gap = max_logit_and_gap(res.clean_logits)
             median = np.median(gap)
             below.append(res.robust[gap <= median].mean())
@@ -294,11 +288,10 @@ def write_report(plan, sc, seeds: int, parent_run_id: str, out: Path) -> tuple[P
     target = out / "report"
     shutil.rmtree(target, ignore_errors=True)
     os.replace(staging, target)
-    client = MlflowClient()
-    client.log_artifacts(parent_run_id, str(target), "report")
+    tracking.log_folder(target, "report", run_id=parent_run_id)
     verdicts = [v["verdict"] for ds in sections["datasets"] for v in ds["verdicts"]]
-    for verdict in ("held", "not held", "not measured"):
-        client.log_metric(parent_run_id, f"claims_{verdict.replace(' ', '_')}", verdicts.count(verdict))
+    tracking.log_results({f"claims_{verdict.replace(' ', '_')}": verdicts.count(verdict)
+                          for verdict in ("held", "not held", "not measured")}, run_id=parent_run_id)
     return target, verdicts
 
 

@@ -8,38 +8,30 @@ Running it again finds every finished step by its key and only redoes what is mi
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from robustlogits import tracking
+from robustlogits.config import ReproduceConfig, scale
 from robustlogits.core.errors import UserError
-from robustlogits.study.reproduce.plan import (STAGES, Step, build_plan, scale, scale_params, select, select_groups,
-                                         teacher_config)
+from robustlogits.study.reproduce.plan import (
+    STAGES,
+    Step,
+    build_plan,
+    scale_params,
+    select,
+    select_groups,
+    teacher_config,
+)
 
 log = logging.getLogger(__name__)
 STUDY_JOB = "reproduce"
 
 
 @dataclass
-class ReproduceOptions:
-    scale: str = "smoke"
-    seeds: int | None = None          # default: the scale's
-    only: list[str] = field(default_factory=list)
-    skip: list[str] = field(default_factory=list)
-    workers: int = 1
-    storage: str | None = None        # Optuna storage shared with `sweep worker`s on other machines
-    out: str = "reproduce"
-    data_dir: str | None = None
-    dry_run: bool = False
-    experiment: str = "robustlogits-reproduce"
-    heartbeat: int = 10               # seconds; a silent worker's step is queued again after 3 beats
-
-
-@dataclass
-class Plan:
+class ReproducePlan:
     study_key: str
     steps: list[Step]
     chosen: list[Step]
@@ -81,7 +73,7 @@ def check_storage(url: str | None) -> None:
         open_storage(url, heartbeat=None)
 
 
-def make_plan(opts: ReproduceOptions) -> Plan:
+def make_plan(opts: ReproduceConfig) -> ReproducePlan:
     """Validate everything and plan the study; nothing is written."""
     sc = scale(opts.scale)
     seeds = sc.seeds if opts.seeds is None else opts.seeds
@@ -106,10 +98,10 @@ def make_plan(opts: ReproduceOptions) -> Plan:
                     raise UserError(f"step {step.name} needs {name} ({by_name[name].group}), which is neither done "
                                     f"nor selected; drop --only/--skip {by_name[name].group}")
     study_key = tracking.job_key({"job": STUDY_JOB, **scale_params(sc, seeds), "data": datasets})
-    return Plan(study_key, steps, chosen, done, datasets, skipped)
+    return ReproducePlan(study_key, steps, chosen, done, datasets, skipped)
 
 
-def run_reproduce(opts: ReproduceOptions) -> dict:
+def run_reproduce(opts: ReproduceConfig) -> dict:
     """Plan, then (unless dry-run) run what is not done and write the report. Returns a summary."""
     plan = make_plan(opts)
     if opts.dry_run:
@@ -120,9 +112,10 @@ def run_reproduce(opts: ReproduceOptions) -> dict:
     sc = scale(opts.scale)
     seeds = sc.seeds if opts.seeds is None else opts.seeds
     run_name = f"reproduce-{sc.name}-{seeds}seeds"
-    with tracking.parent_run(opts.experiment, plan.study_key, run_name,
-                             {"robustlogits.job": STUDY_JOB, "scale": sc.name}) as parent:
-        _log_study_params(parent, scale_params(sc, seeds) | {f"data_digest.{k}": v for k, v in plan.datasets.items()})
+    parent = tracking.study_run(opts.experiment, run_name, key=plan.study_key,
+                                tags={"robustlogits.job": STUDY_JOB, "scale": sc.name},
+                                params=scale_params(sc, seeds) | {f"data_digest.{k}": v for k, v in plan.datasets.items()})
+    with tracking.holding(parent):
         keys = {s.name: s.key for s in plan.steps}
         for stage in STAGES:
             finished = tracking.finished_runs_by_key()
@@ -139,24 +132,20 @@ def run_reproduce(opts: ReproduceOptions) -> dict:
     return {"plan": plan, "parent_run_id": parent, "report": report, "verdicts": verdicts}
 
 
-def run_stage(study_name: str, items: list[dict], opts: ReproduceOptions, parent: str) -> None:
+def run_stage(study_name: str, items: list[dict], opts: ReproduceConfig, parent: str) -> None:
     """One stage's independent steps as a study of fixed work items on the study engine: local
     workers run them, and with a shared `--storage` so can `sweep worker`s on other machines.
     The stage study's own parent run nests under the reproduce run, so the UI shows one tree."""
-    from mlflow.tracking import MlflowClient
-
     from robustlogits.study import engine as study_engine
     from robustlogits.study.reproduce.steps import DONE_METRIC, STAGE_TASK
 
     storage = opts.storage or study_engine.default_storage()
-    client = MlflowClient()
-    # the stage runs live in the study run's experiment (under `mlflow run`: the launcher's), so
-    # the UI draws one tree
-    experiment = client.get_experiment(client.get_run(parent).info.experiment_id).name
+    # the stage runs live in the study run's experiment (under `mlflow run`: the launcher's), and
+    # the stage study's run nests under the study run, so the UI draws one tree
     spec = {"task": STAGE_TASK, "module": "robustlogits.study.reproduce.steps", "kind": "reproduce-stage",
-            "sampler": "items", "objectives": [DONE_METRIC], "experiment": experiment}
+            "sampler": "items", "objectives": [DONE_METRIC], "experiment": tracking.experiment_name_of(parent),
+            "parent_run": parent}
     study = study_engine.open_study(study_name, storage, ["maximize"], spec, opts.heartbeat)
-    client.set_tag(study_engine.parent_run_id(study), "mlflow.parentRunId", parent)
     added = study_engine.enqueue_items(study, items)
     log.info("study %s: %d item(s) queued; other machines join with: robustlogits sweep worker --study %s "
              "--storage %s", study_name, added, study_name, study_engine.redact(storage))
@@ -164,18 +153,6 @@ def run_stage(study_name: str, items: list[dict], opts: ReproduceOptions, parent
         status = study_engine.run_workers(study_name, storage, opts.workers, heartbeat=opts.heartbeat)
     if not status.done:
         raise UserError(f"stage study {study_name} did not finish: {status.summary()}")
-
-
-def _log_study_params(run_id: str, params: dict) -> None:
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient()
-    logged = client.get_run(run_id).data.params
-    for key, value in params.items():
-        text = "None" if value is None else str(value)
-        if key not in logged:
-            with contextlib.suppress(Exception):
-                client.log_param(run_id, key, text[:6000])
 
 
 def duration(seconds: float) -> str:
@@ -188,7 +165,7 @@ def duration(seconds: float) -> str:
     return f"{seconds / 86400:.1f} days"
 
 
-def plan_table(plan: Plan, workers: int, throughput: dict[str, str]) -> str:
+def plan_table(plan: ReproducePlan, workers: int, throughput: dict[str, str]) -> str:
     """The dry-run's table: step, key, done or not, estimated time; then the totals."""
     first_of_key: dict[str, str] = {}
     rows = []

@@ -13,16 +13,16 @@ import tempfile
 from pathlib import Path
 from typing import Callable
 
-from mlflow.tracking import MlflowClient
-
-from robustlogits.study import engine as study_engine
 from robustlogits import tracking
 from robustlogits.core.errors import UserError
+from robustlogits.study import engine as study_engine
 
 log = logging.getLogger(__name__)
 STAGE_TASK = "reproduce-step"
 DONE_METRIC = "step_done"
 STEP_TAG = "robustlogits.step"
+# A plan's analysis names (part of its steps' keys) whose module has another name.
+ANALYSIS_MODULES = {"errors": "error_classes"}
 
 
 @study_engine.task(STAGE_TASK)
@@ -40,20 +40,16 @@ def run_of(key: str) -> str:
 
 
 def keyed(item: dict, job: Callable[[], str]) -> dict[str, float]:
-    """The engine's keyed run, with the plan's identity of the step (so keys match the plan's)."""
-    identity = {"args": {k: v for k, v in item["args"].items() if k != "data_dir"}, "inputs": item["inputs"]}
-    key = tracking.job_key({"task": item["task"], **identity})
-    if key != item["key"]:
-        raise UserError(f"step {item['step']}: key {key} differs from the plan's {item['key']} (different code?)")
-    log.info("%s: %s", item["step"], "done" if tracking.find_finished_run(key) else "running")
+    """The engine's keyed run under the plan's key for the step (`plan.build_plan` computed it)."""
+    log.info("%s: running, or reusing the finished run with key %s", item["step"], item["key"])
     with tracking.child_runs(tags={STEP_TAG: item["step"]}):
-        return study_engine.keyed(item["task"], identity, job)
+        return study_engine.keyed(item["task"], item["key"], job)
 
 
 @study_engine.task("reproduce-train")
 def train_step(item: dict) -> dict[str, float]:
-    from robustlogits.study.reproduce.plan import teacher_config
     from robustlogits.jobs.train import run_training
+    from robustlogits.study.reproduce.plan import teacher_config
 
     args = item["args"]
 
@@ -61,7 +57,7 @@ def train_step(item: dict) -> dict[str, float]:
         cfg = teacher_config(args["preset"], args["dataset"], args["training"], args["seed"], args["overrides"],
                              args.get("data_dir"))
         killed = [r.info.run_id for r in tracking.find_runs_with_key(item["key"], ("FAILED", "KILLED"))
-                  if any(f.path == "training_state" for f in MlflowClient().list_artifacts(r.info.run_id))]
+                  if "training_state" in tracking.list_artifacts(r.info.run_id)]
         if killed:
             log.info("%s: continuing killed run %s", item["step"], killed[0])
         return run_training(cfg, resume=killed[0] if killed else None, progress=False)
@@ -70,8 +66,9 @@ def train_step(item: dict) -> dict[str, float]:
 
 @study_engine.task("reproduce-attack")
 def attack_step(item: dict) -> dict[str, float]:
-    from robustlogits.jobs.attack import AttackConfig, run_attack
-    from robustlogits.tracking.models import checkpoint_uri
+    from robustlogits.config import AttackConfig
+    from robustlogits.jobs.attack import run_attack
+    from robustlogits.tracking import checkpoint_uri
 
     args = item["args"]
 
@@ -85,8 +82,9 @@ def attack_step(item: dict) -> dict[str, float]:
 
 @study_engine.task("reproduce-distill")
 def distill_step(item: dict) -> dict[str, float]:
-    from robustlogits.jobs.distill import distill_preset, run_distill
-    from robustlogits.tracking.models import checkpoint_uri
+    from robustlogits.config import distill_preset
+    from robustlogits.jobs.distill import run_distill
+    from robustlogits.tracking import checkpoint_uri
 
     args, inputs = item["args"], item["inputs"]
 
@@ -131,7 +129,7 @@ def theory_step(item: dict) -> dict[str, float]:
 def model_uris(item: dict, role: str = "models") -> list[str]:
     """Registry URIs of the models an analysis reads: teachers at the teacher epoch, students at
     their only registered (last) epoch."""
-    from robustlogits.tracking.models import checkpoint_uri
+    from robustlogits.tracking import checkpoint_uri
 
     return [checkpoint_uri(run_of(key), epoch) for key, epoch in zip(item["inputs"][role], item["args"]["epochs"])]
 
@@ -143,7 +141,7 @@ def manifold_step(item: dict) -> dict[str, float]:
     args = item["args"]
 
     def job() -> str:
-        settings = manifolds.ManifoldSettings(n_images=args["n_images"], n_perturbations=args["n_perturbations"],
+        settings = manifolds.ManifoldConfig(n_images=args["n_images"], n_perturbations=args["n_perturbations"],
                                               n_features=args["n_features"], pgd_steps=args["pgd_steps"])
         with tempfile.TemporaryDirectory() as out:
             return manifolds.run(model_uris(item), settings, Path(out), data_dir=args.get("data_dir"),
@@ -157,7 +155,7 @@ def cross_model_step(item: dict) -> dict[str, float]:
     import importlib
 
     args = item["args"]
-    analysis = importlib.import_module(f"analysis.{args['analysis']}")
+    analysis = importlib.import_module(f"analysis.{ANALYSIS_MODULES.get(args['analysis'], args['analysis'])}")
 
     def job() -> str:
         uris = model_uris(item)

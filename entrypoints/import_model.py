@@ -1,0 +1,6 @@
+"""MLproject entry point `import`: its parameters are the `robustlogits import` options (see MLproject)."""
+
+from robustlogits.cli.mlproject import run_entry_point
+
+if __name__ == "__main__":
+    run_entry_point("import")

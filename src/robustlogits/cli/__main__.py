@@ -1,0 +1,3 @@
+from robustlogits.cli.app import main
+
+main()

@@ -1,0 +1,70 @@
+"""Study configs: a sweep, a reproduction of the paper's study, and the scale it runs at."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class SweepConfig:
+    """A sweep: the grid (or sampler) over teacher epoch and distillation settings, and its workers."""
+
+    teacher: str
+    teacher_epochs: list[str] = field(default_factory=lambda: ["all"])
+    losses: list[str] = field(default_factory=lambda: ["l1"])
+    temperatures: list[str] = field(default_factory=lambda: ["1"])
+    manipulations: list[str] = field(default_factory=lambda: ["none"])
+    ks: list[str] = field(default_factory=list)
+    seeds: list[str] = field(default_factory=list)
+    lrs: list[str] = field(default_factory=list)
+    sampler: str = "grid"
+    n_trials: int | None = None
+    objectives: list[str] = field(default_factory=lambda: ["adversarial"])
+    preset: str = "smoke"
+    data_dir: str | None = None
+    study: str | None = None
+    storage: str | None = None
+    workers: int = 1
+    workers_per_device: int = 1
+    heartbeat: int = 10
+    sampler_seed: int = 0
+    create_only: bool = False   # create the study and queue the grid; workers join elsewhere
+    overrides: list[str] = field(default_factory=list)
+
+
+@dataclass
+class ReproduceConfig:
+    """One reproduction of the paper's study: its scale, seeds, selected steps and workers."""
+
+    scale: str = "smoke"
+    seeds: int | None = None          # default: the scale's
+    only: list[str] = field(default_factory=list)
+    skip: list[str] = field(default_factory=list)
+    workers: int = 1
+    storage: str | None = None        # Optuna storage shared with `sweep worker`s on other machines
+    out: str = "reproduce"
+    data_dir: str | None = None
+    dry_run: bool = False
+    experiment: str = "robustlogits-reproduce"
+    heartbeat: int = 10               # seconds; a silent worker's step is queued again after 3 beats
+
+
+@dataclass(frozen=True)
+class ScaleConfig:
+    """How big each part of the study is. Every value is logged as a param of the study run."""
+
+    name: str
+    preset: str                            # train/distill preset (model, data, epochs)
+    seeds: int
+    datasets: tuple[str, ...] = ("cifar10", "cifar100")
+    ks: tuple[int, ...] | None = None      # fix-k values (None: 1..C-1, Figure 4B)
+    fix_modes: tuple[str, ...] = ("permute", "average")
+    train_overrides: tuple[str, ...] = ()
+    attack_n_examples: int | None = None   # None: the whole test split
+    attack_n_iter: int = 100
+    sweep_epochs: tuple[int, ...] | None = None  # A.6 / A.7 teacher checkpoints (None: all)
+    sweep_losses: tuple[str, ...] = ("l1", "kl")
+    manifold_images: int = 50
+    manifold_perturbations: int = 50
+    manifold_features: int = 500
+    manifold_pgd_steps: int = 5
