@@ -74,8 +74,12 @@ def group_pairs(groups: dict[str, list[str]]) -> dict[str, list[tuple[str, str]]
 def pair_stats(values: dict[tuple[str, str], np.ndarray | float], pairs: list[tuple[str, str]]) -> dict:
     """Mean and standard deviation (over pairs; ddof=0, 0 for a single pair) of a per-pair value."""
     stacked = np.asarray([values[p] if p in values else values[(p[1], p[0])] for p in pairs], dtype=np.float64)
-    return {"n_pairs": len(pairs), "mean": stacked.mean(0).tolist(), "std": stacked.std(0).tolist(),
-            "pairs": [list(p) for p in pairs]}
+    return {
+        "n_pairs": len(pairs),
+        "mean": stacked.mean(0).tolist(),
+        "std": stacked.std(0).tolist(),
+        "pairs": [list(p) for p in pairs],
+    }
 
 
 def default_pair(ctx: TestModels, groups: dict[str, list[str]]) -> tuple[int, int]:
@@ -96,8 +100,16 @@ def _group_of(label: str, groups: dict[str, list[str]]) -> str:
     return next((g for g, members in groups.items() if label in members), "")
 
 
-def write_and_log(kind: str, ctx: TestModels, out_dir: Path, summary: dict, figures: dict, params: dict,
-                  metrics: dict[str, float], track: bool) -> dict:
+def write_and_log(
+    kind: str,
+    ctx: TestModels,
+    out_dir: Path,
+    summary: dict,
+    figures: dict,
+    params: dict,
+    metrics: dict[str, float],
+    track: bool,
+) -> dict:
     """Write figures and `<kind>.json` to out_dir; with `track`, one run holding them, the models as
     inputs, the params and headline metrics. Returns the summary with `run_id` (None untracked)."""
     import matplotlib.pyplot as plt
@@ -109,8 +121,9 @@ def write_and_log(kind: str, ctx: TestModels, out_dir: Path, summary: dict, figu
     for filename, fig in figures.items():
         fig.savefig(out_dir / filename, dpi=110)
     if track:
-        with tracking.job_run(ctx.experiment, f"analyze-{kind}",
-                              {"robustlogits.job": f"analyze-{kind}", "dataset": ctx.dataset}) as run_id:
+        with tracking.job_run(
+            ctx.experiment, f"analyze-{kind}", {"robustlogits.job": f"analyze-{kind}", "dataset": ctx.dataset}
+        ) as run_id:
             summary["run_id"] = run_id
             tracking.log_params(params | {"models": ctx.specs, "dataset": ctx.dataset})
             log_inputs(ctx)
@@ -124,17 +137,34 @@ def write_and_log(kind: str, ctx: TestModels, out_dir: Path, summary: dict, figu
     return summary
 
 
-def prepare(models: list[str] | None, groups: list[str] | dict | None, *, minimum: int, purpose: str,
-            data_dir=None, dataset=None, device="auto", experiment="robustlogits",
-            check: Callable[[TestModels], None] | None = None, track: bool = True):
+def prepare(
+    models: list[str] | None,
+    groups: list[str] | dict | None,
+    *,
+    minimum: int,
+    purpose: str,
+    data_dir=None,
+    dataset=None,
+    device="auto",
+    experiment="robustlogits",
+    check: Callable[[TestModels], None] | None = None,
+    track: bool = True,
+):
     """Resolve models and groups, load the test split, run the caller's checks: all before any write."""
     group_specs = groups if isinstance(groups, dict) else parse_groups(groups)
     specs = model_list(models, group_specs)
     tracking.configure_store()  # untracked analyses still read models (and cache logits) in the same store
     if track:
         tracking.check_store(experiment)
-    ctx = open_models(specs, data_dir=data_dir, dataset=dataset, device=device, experiment=experiment,
-                      minimum=minimum, purpose=purpose)
+    ctx = open_models(
+        specs,
+        data_dir=data_dir,
+        dataset=dataset,
+        device=device,
+        experiment=experiment,
+        minimum=minimum,
+        purpose=purpose,
+    )
     assigned = assign_groups(ctx, group_specs)
     if check is not None:
         check(ctx)

@@ -58,8 +58,11 @@ def distribution(ranks: np.ndarray, num_classes: int) -> list[float]:
 def find_attack_run(ctx_model) -> str | None:
     """The newest FINISHED `attack` run of this model version (or URI)."""
     ident = identity(ctx_model)
-    tags = ({"model_name": ident["name"], "model_version": ident["version"]} if "name" in ident
-            else {"model_uri": ident["uri"]})
+    tags = (
+        {"model_name": ident["name"], "model_version": ident["version"]}
+        if "name" in ident
+        else {"model_uri": ident["uri"]}
+    )
     found = tracking.finished_runs(tags={"robustlogits.job": "attack", **tags}, limit=1)
     return found[0].run_id if found else None
 
@@ -71,8 +74,11 @@ def match_attack_runs(ctx: TestModels, attack_runs: list[str]) -> dict[int, str 
         tags = tracking.run_record(run_id).tags
         if tags.get("robustlogits.job") != "attack":
             raise UserError(f"run {run_id} is not an attack run")
-        owner = ({"name": tags["model_name"], "version": tags.get("model_version")} if "model_name" in tags
-                 else {"uri": tags.get("model_uri")})
+        owner = (
+            {"name": tags["model_name"], "version": tags.get("model_version")}
+            if "model_name" in tags
+            else {"uri": tags.get("model_uri")}
+        )
         hits = [k for k, m in enumerate(ctx.models) if identity(m) == owner]
         if not hits:
             what = f"{owner.get('name')} v{owner.get('version')}" if "name" in owner else owner.get("uri")
@@ -98,32 +104,62 @@ def adversarial_errors(run_id: str, ctx: TestModels) -> tuple[np.ndarray, np.nda
     return result.label[broken].astype(np.int64), adv_pred[broken].astype(np.int64), len(idx)
 
 
-def run(models: list[str] | None = None, groups=None, *, attack_runs: list[str] = (),
-        out_dir: Path | str = "outputs/errors", data_dir: str | None = None, dataset: str | None = None,
-        device: str = "auto", track: bool = True, experiment: str = "robustlogits") -> dict:
+def run(
+    models: list[str] | None = None,
+    groups=None,
+    *,
+    attack_runs: list[str] = (),
+    out_dir: Path | str = "outputs/errors",
+    data_dir: str | None = None,
+    dataset: str | None = None,
+    device: str = "auto",
+    track: bool = True,
+    experiment: str = "robustlogits",
+) -> dict:
     """Figure 3C for every model (and group means): one run, the figure, errors.json."""
     matched: dict[int, str | None] = {}
 
     def check(ctx):
         matched.update(match_attack_runs(ctx, list(attack_runs)))
 
-    ctx, assigned = prepare(models, groups, minimum=1, purpose="the error-class analysis", data_dir=data_dir,
-                            dataset=dataset, device=device, experiment=experiment, track=track, check=check)
+    ctx, assigned = prepare(
+        models,
+        groups,
+        minimum=1,
+        purpose="the error-class analysis",
+        data_dir=data_dir,
+        dataset=dataset,
+        device=device,
+        experiment=experiment,
+        track=track,
+        check=check,
+    )
     y, c = ctx.y, len(ctx.classes)
     per_model = {}
     for k, item in enumerate(ctx.logits()):
         means, counts = class_means(item.logits, y, c)
         pred = item.logits.argmax(1)
         natural, unranked = error_ranks(means, y, pred)
-        entry = {"natural_accuracy": float((pred == y).mean()), "n_natural_errors": int((pred != y).sum()),
-                 "natural_unranked": unranked, "natural": distribution(natural, c),
-                 "correct_per_class": counts.tolist(), "class_means": np.nan_to_num(means).tolist(),
-                 "attack_run": matched.get(k), "adversarial": None, "n_adversarial_errors": None}
+        entry = {
+            "natural_accuracy": float((pred == y).mean()),
+            "n_natural_errors": int((pred != y).sum()),
+            "natural_unranked": unranked,
+            "natural": distribution(natural, c),
+            "correct_per_class": counts.tolist(),
+            "class_means": np.nan_to_num(means).tolist(),
+            "attack_run": matched.get(k),
+            "adversarial": None,
+            "n_adversarial_errors": None,
+        }
         if matched.get(k):
             labels, adv_pred, n_attacked = adversarial_errors(matched[k], ctx)
             ranks, unranked_adv = error_ranks(means, labels, adv_pred)
-            entry |= {"adversarial": distribution(ranks, c), "n_adversarial_errors": int(len(labels)),
-                      "adversarial_unranked": unranked_adv, "n_attacked": n_attacked}
+            entry |= {
+                "adversarial": distribution(ranks, c),
+                "n_adversarial_errors": int(len(labels)),
+                "adversarial_unranked": unranked_adv,
+                "n_attacked": n_attacked,
+            }
         per_model[item.label] = entry
     group_curves = {}
     for name, labels in assigned.items():
@@ -131,11 +167,21 @@ def run(models: list[str] | None = None, groups=None, *, attack_runs: list[str] 
             rows = [per_model[lab][kind] for lab in labels if per_model[lab][kind] is not None]
             if rows:
                 arr = np.asarray(rows)
-                group_curves.setdefault(name, {})[kind] = {"mean": arr.mean(0).tolist(), "std": arr.std(0).tolist(),
-                                                           "n_models": len(rows)}
-    summary = {"analysis": "errors", "dataset": ctx.dataset, "classes": list(ctx.classes), "models": per_model,
-               "groups": assigned, "group_curves": group_curves, "ranks": list(range(1, c + 1)),
-               "logit_sources": {m.label: {"source": m.source, "run_id": m.run_id} for m in ctx.logits()}}
+                group_curves.setdefault(name, {})[kind] = {
+                    "mean": arr.mean(0).tolist(),
+                    "std": arr.std(0).tolist(),
+                    "n_models": len(rows),
+                }
+    summary = {
+        "analysis": "errors",
+        "dataset": ctx.dataset,
+        "classes": list(ctx.classes),
+        "models": per_model,
+        "groups": assigned,
+        "group_curves": group_curves,
+        "ranks": list(range(1, c + 1)),
+        "logit_sources": {m.label: {"source": m.source, "run_id": m.run_id} for m in ctx.logits()},
+    }
     metrics = {}
     for label, entry in per_model.items():
         for kind in ("natural", "adversarial"):
@@ -158,8 +204,14 @@ def figure(summary: dict):
         width = 0.8 / max(len(names), 1)
         for k, name in enumerate(names):
             cur = curves[name][kind]
-            ax.bar(ranks + (k - (len(names) - 1) / 2) * width, cur["mean"], width, yerr=cur["std"], capsize=2,
-                   label=f"{name} ({cur['n_models']} model{'s' if cur['n_models'] > 1 else ''})")
+            ax.bar(
+                ranks + (k - (len(names) - 1) / 2) * width,
+                cur["mean"],
+                width,
+                yerr=cur["std"],
+                capsize=2,
+                label=f"{name} ({cur['n_models']} model{'s' if cur['n_models'] > 1 else ''})",
+            )
         ax.set_xticks(ranks)
         ax.set_xlabel("rank of the predicted class in the true class's mean logit vector")
         ax.set_ylabel("fraction of errors")

@@ -37,17 +37,19 @@ def quadrants(conf_a: np.ndarray, conf_b: np.ndarray, per_quadrant: int) -> dict
     return out
 
 
-def nearest_by_cosine(logits: np.ndarray, seeds: np.ndarray, k: int, chunk: int = 1024) -> tuple[np.ndarray, np.ndarray]:
+def nearest_by_cosine(
+    logits: np.ndarray, seeds: np.ndarray, k: int, chunk: int = 1024
+) -> tuple[np.ndarray, np.ndarray]:
     """([S, k] indices, [S, k] cosine similarities) of each seed's k nearest other examples;
     ties by lowest index."""
     z = np.asarray(logits, dtype=np.float64)
     unit = z / np.maximum(np.linalg.norm(z, axis=1, keepdims=True), 1e-12)
     idx_out, sim_out = [], []
     for start in range(0, len(seeds), chunk):
-        s = seeds[start:start + chunk]
+        s = seeds[start : start + chunk]
         sim = unit[s] @ unit.T
         sim[np.arange(len(s)), s] = -np.inf
-        top = np.argpartition(-sim, k, axis=1)[:, :k + 1] if k < sim.shape[1] - 1 else np.argsort(-sim, axis=1)
+        top = np.argpartition(-sim, k, axis=1)[:, : k + 1] if k < sim.shape[1] - 1 else np.argsort(-sim, axis=1)
         top_sim = np.take_along_axis(sim, top, 1)
         order = np.lexsort((top, -top_sim), axis=1)[:, :k]
         idx = np.take_along_axis(top, order, 1)
@@ -61,11 +63,24 @@ def seed_images(labels: np.ndarray, classes: list[int], per_class: int, seed: in
     return np.concatenate([rng.choice(np.flatnonzero(labels == c), per_class, replace=False) for c in classes])
 
 
-def run(models: list[str] | None = None, groups=None, *, class_name: str | None = None, score: str = "softmax",
-        per_quadrant: int = 16, seed_classes: list[str] | None = None, n_neighbours: int = 5,
-        n_random_seeds: int = 1000, seed: int = 0, out_dir: Path | str = "outputs/images",
-        data_dir: str | None = None, dataset: str | None = None, device: str = "auto", track: bool = True,
-        experiment: str = "robustlogits") -> dict:
+def run(
+    models: list[str] | None = None,
+    groups=None,
+    *,
+    class_name: str | None = None,
+    score: str = "softmax",
+    per_quadrant: int = 16,
+    seed_classes: list[str] | None = None,
+    n_neighbours: int = 5,
+    n_random_seeds: int = 1000,
+    seed: int = 0,
+    out_dir: Path | str = "outputs/images",
+    data_dir: str | None = None,
+    dataset: str | None = None,
+    device: str = "auto",
+    track: bool = True,
+    experiment: str = "robustlogits",
+) -> dict:
     """B.2 for the first two models of different groups (ST, AT) and B.3 for every model."""
     if score not in SCORES:
         raise UserError(f"unknown score {score!r}; choose {' or '.join(SCORES)}")
@@ -79,8 +94,18 @@ def run(models: list[str] | None = None, groups=None, *, class_name: str | None 
         if n_neighbours >= len(ctx.y):
             raise UserError(f"n-neighbours must be below the {len(ctx.y)} test images")
 
-    ctx, assigned = prepare(models, groups, minimum=2, purpose="the image comparison", data_dir=data_dir,
-                            dataset=dataset, device=device, experiment=experiment, track=track, check=check)
+    ctx, assigned = prepare(
+        models,
+        groups,
+        minimum=2,
+        purpose="the image comparison",
+        data_dir=data_dir,
+        dataset=dataset,
+        device=device,
+        experiment=experiment,
+        track=track,
+        check=check,
+    )
     y = ctx.y
     focus = ctx.class_index(class_name or default_class(ctx))
     a, b = default_pair(ctx, assigned)
@@ -96,33 +121,68 @@ def run(models: list[str] | None = None, groups=None, *, class_name: str | None 
     random_seeds = rng.choice(len(y), min(n_random_seeds, len(y)), replace=False)
     for label, z in zip(ctx.labels, logits):
         idx, sim = nearest_by_cosine(z, seeds, n_neighbours)
-        entry = {"seed_index": ctx.indices[seeds].tolist(), "neighbour_index": ctx.indices[idx].tolist(),
-                 "cosine": sim.tolist(), "neighbour_label": y[idx].tolist()}
+        entry = {
+            "seed_index": ctx.indices[seeds].tolist(),
+            "neighbour_index": ctx.indices[idx].tolist(),
+            "cosine": sim.tolist(),
+            "neighbour_label": y[idx].tolist(),
+        }
         if len(random_seeds):
             ridx, _ = nearest_by_cosine(z, random_seeds, n_neighbours)
             entry["same_class_fraction"] = float((y[ridx] == y[random_seeds][:, None]).mean())
         neighbours[label] = entry
-    quad_summary = {name: {"n": int(len(q["members"])), "test_index": ctx.indices[members[q["shown"]]].tolist()}
-                    for name, q in quads.items()}
-    summary = {"analysis": "images", "dataset": ctx.dataset, "classes": list(ctx.classes), "score": score,
-               "models": ctx.labels, "groups": assigned,
-               "quadrants": {"class": ctx.classes[focus], "model_a": ctx.labels[a], "model_b": ctx.labels[b],
-                             "median_a": float(np.median(conf_a)), "median_b": float(np.median(conf_b)),
-                             "test_index": ctx.indices[members].tolist(), "confidence_a": conf_a.tolist(),
-                             "confidence_b": conf_b.tolist(),
-                             "spearman": float(np.corrcoef(np.argsort(np.argsort(conf_a)), np.argsort(np.argsort(conf_b)))[0, 1]),
-                             "quadrants": quad_summary},
-               "neighbours": {"n_neighbours": n_neighbours, "n_random_seeds": int(len(random_seeds)), "seed": seed,
-                              "models": neighbours}}
+    quad_summary = {
+        name: {"n": int(len(q["members"])), "test_index": ctx.indices[members[q["shown"]]].tolist()}
+        for name, q in quads.items()
+    }
+    summary = {
+        "analysis": "images",
+        "dataset": ctx.dataset,
+        "classes": list(ctx.classes),
+        "score": score,
+        "models": ctx.labels,
+        "groups": assigned,
+        "quadrants": {
+            "class": ctx.classes[focus],
+            "model_a": ctx.labels[a],
+            "model_b": ctx.labels[b],
+            "median_a": float(np.median(conf_a)),
+            "median_b": float(np.median(conf_b)),
+            "test_index": ctx.indices[members].tolist(),
+            "confidence_a": conf_a.tolist(),
+            "confidence_b": conf_b.tolist(),
+            "spearman": float(np.corrcoef(np.argsort(np.argsort(conf_a)), np.argsort(np.argsort(conf_b)))[0, 1]),
+            "quadrants": quad_summary,
+        },
+        "neighbours": {
+            "n_neighbours": n_neighbours,
+            "n_random_seeds": int(len(random_seeds)),
+            "seed": seed,
+            "models": neighbours,
+        },
+    }
     images = ctx.test.images.cpu().numpy()
-    figures = {"figure_b2_confidence_quadrants.png": figure_quadrants(summary["quadrants"], images, members, quads, conf_a, conf_b),
-               "figure_b3_logit_neighbours.png": figure_neighbours(summary["neighbours"], images, seeds, ctx)}
-    metrics = {f"{label}.neighbours_same_class": e["same_class_fraction"] for label, e in neighbours.items()
-               if "same_class_fraction" in e}
+    figures = {
+        "figure_b2_confidence_quadrants.png": figure_quadrants(
+            summary["quadrants"], images, members, quads, conf_a, conf_b
+        ),
+        "figure_b3_logit_neighbours.png": figure_neighbours(summary["neighbours"], images, seeds, ctx),
+    }
+    metrics = {
+        f"{label}.neighbours_same_class": e["same_class_fraction"]
+        for label, e in neighbours.items()
+        if "same_class_fraction" in e
+    }
     metrics["quadrants.spearman"] = summary["quadrants"]["spearman"]
-    params = {"class": ctx.classes[focus], "score": score, "per_quadrant": per_quadrant,
-              "seed_classes": [ctx.classes[c] for c in seed_cls], "n_neighbours": n_neighbours,
-              "n_random_seeds": n_random_seeds, "seed": seed}
+    params = {
+        "class": ctx.classes[focus],
+        "score": score,
+        "per_quadrant": per_quadrant,
+        "seed_classes": [ctx.classes[c] for c in seed_cls],
+        "n_neighbours": n_neighbours,
+        "n_random_seeds": n_random_seeds,
+        "seed": seed,
+    }
     return write_and_log("images", ctx, Path(out_dir), summary, figures, params, metrics, track)
 
 
@@ -133,7 +193,7 @@ def _tile(images: np.ndarray, cols: int) -> np.ndarray:
     canvas = np.full((rows * (h + 1), cols * (w + 1), 3), 255, np.uint8)
     for k, img in enumerate(images):
         r, c = divmod(k, cols)
-        canvas[r * (h + 1):r * (h + 1) + h, c * (w + 1):c * (w + 1) + w] = img.transpose(1, 2, 0)
+        canvas[r * (h + 1) : r * (h + 1) + h, c * (w + 1) : c * (w + 1) + w] = img.transpose(1, 2, 0)
     return canvas
 
 
@@ -167,8 +227,12 @@ def figure_neighbours(info: dict, images: np.ndarray, seeds: np.ndarray, ctx):
     labels = list(info["models"])
     k = info["n_neighbours"]
     pos_of = {int(t): p for p, t in enumerate(ctx.indices)}
-    fig, axes = plt.subplots(1, 1 + len(labels), figsize=(1.2 + 1.1 * k * len(labels), 0.9 * len(seeds) + 0.8),
-                             gridspec_kw={"width_ratios": [1] + [k] * len(labels)})
+    fig, axes = plt.subplots(
+        1,
+        1 + len(labels),
+        figsize=(1.2 + 1.1 * k * len(labels), 0.9 * len(seeds) + 0.8),
+        gridspec_kw={"width_ratios": [1] + [k] * len(labels)},
+    )
     axes[0].imshow(_tile(images[seeds], 1), interpolation="nearest")
     axes[0].set_title("seed", fontsize=8)
     axes[0].axis("off")

@@ -36,8 +36,12 @@ class StageResult:
     simulated_capacity: float | None = None
 
     def metrics(self) -> dict[str, float]:
-        out = {"capacity": self.result.mean_capacity, "radius": self.result.mean_radius,
-               "dimension": self.result.mean_dimension, "center_correlation": self.result.center_correlation}
+        out = {
+            "capacity": self.result.mean_capacity,
+            "radius": self.result.mean_radius,
+            "dimension": self.result.mean_dimension,
+            "center_correlation": self.result.center_correlation,
+        }
         if self.simulated_capacity is not None:
             out["simulated_capacity"] = self.simulated_capacity
         return out
@@ -49,8 +53,11 @@ class ModelManifolds:
     stages: list[StageResult] = field(default_factory=list)
 
     def table(self) -> dict[str, list]:
-        return {"stage": [s.stage for s in self.stages], "width": [s.width for s in self.stages],
-                **{k: [s.metrics().get(k) for s in self.stages] for k in self.stages[0].metrics()}}
+        return {
+            "stage": [s.stage for s in self.stages],
+            "width": [s.width for s in self.stages],
+            **{k: [s.metrics().get(k) for s in self.stages] for k in self.stages[0].metrics()},
+        }
 
 
 def choose_images(test: Split, settings: ManifoldConfig) -> Split:
@@ -62,15 +69,20 @@ def perturbation_cloud(model: torch.nn.Module, images: Split, settings: Manifold
     device = images.labels.device
     x = images.images.float().div(255).repeat_interleave(settings.n_perturbations, 0)
     y = images.labels.repeat_interleave(settings.n_perturbations, 0)
-    attack = LinfPGD(settings.eps, 2.5 * settings.eps / max(settings.pgd_steps, 1), settings.pgd_steps,
-                     random_start=True, bn_mode="eval")
+    attack = LinfPGD(
+        settings.eps,
+        2.5 * settings.eps / max(settings.pgd_steps, 1),
+        settings.pgd_steps,
+        random_start=True,
+        bn_mode="eval",
+    )
     generator = torch.Generator(device=device).manual_seed(settings.seed)
     was_training = model.training
     model.eval()
     try:
         points = []
         for start in range(0, len(x), settings.batch_size):
-            xb, yb = x[start:start + settings.batch_size], y[start:start + settings.batch_size]
+            xb, yb = x[start : start + settings.batch_size], y[start : start + settings.batch_size]
             if settings.pgd_steps == 0:
                 noise = torch.rand(xb.shape, generator=generator, device=device) * 2 - 1
                 points.append((xb + settings.eps * noise).clamp(0, 1))
@@ -81,8 +93,9 @@ def perturbation_cloud(model: torch.nn.Module, images: Split, settings: Manifold
         model.train(was_training)
 
 
-def projected_stage_features(model: torch.nn.Module, points: torch.Tensor, settings: ManifoldConfig,
-                             stages: list[str]) -> dict[str, tuple[np.ndarray, int]]:
+def projected_stage_features(
+    model: torch.nn.Module, points: torch.Tensor, settings: ManifoldConfig, stages: list[str]
+) -> dict[str, tuple[np.ndarray, int]]:
     """Per stage: ([P*M, min(width, N)] features, original width), projecting batch by batch."""
     projections: dict[str, torch.Tensor | None] = {}
     collected: dict[str, list[torch.Tensor]] = {s: [] for s in stages}
@@ -91,7 +104,7 @@ def projected_stage_features(model: torch.nn.Module, points: torch.Tensor, setti
     model.eval()
     try:
         for start in range(0, len(points), settings.batch_size):
-            feats = extract_stages(model, points[start:start + settings.batch_size], stages)
+            feats = extract_stages(model, points[start : start + settings.batch_size], stages)
             for stage, f in feats.items():
                 f = f.float()
                 if stage not in projections:
@@ -112,8 +125,9 @@ def _projection(width: int, n_features: int, seed: int, device) -> torch.Tensor 
     return (torch.randn(width, n_features, generator=generator) / math.sqrt(n_features)).to(device)
 
 
-def analyse_model(model: torch.nn.Module, label: str, images: Split, settings: ManifoldConfig,
-                  progress: bool | None = None) -> ModelManifolds:
+def analyse_model(
+    model: torch.nn.Module, label: str, images: Split, settings: ManifoldConfig, progress: bool | None = None
+) -> ModelManifolds:
     stages = stage_names(model)
     points = perturbation_cloud(model, images, settings)
     features = projected_stage_features(model, points, settings, stages)
@@ -123,10 +137,16 @@ def analyse_model(model: torch.nn.Module, label: str, images: Split, settings: M
         flat, width = features[stage]
         # [P*M, N] image-major -> (P manifolds, N features, M points)
         X = flat.reshape(settings.n_images, settings.n_perturbations, -1).transpose(0, 2, 1)
-        result = manifold_analysis(X, kappa=settings.kappa, n_t=settings.n_t, seed=settings.seed,
-                                   center_null_space=settings.center_method != "none",
-                                   center_method="principal" if settings.center_method == "none" else settings.center_method,
-                                   center_reps=settings.center_reps, definitions=settings.definitions)
+        result = manifold_analysis(
+            X,
+            kappa=settings.kappa,
+            n_t=settings.n_t,
+            seed=settings.seed,
+            center_null_space=settings.center_method != "none",
+            center_method="principal" if settings.center_method == "none" else settings.center_method,
+            center_reps=settings.center_reps,
+            definitions=settings.definitions,
+        )
         simulated = simulated_capacity(X, seed=settings.seed) if settings.simulated else None
         out.stages.append(StageResult(stage, width, result, simulated))
         if bar is not None:
@@ -153,8 +173,12 @@ def figure5(results: list[ModelManifolds]):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = [("capacity", "manifold capacity $\\alpha_M$"), ("radius", "manifold radius $R_M$"),
-              ("dimension", "manifold dimension $D_M$"), ("center_correlation", "center correlation")]
+    panels = [
+        ("capacity", "manifold capacity $\\alpha_M$"),
+        ("radius", "manifold radius $R_M$"),
+        ("dimension", "manifold dimension $D_M$"),
+        ("center_correlation", "center correlation"),
+    ]
     fig, axes = plt.subplots(1, 4, figsize=(18, 4))
     for ax, (key, title) in zip(axes, panels):
         for model in results:
@@ -188,26 +212,46 @@ def figure_a8(results: list[ModelManifolds]):
     return fig
 
 
-def run(model_specs: list[str], settings, out_dir: Path, data_dir: str | None = None,
-                     dataset: str | None = None, track: bool = True, experiment: str = "robustlogits",
-                     device: str = "auto", progress: bool | None = None) -> dict:
+def run(
+    model_specs: list[str],
+    settings,
+    out_dir: Path,
+    data_dir: str | None = None,
+    dataset: str | None = None,
+    track: bool = True,
+    experiment: str = "robustlogits",
+    device: str = "auto",
+    progress: bool | None = None,
+) -> dict:
     """MFTMA per stage for each model; a parent run with the Figure 5 plot, a nested run per model
     whose metrics use the stage index as step (so the MLflow UI draws them against depth)."""
     if not model_specs:
         raise UserError("give at least one model (registry URI, registered name, or runs:/ID/PATH)")
     if track:
         tracking.check_store(experiment)
-    opened = open_models(model_specs, data_dir=data_dir, dataset=dataset, device=device, experiment=experiment,
-                         purpose="the manifold analysis")
+    opened = open_models(
+        model_specs,
+        data_dir=data_dir,
+        dataset=dataset,
+        device=device,
+        experiment=experiment,
+        purpose="the manifold analysis",
+    )
     models, name, test = opened.models, opened.dataset, opened.test
     settings.validate(len(test))
     images = choose_images(test, settings)
     results = [analyse_model(m.model, m.describe(), images, settings, progress) for m in models]
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    summary = {"settings": vars(settings), "dataset": name, "image_indices": images.indices.tolist(),
-               "models": {r.label: {"uri": m.uri, **r.table(), "details": [s.result.to_dict() for s in r.stages]}
-                          for r, m in zip(results, models)}}
+    summary = {
+        "settings": vars(settings),
+        "dataset": name,
+        "image_indices": images.indices.tolist(),
+        "models": {
+            r.label: {"uri": m.uri, **r.table(), "details": [s.result.to_dict() for s in r.stages]}
+            for r, m in zip(results, models)
+        },
+    }
     (out_dir / "manifold.json").write_text(json.dumps(summary, indent=1, default=str))
     figures = {"figure5_manifold.png": figure5(results)}
     if settings.simulated:
@@ -215,19 +259,26 @@ def run(model_specs: list[str], settings, out_dir: Path, data_dir: str | None = 
     for filename, fig in figures.items():
         fig.savefig(out_dir / filename, dpi=120)
     if track:
-        with tracking.job_run(experiment, "analyze-manifold",
-                              {"robustlogits.job": "analyze-manifold", "dataset": name}) as parent:
+        with tracking.job_run(
+            experiment, "analyze-manifold", {"robustlogits.job": "analyze-manifold", "dataset": name}
+        ) as parent:
             tracking.log_params({f"manifold.{k}": v for k, v in vars(settings).items()} | {"models": model_specs})
             tracking.log_model_inputs([m.model_id for m in models])
             for result, model in zip(results, models):
-                with tracking.nested_run(f"manifold {result.label}",
-                                         {"robustlogits.job": "analyze-manifold-model", "model_uri": model.uri,
-                                          "stages": ",".join(s.stage for s in result.stages)}):
+                with tracking.nested_run(
+                    f"manifold {result.label}",
+                    {
+                        "robustlogits.job": "analyze-manifold-model",
+                        "model_uri": model.uri,
+                        "stages": ",".join(s.stage for s in result.stages),
+                    },
+                ):
                     for step, stage in enumerate(result.stages):
                         tracking.log_results(stage.metrics(), step=step)
                 for stage in result.stages:
-                    tracking.log_results({f"{result.label}.{stage.stage}.{k}": v for k, v in stage.metrics().items()},
-                                         run_id=parent)
+                    tracking.log_results(
+                        {f"{result.label}.{stage.stage}.{k}": v for k, v in stage.metrics().items()}, run_id=parent
+                    )
             for filename, fig in figures.items():
                 tracking.log_figure(fig, f"manifold/{filename}")
             tracking.log_file(out_dir / "manifold.json", "manifold")

@@ -55,13 +55,31 @@ def curve(logits_a: np.ndarray, logits_b: np.ndarray, perm: np.ndarray | None = 
     return average_overlap(positions(logits_a), pos_b if perm is None else pos_b[perm]).mean(0)
 
 
-def run(models: list[str] | None = None, groups=None, *, seed: int = 0, out_dir: Path | str = "outputs/overlap",
-        data_dir: str | None = None, dataset: str | None = None, device: str = "auto", track: bool = True,
-        experiment: str = "robustlogits") -> dict:
+def run(
+    models: list[str] | None = None,
+    groups=None,
+    *,
+    seed: int = 0,
+    out_dir: Path | str = "outputs/overlap",
+    data_dir: str | None = None,
+    dataset: str | None = None,
+    device: str = "auto",
+    track: bool = True,
+    experiment: str = "robustlogits",
+) -> dict:
     """AO@k for every pair and group (mean ± std over pairs), with the within-class permutation
     control for every pair and for each model against itself; one run, the figure, overlap.json."""
-    ctx, assigned = prepare(models, groups, minimum=2, purpose="an overlap comparison", data_dir=data_dir,
-                            dataset=dataset, device=device, experiment=experiment, track=track)
+    ctx, assigned = prepare(
+        models,
+        groups,
+        minimum=2,
+        purpose="an overlap comparison",
+        data_dir=data_dir,
+        dataset=dataset,
+        device=device,
+        experiment=experiment,
+        track=track,
+    )
     y = ctx.y
     perm = within_class_permutation(y, seed)
     pos = [positions(m.logits) for m in ctx.logits()]
@@ -73,27 +91,42 @@ def run(models: list[str] | None = None, groups=None, *, seed: int = 0, out_dir:
     self_control = {labels[i]: average_overlap(pos[i], pos[i][perm]).mean(0).tolist() for i in range(len(pos))}
     grouped = {}
     for name, members in group_pairs(assigned).items():
-        grouped[name] = {"same_example": pair_stats(pairs, members), "permuted_within_class": pair_stats(control, members)}
+        grouped[name] = {
+            "same_example": pair_stats(pairs, members),
+            "permuted_within_class": pair_stats(control, members),
+        }
     for name, members in assigned.items():  # a group against its own permuted outputs
         arr = np.asarray([self_control[m] for m in members])
         grouped.setdefault(f"{name} self", {})["permuted_within_class"] = {
-            "n_pairs": len(members), "mean": arr.mean(0).tolist(), "std": arr.std(0).tolist(),
-            "pairs": [[m, m] for m in members]}
+            "n_pairs": len(members),
+            "mean": arr.mean(0).tolist(),
+            "std": arr.std(0).tolist(),
+            "pairs": [[m, m] for m in members],
+        }
     c = len(ctx.classes)
-    summary = {"analysis": "overlap", "dataset": ctx.dataset, "classes": list(ctx.classes), "k": list(range(1, c + 1)),
-               "models": labels, "groups": assigned, "seed": seed,
-               "logit_sources": {m.label: {"source": m.source, "run_id": m.run_id} for m in ctx.logits()},
-               "pairs": {f"{a} | {b}": v.tolist() for (a, b), v in pairs.items()},
-               "pairs_permuted_within_class": {f"{a} | {b}": v.tolist() for (a, b), v in control.items()},
-               "self_permuted_within_class": self_control, "group_curves": grouped}
+    summary = {
+        "analysis": "overlap",
+        "dataset": ctx.dataset,
+        "classes": list(ctx.classes),
+        "k": list(range(1, c + 1)),
+        "models": labels,
+        "groups": assigned,
+        "seed": seed,
+        "logit_sources": {m.label: {"source": m.source, "run_id": m.run_id} for m in ctx.logits()},
+        "pairs": {f"{a} | {b}": v.tolist() for (a, b), v in pairs.items()},
+        "pairs_permuted_within_class": {f"{a} | {b}": v.tolist() for (a, b), v in control.items()},
+        "self_permuted_within_class": self_control,
+        "group_curves": grouped,
+    }
     metrics = {}
     for name, entry in grouped.items():
         for kind, stats in entry.items():
             for k in sorted({1, 2, 3, 5, c}):
                 metrics[f"{name}.{kind}.AO@{k}"] = stats["mean"][k - 1]
     figures = {"figure3d_average_overlap.png": figure(summary)}
-    return write_and_log("overlap", ctx, Path(out_dir), summary, figures, {"seed": seed, "groups": assigned},
-                         metrics, track)
+    return write_and_log(
+        "overlap", ctx, Path(out_dir), summary, figures, {"seed": seed, "groups": assigned}, metrics, track
+    )
 
 
 def figure(summary: dict):
@@ -105,7 +138,9 @@ def figure(summary: dict):
     for name, entry in summary["group_curves"].items():
         base = name.replace(" self", "")
         halves = base.split("-")
-        base = halves[0] if len(halves) == 2 and halves[0] == halves[1] else base  # "ST-ST" and "ST self" share a colour
+        base = (
+            halves[0] if len(halves) == 2 and halves[0] == halves[1] else base
+        )  # "ST-ST" and "ST self" share a colour
         colour = colours.setdefault(base, f"C{len(colours)}")
         for kind, style in (("same_example", "-"), ("permuted_within_class", "--")):
             if kind not in entry:

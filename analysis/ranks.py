@@ -52,7 +52,9 @@ def far_apart(ranks_a: np.ndarray, ranks_b: np.ndarray, labels: np.ndarray, num_
     return np.abs(ranks_a - ranks_b) > counts[labels] / 2
 
 
-def disagreement(ranks_a: np.ndarray, ranks_b: np.ndarray, labels: np.ndarray, num_classes: int) -> tuple[float, np.ndarray]:
+def disagreement(
+    ranks_a: np.ndarray, ranks_b: np.ndarray, labels: np.ndarray, num_classes: int
+) -> tuple[float, np.ndarray]:
     """(mean over classes, per-class fraction) of examples ranked far apart."""
     far = far_apart(ranks_a, ranks_b, labels, num_classes)
     counts = np.bincount(labels, minlength=num_classes)
@@ -61,8 +63,9 @@ def disagreement(ranks_a: np.ndarray, ranks_b: np.ndarray, labels: np.ndarray, n
     return float(per_class[present].mean()), per_class
 
 
-def rank_matrix(logits: list[np.ndarray], labels: np.ndarray, num_classes: int, score: str = "softmax",
-                target: str = "label") -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
+def rank_matrix(
+    logits: list[np.ndarray], labels: np.ndarray, num_classes: int, score: str = "softmax", target: str = "label"
+) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
     """(pairwise mean disagreement [M, M], per-class disagreement [M, M, C], per-model ranks)."""
     ranks = [class_ranks(confidence(z, labels, score, target), labels) for z in logits]
     m = len(ranks)
@@ -74,10 +77,20 @@ def rank_matrix(logits: list[np.ndarray], labels: np.ndarray, num_classes: int, 
     return matrix, per_class, ranks
 
 
-def run(models: list[str] | None = None, groups=None, *, class_name: str | None = None, score: str = "softmax",
-        target: str = "label", out_dir: Path | str = "outputs/ranks", data_dir: str | None = None,
-        dataset: str | None = None, device: str = "auto", track: bool = True,
-        experiment: str = "robustlogits") -> dict:
+def run(
+    models: list[str] | None = None,
+    groups=None,
+    *,
+    class_name: str | None = None,
+    score: str = "softmax",
+    target: str = "label",
+    out_dir: Path | str = "outputs/ranks",
+    data_dir: str | None = None,
+    dataset: str | None = None,
+    device: str = "auto",
+    track: bool = True,
+    experiment: str = "robustlogits",
+) -> dict:
     """Figure 3A (one class, two models) and 3B (every pair, group means): one run, figures, ranks.json.
 
     `models`: registry names / URIs; `groups`: {"ST": [...], "AT": [...]} or ["ST=a,b", ...].
@@ -87,9 +100,18 @@ def run(models: list[str] | None = None, groups=None, *, class_name: str | None 
         raise UserError(f"unknown score {score!r}; choose {' or '.join(SCORES)}")
     if target not in TARGETS:
         raise UserError(f"unknown target {target!r}; choose {' or '.join(TARGETS)}")
-    ctx, assigned = prepare(models, groups, minimum=2, purpose="a rank comparison", data_dir=data_dir,
-                            dataset=dataset, device=device, experiment=experiment, track=track,
-                            check=lambda c: c.class_index(class_name or default_class(c)))
+    ctx, assigned = prepare(
+        models,
+        groups,
+        minimum=2,
+        purpose="a rank comparison",
+        data_dir=data_dir,
+        dataset=dataset,
+        device=device,
+        experiment=experiment,
+        track=track,
+        check=lambda c: c.class_index(class_name or default_class(c)),
+    )
     focus = ctx.class_index(class_name or default_class(ctx))
     y, c = ctx.y, len(ctx.classes)
     logits = [m.logits for m in ctx.logits()]
@@ -100,20 +122,36 @@ def run(models: list[str] | None = None, groups=None, *, class_name: str | None 
     members = np.flatnonzero(y == focus)
     far = far_apart(ranks[i], ranks[j], y, c)[members]
     summary = {
-        "analysis": "ranks", "dataset": ctx.dataset, "classes": list(ctx.classes), "score": score, "target": target,
-        "threshold": "|rank difference| > n_c / 2", "models": ctx.labels,
+        "analysis": "ranks",
+        "dataset": ctx.dataset,
+        "classes": list(ctx.classes),
+        "score": score,
+        "target": target,
+        "threshold": "|rank difference| > n_c / 2",
+        "models": ctx.labels,
         "logit_sources": {m.label: {"source": m.source, "run_id": m.run_id} for m in ctx.logits()},
-        "groups": assigned, "matrix": matrix.tolist(),
-        "per_class": {f"{ctx.labels[a]} | {ctx.labels[b]}": per_class[a, b].tolist()
-                      for a, b in itertools.combinations(range(len(ranks)), 2)},
-        "group_stats": group_stats, "paper": PAPER,
-        "focus": {"class": ctx.classes[focus], "models": [ctx.labels[i], ctx.labels[j]],
-                  "test_index": ctx.indices[members].tolist(), "rank_x": ranks[i][members].tolist(),
-                  "rank_y": ranks[j][members].tolist(), "far_apart": far.tolist(),
-                  "fraction_far_apart": float(far.mean()) if len(far) else None},
+        "groups": assigned,
+        "matrix": matrix.tolist(),
+        "per_class": {
+            f"{ctx.labels[a]} | {ctx.labels[b]}": per_class[a, b].tolist()
+            for a, b in itertools.combinations(range(len(ranks)), 2)
+        },
+        "group_stats": group_stats,
+        "paper": PAPER,
+        "focus": {
+            "class": ctx.classes[focus],
+            "models": [ctx.labels[i], ctx.labels[j]],
+            "test_index": ctx.indices[members].tolist(),
+            "rank_x": ranks[i][members].tolist(),
+            "rank_y": ranks[j][members].tolist(),
+            "far_apart": far.tolist(),
+            "fraction_far_apart": float(far.mean()) if len(far) else None,
+        },
     }
-    figures = {"figure3a_rank_scatter.png": figure_a(summary["focus"]),
-               "figure3b_rank_disagreement.png": figure_b(ctx.labels, matrix, group_stats)}
+    figures = {
+        "figure3a_rank_scatter.png": figure_a(summary["focus"]),
+        "figure3b_rank_disagreement.png": figure_b(ctx.labels, matrix, group_stats),
+    }
     metrics = {f"disagreement.{name}.mean": s["mean"] for name, s in group_stats.items()}
     metrics |= {f"disagreement.{name}.std": s["std"] for name, s in group_stats.items()}
     metrics["focus.fraction_far_apart"] = summary["focus"]["fraction_far_apart"]
@@ -127,7 +165,9 @@ def figure_a(focus: dict):
     fig, ax = plt.subplots(figsize=(4.8, 4.6))
     x, yv, far = np.asarray(focus["rank_x"]), np.asarray(focus["rank_y"]), np.asarray(focus["far_apart"], bool)
     ax.scatter(x[~far], yv[~far], s=6, c="0.6", lw=0, label="within half the range")
-    ax.scatter(x[far], yv[far], s=8, c="tab:red", lw=0, label=f"far apart ({far.mean():.1%})" if len(far) else "far apart")
+    ax.scatter(
+        x[far], yv[far], s=8, c="tab:red", lw=0, label=f"far apart ({far.mean():.1%})" if len(far) else "far apart"
+    )
     ax.set_xlabel(f"rank by {focus['models'][0]}")
     ax.set_ylabel(f"rank by {focus['models'][1]}")
     ax.set_title(f"A: confidence rank, class '{focus['class']}'")
@@ -144,11 +184,18 @@ def figure_b(labels: list[str], matrix: np.ndarray, group_stats: dict):
     ax_m.set_xticks(range(len(labels)), labels, rotation=45, ha="right", fontsize=7)
     ax_m.set_yticks(range(len(labels)), labels, fontsize=7)
     for (a, b), v in np.ndenumerate(matrix):
-        ax_m.text(b, a, f"{100 * v:.1f}", ha="center", va="center", fontsize=7, color="w" if v < matrix.max() / 2 else "k")
+        ax_m.text(
+            b, a, f"{100 * v:.1f}", ha="center", va="center", fontsize=7, color="w" if v < matrix.max() / 2 else "k"
+        )
     fig.colorbar(im, ax=ax_m, label="% of examples ranked far apart")
     names = list(group_stats)
-    ax_g.bar(range(len(names)), [100 * group_stats[n]["mean"] for n in names],
-             yerr=[100 * group_stats[n]["std"] for n in names], capsize=4, color="tab:blue")
+    ax_g.bar(
+        range(len(names)),
+        [100 * group_stats[n]["mean"] for n in names],
+        yerr=[100 * group_stats[n]["std"] for n in names],
+        capsize=4,
+        color="tab:blue",
+    )
     for k, name in enumerate(names):
         ref = PAPER.get(name) or PAPER.get("-".join(reversed(name.split("-"))))
         if ref is not None:

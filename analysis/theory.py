@@ -55,11 +55,16 @@ CORRECT_BRANCHES = ("+", "-")
 WRONG_BRANCHES = ("+", "-", "0+", "0-")
 DEFAULT_GRID = (0.0, 10.0, 201)
 SCAN = (-10.0, 30.0, 4001)  # beta window for locating admissibility boundaries
-FILES = {"c1": "fig_c1_admissible_beta.png", "c2": "fig_c2_loss_surface.png",
-         "c3": "fig_c3_fgsm_gap_change.png", "json": "theory.json"}
+FILES = {
+    "c1": "fig_c1_admissible_beta.png",
+    "c2": "fig_c2_loss_surface.png",
+    "c3": "fig_c3_fgsm_gap_change.png",
+    "json": "theory.json",
+}
 
 
 # ----------------------------------------------------------------------------- validation
+
 
 def _classes(n_classes) -> int:
     """The misclassified case needs a true class and at least one 'other' class besides the top."""
@@ -105,6 +110,7 @@ def _clean(a) -> np.ndarray:
 
 # ----------------------------------------------------------------------------- expansion (3)
 
+
 def base_softmax(beta: float, n_classes: int, top: int = 0) -> np.ndarray:
     """The 'external field' h = softmax(beta * e_top), written to stay finite for any beta."""
     c = _classes(n_classes)
@@ -141,8 +147,13 @@ def truncated_hessian(v, beta: float, top: int = 0) -> np.ndarray:
     v = np.asarray(v, dtype=float)
     h = base_softmax(beta, v.size, top)
     hv = h @ v
-    return (np.diag(h + h * v - hv * h) - np.outer(h, h) - np.outer(h * v, h) - np.outer(h, h * v)
-            + 2.0 * hv * np.outer(h, h))
+    return (
+        np.diag(h + h * v - hv * h)
+        - np.outer(h, h)
+        - np.outer(h * v, h)
+        - np.outer(h, h * v)
+        + 2.0 * hv * np.outer(h, h)
+    )
 
 
 def truncated_hessian_product(v, beta: float, u, top: int = 0) -> np.ndarray:
@@ -153,12 +164,18 @@ def truncated_hessian_product(v, beta: float, u, top: int = 0) -> np.ndarray:
     h = base_softmax(beta, v.size, top)
     hv = h @ v
     hu, hvu = h @ u2, (h * v) @ u2
-    out = ((h + h * v - hv * h)[:, None] * u2 - np.outer(h, hu) - np.outer(h * v, hu)
-           - np.outer(h, hvu) + 2.0 * hv * np.outer(h, hu))
+    out = (
+        (h + h * v - hv * h)[:, None] * u2
+        - np.outer(h, hu)
+        - np.outer(h * v, hu)
+        - np.outer(h, hvu)
+        + 2.0 * hv * np.outer(h, hu)
+    )
     return out.reshape(u.shape)
 
 
 # ----------------------------------------------------------------------------- closed forms
+
 
 def f_branches(beta, n_classes) -> tuple[np.ndarray, np.ndarray]:
     """(f_+, f_-) for correct samples; NaN where 2x - 1 < 0, i.e. beta > ln(2(C-1))."""
@@ -240,6 +257,7 @@ def surrogate_logits(beta: float, n_classes: int, correct: bool, branch: str = "
 
 # ----------------------------------------------------------------------------- numerics
 
+
 def _ansatz_basis(n_classes: int, correct: bool) -> np.ndarray:
     """Columns span the symmetric ansatz: (1 - y) if correct; y and (1 - e_top - y) otherwise."""
     basis = np.zeros((n_classes, 1 if correct else 2))
@@ -256,8 +274,9 @@ def _default_starts(dim: int) -> np.ndarray:
     return np.array(np.meshgrid(*[scales] * dim)).reshape(dim, -1).T
 
 
-def numerical_stationary_points(beta: float, n_classes: int, correct: bool, starts=None,
-                                tol: float = 1e-9) -> np.ndarray:
+def numerical_stationary_points(
+    beta: float, n_classes: int, correct: bool, starts=None, tol: float = 1e-9
+) -> np.ndarray:
     """Stationary points of (3) in the symmetric ansatz, found without the closed forms.
 
     The cubic (3) is unbounded below on the constraint set and most of the paper's points are
@@ -278,8 +297,7 @@ def numerical_stationary_points(beta: float, n_classes: int, correct: bool, star
 
     found: list[np.ndarray] = []
     for start in starts:
-        sol = optimize.least_squares(residual, start, jac=jacobian, method="lm",
-                                     xtol=1e-15, ftol=1e-15, gtol=1e-15)
+        sol = optimize.least_squares(residual, start, jac=jacobian, method="lm", xtol=1e-15, ftol=1e-15, gtol=1e-15)
         if np.max(np.abs(residual(sol.x))) > tol:
             continue
         if not any(np.allclose(sol.x, p, rtol=1e-6, atol=1e-6) for p in found):
@@ -287,8 +305,7 @@ def numerical_stationary_points(beta: float, n_classes: int, correct: bool, star
     return np.array(sorted(found, key=lambda p: tuple(p))).reshape(-1, basis.shape[1])
 
 
-def minimise_correct_truncated(beta: float, n_classes: int,
-                               width: float | None = None) -> np.ndarray:
+def minimise_correct_truncated(beta: float, n_classes: int, width: float | None = None) -> np.ndarray:
     """Local minima of (3) along v = f (1 - y) inside the constraint f < beta, by Brent's method.
 
     Where the correct-sample stationary point is a minimum of the truncated loss, this is the
@@ -305,8 +322,7 @@ def minimise_correct_truncated(beta: float, n_classes: int,
     vals = np.array([loss(f) for f in grid])
     minima = []
     for i in np.flatnonzero((vals[1:-1] < vals[:-2]) & (vals[1:-1] < vals[2:])) + 1:
-        res = optimize.minimize_scalar(loss, bracket=(grid[i - 1], grid[i], grid[i + 1]),
-                                       tol=1e-12)
+        res = optimize.minimize_scalar(loss, bracket=(grid[i - 1], grid[i], grid[i + 1]), tol=1e-12)
         minima.append(res.x)
     return np.array(minima)
 
@@ -327,6 +343,7 @@ def stationary_kind(v, beta: float, basis: np.ndarray | None = None, tol: float 
 
 # ----------------------------------------------------------------------------- admissibility
 
+
 def correct_admissible(beta, n_classes, branch: str = "+") -> np.ndarray:
     """Equation (4)'s condition beta > f, plus existence of a real f."""
     f = f_branches(beta, n_classes)[CORRECT_BRANCHES.index(_branch(branch, CORRECT_BRANCHES))]
@@ -341,8 +358,9 @@ def wrong_admissible(beta, n_classes, branch: str = "+") -> np.ndarray:
         return np.isfinite(g) & np.isfinite(psi) & (_beta(beta) > np.maximum(g, psi))
 
 
-def admissible_intervals(predicate, lo: float = SCAN[0], hi: float = SCAN[1],
-                         n: int = SCAN[2]) -> list[tuple[float, float]]:
+def admissible_intervals(
+    predicate, lo: float = SCAN[0], hi: float = SCAN[1], n: int = SCAN[2]
+) -> list[tuple[float, float]]:
     """Intervals of [lo, hi] where `predicate` holds: scan, then bisect each boundary to 1e-12.
 
     An end equal to lo or hi means the interval runs on past the scanned window.
@@ -408,6 +426,7 @@ def printed_threshold(n_classes: int, squared: bool = False) -> float:
 
 # ----------------------------------------------------------------------------- mean-field loss
 
+
 def surrogate_loss(beta, n_classes, correct: bool, branch: str = "+") -> np.ndarray:
     """Exact cross-entropy at the surrogate logits, in closed form; NaN where inadmissible."""
     c, b = _classes(n_classes), _beta(beta)
@@ -421,8 +440,7 @@ def surrogate_loss(beta, n_classes, correct: bool, branch: str = "+") -> np.ndar
         return np.where(wrong_admissible(b, c, branch), loss, np.nan)
 
 
-def mean_field_loss(beta_correct, beta_wrong, n_classes, error_rate: float,
-                    branch: str = "+") -> np.ndarray:
+def mean_field_loss(beta_correct, beta_wrong, n_classes, error_rate: float, branch: str = "+") -> np.ndarray:
     """(1 - eps) L(beta_correct) + eps L(beta_wrong), broadcasting the two beta arrays."""
     eps = _error_rate(error_rate)
     lc = surrogate_loss(beta_correct, n_classes, True)
@@ -433,6 +451,7 @@ def mean_field_loss(beta_correct, beta_wrong, n_classes, error_rate: float,
 
 
 # ----------------------------------------------------------------------------- FGSM, eq. (8)-(10)
+
 
 def pairwise_dispersion(z) -> np.ndarray:
     """(C z.z - (z.1)^2) / (C-1) = sum_{i<j} (z_i - z_j)^2 / (C-1), the per-sample factor of (9)."""
@@ -452,8 +471,15 @@ def surrogate_dispersion(beta, n_classes, correct: bool, branch: str = "+") -> n
     return ((b - g) ** 2 + m * (b - psi) ** 2 + m * (g - psi) ** 2) / (m + 1)
 
 
-def gap_change(beta_correct, beta_wrong, n_classes, error_rate: float, omega_correct: float = 1.0,
-               omega_wrong: float = 1.0, branch: str = "+") -> np.ndarray:
+def gap_change(
+    beta_correct,
+    beta_wrong,
+    n_classes,
+    error_rate: float,
+    omega_correct: float = 1.0,
+    omega_wrong: float = 1.0,
+    branch: str = "+",
+) -> np.ndarray:
     """Corrected eq. (10): first-order FGSM change of a correct sample's gap (always <= 0).
 
     Omegas are the paper's Omega(eps) (the attack strength eps is absorbed in them). NaN where
@@ -467,26 +493,38 @@ def gap_change(beta_correct, beta_wrong, n_classes, error_rate: float, omega_cor
     return -((1.0 - eps) * oc * dc + (eps * ow * dw if eps > 0 else 0.0))
 
 
-def gap_change_printed(beta_correct, beta_wrong, n_classes, error_rate: float,
-                       omega_correct: float = 1.0, omega_wrong: float = 1.0,
-                       branch: str = "+") -> np.ndarray:
+def gap_change_printed(
+    beta_correct,
+    beta_wrong,
+    n_classes,
+    error_rate: float,
+    omega_correct: float = 1.0,
+    omega_wrong: float = 1.0,
+    branch: str = "+",
+) -> np.ndarray:
     """Eq. (10) as printed (no (g - psi)^2 term), for comparison with `gap_change`."""
     c, eps = _classes(n_classes), _error_rate(error_rate)
     bc, bw = _beta(beta_correct), _beta(beta_wrong)
     f = f_branches(bc, c)[0]
     g, psi = g_psi(bw, c, branch)
     m = c - 2
-    return -((1 - eps) * omega_correct * (bc - f) ** 2 + eps * omega_wrong * (bw - g) ** 2) \
-        - 2.0 * m / (m + 1) * eps * omega_wrong * (bw - g) * (g - psi)
+    return -((1 - eps) * omega_correct * (bc - f) ** 2 + eps * omega_wrong * (bw - g) ** 2) - 2.0 * m / (
+        m + 1
+    ) * eps * omega_wrong * (bw - g) * (g - psi)
 
 
-def relative_gap_change(beta_correct, beta_wrong, n_classes, error_rate: float,
-                        omega_correct: float = 1.0, omega_wrong: float = 1.0,
-                        branch: str = "+") -> np.ndarray:
+def relative_gap_change(
+    beta_correct,
+    beta_wrong,
+    n_classes,
+    error_rate: float,
+    omega_correct: float = 1.0,
+    omega_wrong: float = 1.0,
+    branch: str = "+",
+) -> np.ndarray:
     """|delta gap| / |gap| of a correct sample, gap = beta_correct - f_+(beta_correct)."""
     f = f_branches(beta_correct, n_classes)[0]
-    dg = gap_change(beta_correct, beta_wrong, n_classes, error_rate, omega_correct, omega_wrong,
-                    branch)
+    dg = gap_change(beta_correct, beta_wrong, n_classes, error_rate, omega_correct, omega_wrong, branch)
     with np.errstate(invalid="ignore", divide="ignore"):
         return np.abs(dg) / np.abs(_beta(beta_correct) - f)
 
@@ -512,6 +550,7 @@ def fgsm_gap_change_direct(train_logits, omegas) -> float:
 
 # ----------------------------------------------------------------------------- figures
 
+
 def _canvas(fig: Figure) -> Figure:
     FigureCanvasAgg(fig)
     return fig
@@ -536,35 +575,29 @@ def _fig_admissible(class_counts, summary, path: pathlib.Path) -> None:
         ax.plot(betas, _clip_for_plot(f_p), label="f+")
         ax.plot(betas, _clip_for_plot(f_m), "--", label="f-")
         ax.plot(betas, betas, "k:", lw=1, label="beta")
-        ax.axvspan(betas[0], s["correct_upper_bound"], color="tab:green", alpha=0.12,
-                   label="admissible (f+)")
-        ax.set(title=f"C={c}: correctly classified", xlabel="beta (max logit)", ylabel="f",
-               ylim=(-30, 12))
+        ax.axvspan(betas[0], s["correct_upper_bound"], color="tab:green", alpha=0.12, label="admissible (f+)")
+        ax.set(title=f"C={c}: correctly classified", xlabel="beta (max logit)", ylabel="f", ylim=(-30, 12))
         ax.legend(fontsize=8)
         ax = row[1]
         for branch, style in (("+", "-"), ("-", "--")):
             g, psi = g_psi(betas, c, branch)
             ax.plot(betas, _clip_for_plot(g), style, color="tab:red", label=f"g{branch}")
             ax.plot(betas, _clip_for_plot(psi), style, color="tab:purple", label=f"psi{branch}")
-        ax.plot(betas, _clip_for_plot(g_psi(betas, c, "0-")[0]), ":", color="tab:brown",
-                label="g (psi=0 family)")
+        ax.plot(betas, _clip_for_plot(g_psi(betas, c, "0-")[0]), ":", color="tab:brown", label="g (psi=0 family)")
         ax.plot(betas, betas, "k:", lw=1)
         thr = s["misclassified_threshold"]
         ax.axvspan(thr, betas[-1], color="tab:red", alpha=0.10, label="admissible (+ branch)")
         ax.axvline(thr, color="tab:red", lw=1)
         ax.axvline(PAPER_THRESHOLD, color="grey", ls="-.", lw=1, label="paper: 3.5")
-        ax.set(title=f"C={c}: misclassified, threshold {thr:.3f}", xlabel="beta (max logit)",
-               ylim=(-30, 12))
+        ax.set(title=f"C={c}: misclassified, threshold {thr:.3f}", xlabel="beta (max logit)", ylim=(-30, 12))
         ax.legend(fontsize=7, ncol=2)
         ax = row[2]
         gap_c = np.where(correct_admissible(betas, c), betas - f_p, np.nan)
         g, psi = g_psi(betas, c, "+")
         gap_w = np.where(wrong_admissible(betas, c), betas - np.maximum(g, psi), np.nan)
         ax.plot(betas, gap_c, color="tab:green", label="correct: beta - f+")
-        ax.plot(betas, _clip_for_plot(gap_w, 80), color="tab:red",
-                label="misclassified: beta - max(g+, psi+)")
-        ax.set(title=f"C={c}: surrogate logit gaps", xlabel="beta (max logit)", ylabel="gap",
-               ylim=(0, 40))
+        ax.plot(betas, _clip_for_plot(gap_w, 80), color="tab:red", label="misclassified: beta - max(g+, psi+)")
+        ax.set(title=f"C={c}: surrogate logit gaps", xlabel="beta (max logit)", ylabel="gap", ylim=(0, 40))
         ax.legend(fontsize=8)
     fig.suptitle("Fig. C.1 (re-derived): admissible max-logit values of the surrogate logits")
     fig.savefig(path, dpi=110)
@@ -588,8 +621,7 @@ def _grid_heatmaps(class_counts, grid, values, title, cbar, path, mark=None) -> 
         fig.colorbar(mesh, ax=ax, label=cbar)
         if norm is not None:
             levels = np.geomspace(norm.vmin, norm.vmax, 8)[1:-1]
-            ax.contour(b, b, np.ma.masked_greater(data, norm.vmax).T, levels=levels, colors="w",
-                       linewidths=0.6)
+            ax.contour(b, b, np.ma.masked_greater(data, norm.vmax).T, levels=levels, colors="w", linewidths=0.6)
         if mark is not None and mark.get(c):
             ax.plot(*mark[c], "r*", ms=12, label="grid minimum of the loss")
             ax.legend(fontsize=8, loc="upper right")
@@ -599,6 +631,7 @@ def _grid_heatmaps(class_counts, grid, values, title, cbar, path, mark=None) -> 
 
 
 # ----------------------------------------------------------------------------- driver
+
 
 def _r(x, digits: int = 7):
     """Compact JSON numbers (significant digits, so tiny residuals stay visible); inf -> null."""
@@ -614,8 +647,7 @@ def _grid(grid) -> tuple[float, float, int]:
     except (TypeError, ValueError, IndexError) as exc:
         raise UserError(f"grid must be (beta_min, beta_max, n_points), got {grid!r}") from exc
     if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi and 3 <= n <= 2001):
-        raise UserError("grid must have finite beta_min < beta_max and 3..2001 points, "
-                        f"got {grid!r}")
+        raise UserError(f"grid must have finite beta_min < beta_max and 3..2001 points, got {grid!r}")
     return lo, hi, n
 
 
@@ -640,15 +672,16 @@ def _checks(c: int, threshold: float, upper: float) -> dict:
         v = z - beta * np.eye(c)[0]
         grads.append(np.abs(truncated_gradient(v, beta, lab)[1:]).max())
         kinds[f"misclassified + at beta={beta:.3f}"] = stationary_kind(v, beta)
-        kinds[f"misclassified + at beta={beta:.3f}, within ansatz"] = stationary_kind(
-            v, beta, _ansatz_basis(c, False))
+        kinds[f"misclassified + at beta={beta:.3f}, within ansatz"] = stationary_kind(v, beta, _ansatz_basis(c, False))
     beta = upper - 1.0
     zp = np.r_[beta, np.full(c - 1, printed_f(beta, c)[()])]
     printed_grad = np.abs(truncated_gradient(zp - beta * np.eye(c)[0], beta, 0)[1:]).max()
-    return {"max_abs_closed_minus_numeric": _r(max(diffs), 3),
-            "max_constrained_gradient_at_closed_form": _r(max(grads), 3),
-            "constrained_gradient_at_printed_f": _r(printed_grad, 3),
-            "stationary_kind": kinds}
+    return {
+        "max_abs_closed_minus_numeric": _r(max(diffs), 3),
+        "max_constrained_gradient_at_closed_form": _r(max(grads), 3),
+        "constrained_gradient_at_printed_f": _r(printed_grad, 3),
+        "stationary_kind": kinds,
+    }
 
 
 def _set_distance(a: np.ndarray, b: np.ndarray) -> float:
@@ -669,23 +702,31 @@ def _class_summary(c: int, eps: float, oc: float, ow: float, grid) -> tuple[dict
     loss = mean_field_loss(bc, bw, c, eps)
     rel = relative_gap_change(bc, bw, c, eps, oc, ow)
     rel = np.where(np.isfinite(loss), rel, np.nan)
-    i, j = (np.unravel_index(np.nanargmin(loss), loss.shape) if np.isfinite(loss).any()
-            else (None, None))
+    i, j = np.unravel_index(np.nanargmin(loss), loss.shape) if np.isfinite(loss).any() else (None, None)
     # the loss is separable, so its minimiser is found one beta at a time, inside the grid window
     cont = {}
-    for key, correct, (left, right) in (("correct", True, (grid[0], min(grid[1], upper))),
-                                         ("wrong", False, (max(grid[0], thr), grid[1]))):
+    for key, correct, (left, right) in (
+        ("correct", True, (grid[0], min(grid[1], upper))),
+        ("wrong", False, (max(grid[0], thr), grid[1])),
+    ):
         if not left < right:
             cont[key] = None
             continue
-        res = optimize.minimize_scalar(lambda x, correct=correct: surrogate_loss(x, c, correct)[()],
-                                       bounds=(left + 1e-9, right), method="bounded",
-                                       options={"xatol": 1e-9})
+        res = optimize.minimize_scalar(
+            lambda x, correct=correct: surrogate_loss(x, c, correct)[()],
+            bounds=(left + 1e-9, right),
+            method="bounded",
+            options={"xatol": 1e-9},
+        )
         vec, _ = surrogate_logits(res.x, c, correct)
         # expansion (3) assumes ||v|| << |beta|; undefined at beta ~ 0
         ratio = np.linalg.norm(vec[1:]) / abs(res.x) if abs(res.x) > 1e-6 else None
-        cont[key] = {"beta": _r(res.x), "loss": _r(res.fun), "norm_v_over_beta": _r(ratio),
-                     "at_window_edge": bool(min(res.x - left, right - res.x) < 1e-6)}
+        cont[key] = {
+            "beta": _r(res.x),
+            "loss": _r(res.fun),
+            "norm_v_over_beta": _r(ratio),
+            "at_window_edge": bool(min(res.x - left, right - res.x) < 1e-6),
+        }
     summary = {
         "misclassified_threshold": _r(thr),
         "misclassified_threshold_ln(C-1)": _r(math.log(c - 1)),
@@ -694,23 +735,35 @@ def _class_summary(c: int, eps: float, oc: float, ow: float, grid) -> tuple[dict
         "correct_upper_bound": _r(upper),
         "correct_upper_bound_ln(2(C-1))": _r(math.log(2 * (c - 1))),
         "admissible_intervals_misclassified": {
-            br: [[_r(a), _r(z)] for a, z in admissible_intervals(
-                lambda x, br=br: wrong_admissible(x, c, br))] for br in WRONG_BRANCHES},
-        "loss_surface_grid_min": None if i is None else {
-            "loss": _r(loss[i, j]), "beta_correct": _r(b[i]), "beta_wrong": _r(b[j]),
-            "relative_gap_change_there": _r(rel[i, j])},
+            br: [[_r(a), _r(z)] for a, z in admissible_intervals(lambda x, br=br: wrong_admissible(x, c, br))]
+            for br in WRONG_BRANCHES
+        },
+        "loss_surface_grid_min": None
+        if i is None
+        else {
+            "loss": _r(loss[i, j]),
+            "beta_correct": _r(b[i]),
+            "beta_wrong": _r(b[j]),
+            "relative_gap_change_there": _r(rel[i, j]),
+        },
         "loss_min_within_grid_window": cont,
         "relative_gap_change_min_median": [_r(np.nanmin(rel)), _r(np.nanmedian(rel))]
-        if np.isfinite(rel).any() else None,
+        if np.isfinite(rel).any()
+        else None,
         "checks": _checks(c, thr, upper),
     }
     mark = None if i is None else (b[i], b[j])
     return summary, {"loss": loss, "rel": rel, "mark": mark}
 
 
-def write_theory_figures(out_dir: pathlib.Path, class_counts=(10, 100), error_rate: float = 0.196,
-               omega_correct: float = 1.0, omega_wrong: float = 1.0,
-               grid=DEFAULT_GRID) -> dict:
+def write_theory_figures(
+    out_dir: pathlib.Path,
+    class_counts=(10, 100),
+    error_rate: float = 0.196,
+    omega_correct: float = 1.0,
+    omega_wrong: float = 1.0,
+    grid=DEFAULT_GRID,
+) -> dict:
     """Figures C.1-C.3 and theory.json in out_dir; returns the JSON-able summary."""
     counts = tuple(_classes(c) for c in class_counts)
     if not counts:
@@ -728,16 +781,29 @@ def write_theory_figures(out_dir: pathlib.Path, class_counts=(10, 100), error_ra
         per_class[str(c)], maps[c] = _class_summary(c, eps, oc, ow, (lo, hi, n))
     files = {k: str(out / name) for k, name in FILES.items()}
     _fig_admissible(counts, per_class, pathlib.Path(files["c1"]))
-    _grid_heatmaps(counts, (lo, hi, n), {c: maps[c]["loss"] for c in counts},
-                   f"Fig. C.2: mean-field loss, error rate {eps:g}", "exact cross-entropy",
-                   pathlib.Path(files["c2"]), {c: maps[c]["mark"] for c in counts})
-    _grid_heatmaps(counts, (lo, hi, n), {c: maps[c]["rel"] for c in counts},
-                   f"Fig. C.3: FGSM |delta gap| / gap, Omega_correct={oc:g}, Omega_wrong={ow:g}",
-                   "|delta gap| / gap", pathlib.Path(files["c3"]),
-                   {c: maps[c]["mark"] for c in counts})
+    _grid_heatmaps(
+        counts,
+        (lo, hi, n),
+        {c: maps[c]["loss"] for c in counts},
+        f"Fig. C.2: mean-field loss, error rate {eps:g}",
+        "exact cross-entropy",
+        pathlib.Path(files["c2"]),
+        {c: maps[c]["mark"] for c in counts},
+    )
+    _grid_heatmaps(
+        counts,
+        (lo, hi, n),
+        {c: maps[c]["rel"] for c in counts},
+        f"Fig. C.3: FGSM |delta gap| / gap, Omega_correct={oc:g}, Omega_wrong={ow:g}",
+        "|delta gap| / gap",
+        pathlib.Path(files["c3"]),
+        {c: maps[c]["mark"] for c in counts},
+    )
     summary = {
         "paper_threshold": PAPER_THRESHOLD,
-        "error_rate": eps, "omega_correct": oc, "omega_wrong": ow,
+        "error_rate": eps,
+        "omega_correct": oc,
+        "omega_wrong": ow,
         "grid": {"beta_min": lo, "beta_max": hi, "n": n},
         "class_counts": per_class,
         "files": files,
@@ -748,12 +814,12 @@ def write_theory_figures(out_dir: pathlib.Path, class_counts=(10, 100), error_ra
 
 # ----------------------------------------------------------------------------- bridge to data
 
+
 def _as_models(logits, labels, label: str) -> list[tuple[np.ndarray, np.ndarray, str]]:
     """One (logits, labels, label) or a list of such triples, validated."""
     if isinstance(logits, (list, tuple)):
         if labels is not None:
-            raise UserError("with a list of models, labels go inside the (logits, labels, label) "
-                            "triples")
+            raise UserError("with a list of models, labels go inside the (logits, labels, label) triples")
         if not logits:
             raise UserError("no models given")
         raw = list(logits)
@@ -776,8 +842,7 @@ def _as_models(logits, labels, label: str) -> list[tuple[np.ndarray, np.ndarray,
         if y.shape != (z.shape[0],):
             raise UserError(f"labels must have shape ({z.shape[0]},), got {y.shape}")
         if not np.issubdtype(y.dtype, np.integer):
-            if not (np.issubdtype(y.dtype, np.floating) and np.all(np.isfinite(y))
-                    and np.all(y == np.round(y))):
+            if not (np.issubdtype(y.dtype, np.floating) and np.all(np.isfinite(y)) and np.all(y == np.round(y))):
                 raise UserError("labels must be integer class indices")
             y = y.astype(int)
         if y.min() < 0 or y.max() >= z.shape[1]:
@@ -796,9 +861,12 @@ def empirical_stats(logits, labels) -> dict[str, np.ndarray]:
     """Per-sample max logit, gap (top-1 minus top-2), correctness, mean of the non-max logits."""
     z = np.asarray(logits, dtype=float)
     top2 = -np.sort(-z, axis=1)[:, :2]
-    return {"max_logit": top2[:, 0], "gap": top2[:, 0] - top2[:, 1],
-            "correct": z.argmax(1) == np.asarray(labels),
-            "nonmax_mean": (z.sum(1) - top2[:, 0]) / (z.shape[1] - 1)}
+    return {
+        "max_logit": top2[:, 0],
+        "gap": top2[:, 0] - top2[:, 1],
+        "correct": z.argmax(1) == np.asarray(labels),
+        "nonmax_mean": (z.sum(1) - top2[:, 0]) / (z.shape[1] - 1),
+    }
 
 
 def _mean(a) -> float | None:
@@ -816,22 +884,27 @@ def place_empirical(logits, labels, out_path: pathlib.Path, label: str = "") -> 
     c = models[0][0].shape[1]
     thr, upper = misclassified_threshold(c), correct_upper_bound(c)
     stats = {name: empirical_stats(z, y) for z, y, name in models}
-    result = {"n_classes": c, "misclassified_threshold": _r(thr),
-              "correct_upper_bound": _r(upper), "paper_threshold": PAPER_THRESHOLD, "models": {}}
+    result = {
+        "n_classes": c,
+        "misclassified_threshold": _r(thr),
+        "correct_upper_bound": _r(upper),
+        "paper_threshold": PAPER_THRESHOLD,
+        "models": {},
+    }
     for name, s in stats.items():
         ok, wrong = s["correct"], ~s["correct"]
         result["models"][name] = {
-            "n": int(ok.size), "accuracy": _r(ok.mean()),
+            "n": int(ok.size),
+            "accuracy": _r(ok.mean()),
             "mean_max_logit": _mean(s["max_logit"]),
             "mean_max_logit_correct": _mean(s["max_logit"][ok]),
             "mean_max_logit_misclassified": _mean(s["max_logit"][wrong]),
             "mean_max_logit_minus_paper_3.5": _r(np.mean(s["max_logit"]) - PAPER_THRESHOLD),
-            "mean_max_logit_misclassified_minus_threshold":
-                _r(np.mean(s["max_logit"][wrong]) - thr) if wrong.any() else None,
-            "fraction_misclassified_above_threshold":
-                _r(np.mean(s["max_logit"][wrong] > thr)) if wrong.any() else None,
-            "fraction_correct_within_upper_bound":
-                _r(np.mean(s["max_logit"][ok] <= upper)) if ok.any() else None,
+            "mean_max_logit_misclassified_minus_threshold": _r(np.mean(s["max_logit"][wrong]) - thr)
+            if wrong.any()
+            else None,
+            "fraction_misclassified_above_threshold": _r(np.mean(s["max_logit"][wrong] > thr)) if wrong.any() else None,
+            "fraction_correct_within_upper_bound": _r(np.mean(s["max_logit"][ok] <= upper)) if ok.any() else None,
             "mean_gap_correct": _mean(s["gap"][ok]),
             "mean_gap_misclassified": _mean(s["gap"][wrong]),
             "mean_nonmax_logit": _mean(s["nonmax_mean"]),
@@ -857,13 +930,26 @@ def _fig_empirical(stats: dict, c: int, thr: float, upper: float, path: pathlib.
         col = colors[k % len(colors)]
         for mask, style, what in ((s["correct"], "-", "correct"), (~s["correct"], "--", "wrong")):
             if mask.any():
-                ax_h.hist(s["max_logit"][mask], bins=bins, density=True, histtype="step",
-                          ls=style, color=col, label=f"{name} {what} (n={mask.sum()})")
+                ax_h.hist(
+                    s["max_logit"][mask],
+                    bins=bins,
+                    density=True,
+                    histtype="step",
+                    ls=style,
+                    color=col,
+                    label=f"{name} {what} (n={mask.sum()})",
+                )
                 idx = np.flatnonzero(mask)
                 idx = rng.choice(idx, min(idx.size, 3000), replace=False)
-                ax_s.scatter(s["max_logit"][idx], s["gap"][idx], s=4, alpha=0.3, color=col,
-                             marker="o" if what == "correct" else "x",
-                             label=f"{name} {what}")
+                ax_s.scatter(
+                    s["max_logit"][idx],
+                    s["gap"][idx],
+                    s=4,
+                    alpha=0.3,
+                    color=col,
+                    marker="o" if what == "correct" else "x",
+                    label=f"{name} {what}",
+                )
         ax_h.axvline(np.mean(s["max_logit"]), color=col, lw=0.8, ls=":")
     for ax in (ax_h, ax_s):
         ax.axvspan(lo, upper, color="tab:green", alpha=0.07)
@@ -876,10 +962,16 @@ def _fig_empirical(stats: dict, c: int, thr: float, upper: float, path: pathlib.
     betas = np.linspace(lo, hi, 600)
     f_p = f_branches(betas, c)[0]
     g, psi = g_psi(betas, c, "+")
-    ax_s.plot(betas, np.where(correct_admissible(betas, c), betas - f_p, np.nan), "g-", lw=2,
-              label="model gap, correct")
-    ax_s.plot(betas, np.where(wrong_admissible(betas, c), betas - np.maximum(g, psi), np.nan),
-              "r-", lw=2, label="model gap, misclassified")
+    ax_s.plot(
+        betas, np.where(correct_admissible(betas, c), betas - f_p, np.nan), "g-", lw=2, label="model gap, correct"
+    )
+    ax_s.plot(
+        betas,
+        np.where(wrong_admissible(betas, c), betas - np.maximum(g, psi), np.nan),
+        "r-",
+        lw=2,
+        label="model gap, misclassified",
+    )
     gaps = np.concatenate([s["gap"] for s in stats.values()])
     ax_s.set_ylim(0, max(np.percentile(gaps, 99.5), 1.0) * 1.2)
     ax_h.set(ylabel="density", title=f"max logit vs admissible beta (C={c})")
@@ -890,6 +982,7 @@ def _fig_empirical(stats: dict, c: int, thr: float, upper: float, path: pathlib.
 
 
 # ----------------------------------------------------------------------------- the tracked job
+
 
 def _flat_numbers(tree: dict, prefix: str = "") -> dict[str, float]:
     out = {}
@@ -902,9 +995,16 @@ def _flat_numbers(tree: dict, prefix: str = "") -> dict[str, float]:
     return out
 
 
-def run(out_dir: Path, class_counts=(10, 100), error_rate: float = 0.196, omega_correct: float = 1.0,
-                   omega_wrong: float = 1.0, logits_runs: list[str] = (), track: bool = True,
-                   experiment: str = "robustlogits") -> dict:
+def run(
+    out_dir: Path,
+    class_counts=(10, 100),
+    error_rate: float = 0.196,
+    omega_correct: float = 1.0,
+    omega_wrong: float = 1.0,
+    logits_runs: list[str] = (),
+    track: bool = True,
+    experiment: str = "robustlogits",
+) -> dict:
     """The analysis as every other: the figures of `write_theory_figures`, plus these runs' logits
     placed on the model's axes, in one tracked run."""
     out_dir = Path(out_dir)
@@ -913,17 +1013,29 @@ def run(out_dir: Path, class_counts=(10, 100), error_rate: float = 0.196, omega_
     models = [logits_of_run(spec) for spec in logits_runs]  # resolve runs before writing anything
     if models and len({z.shape[1] for z, _, _ in models}) != 1:
         raise UserError("the runs given have different class counts; compare runs of one dataset")
-    summary = write_theory_figures(out_dir, class_counts=tuple(class_counts), error_rate=error_rate,
-                         omega_correct=omega_correct, omega_wrong=omega_wrong)
+    summary = write_theory_figures(
+        out_dir,
+        class_counts=tuple(class_counts),
+        error_rate=error_rate,
+        omega_correct=omega_correct,
+        omega_wrong=omega_wrong,
+    )
     if models:
-        summary["empirical"] = place_empirical([(z, y, name) for z, y, name in models], None,
-                                               out_dir / "fig_empirical_admissible.png")
+        summary["empirical"] = place_empirical(
+            [(z, y, name) for z, y, name in models], None, out_dir / "fig_empirical_admissible.png"
+        )
         (out_dir / "theory.json").write_text(json.dumps(summary, indent=1, default=str))
     if track:
         with tracking.job_run(experiment, "analyze-theory", {"robustlogits.job": "analyze-theory"}) as run_id:
-            tracking.log_params({"class_counts": list(class_counts), "error_rate": error_rate,
-                                 "omega_correct": omega_correct, "omega_wrong": omega_wrong,
-                                 "logits_runs": list(logits_runs)})
+            tracking.log_params(
+                {
+                    "class_counts": list(class_counts),
+                    "error_rate": error_rate,
+                    "omega_correct": omega_correct,
+                    "omega_wrong": omega_wrong,
+                    "logits_runs": list(logits_runs),
+                }
+            )
             metrics = {k: v for k, v in _flat_numbers(summary).items() if not k.startswith("files")}
             tracking.log_results(dict(list(metrics.items())[:900]))
             tracking.log_folder(out_dir, "theory")

@@ -28,8 +28,10 @@ def fake_logits(n: int, classes: int, models: int, seed: int = 0):
     rng = np.random.default_rng(seed)
     labels = np.repeat(np.arange(classes), n // classes)
     shared = rng.normal(size=(len(labels), classes))
-    out = [(2.0 * np.eye(classes)[labels] + shared + rng.normal(scale=1.0 + m % 2, size=shared.shape)).astype(np.float32)
-           for m in range(models)]
+    out = [
+        (2.0 * np.eye(classes)[labels] + shared + rng.normal(scale=1.0 + m % 2, size=shared.shape)).astype(np.float32)
+        for m in range(models)
+    ]
     return out, labels
 
 
@@ -45,9 +47,12 @@ def vectorised(logits, labels, classes, n_seeds, seed=0):
     out["error_ranks"] = np.asarray(errors)
     perm = within_class_permutation(labels, seed)
     pos = [positions(z) for z in logits]
-    out["overlap"] = np.asarray([average_overlap(pos[i], pos[j]).mean(0) for i, j in itertools.combinations(range(len(pos)), 2)])
-    out["overlap_control"] = np.asarray([average_overlap(pos[i], pos[j][perm]).mean(0)
-                                         for i, j in itertools.combinations(range(len(pos)), 2)])
+    out["overlap"] = np.asarray(
+        [average_overlap(pos[i], pos[j]).mean(0) for i, j in itertools.combinations(range(len(pos)), 2)]
+    )
+    out["overlap_control"] = np.asarray(
+        [average_overlap(pos[i], pos[j][perm]).mean(0) for i, j in itertools.combinations(range(len(pos)), 2)]
+    )
     seeds = np.random.default_rng(seed + 1).choice(len(labels), n_seeds, replace=False)
     out["neighbours"] = np.asarray([nearest_by_cosine(z, seeds, 5)[0] for z in logits])
     members = np.flatnonzero(labels == 6)
@@ -109,10 +114,18 @@ def loop(logits, labels, classes, n_seeds, seed=0):
         return curve
 
     perm = within_class_permutation(labels, seed)
-    out["overlap"] = np.asarray([np.mean([ao_curve(lists[a][i], lists[b][i]) for i in range(n)], axis=0)
-                                 for a, b in itertools.combinations(range(m), 2)])
-    out["overlap_control"] = np.asarray([np.mean([ao_curve(lists[a][i], lists[b][perm[i]]) for i in range(n)], axis=0)
-                                         for a, b in itertools.combinations(range(m), 2)])
+    out["overlap"] = np.asarray(
+        [
+            np.mean([ao_curve(lists[a][i], lists[b][i]) for i in range(n)], axis=0)
+            for a, b in itertools.combinations(range(m), 2)
+        ]
+    )
+    out["overlap_control"] = np.asarray(
+        [
+            np.mean([ao_curve(lists[a][i], lists[b][perm[i]]) for i in range(n)], axis=0)
+            for a, b in itertools.combinations(range(m), 2)
+        ]
+    )
     seeds = np.random.default_rng(seed + 1).choice(n, n_seeds, replace=False)
     neighbours = []
     for z in logits:
@@ -133,12 +146,18 @@ def main() -> None:
     ap.add_argument("--models", type=int, default=6)
     ap.add_argument("--classes", type=int, default=10)
     ap.add_argument("--seeds", type=int, default=1000, help="random seeds of the neighbour statistic")
-    ap.add_argument("--loop-n", type=int, default=None,
-                    help="run the loop (and a vectorised run for the ratio) on this many images only")
+    ap.add_argument(
+        "--loop-n",
+        type=int,
+        default=None,
+        help="run the loop (and a vectorised run for the ratio) on this many images only",
+    )
     args = ap.parse_args()
     logits, labels = fake_logits(args.n, args.classes, args.models)
-    print(f"{platform.machine()} {platform.processor()}, numpy {np.__version__}; {len(labels)} images, "
-          f"{args.models} models, {args.classes} classes, {args.seeds} neighbour seeds")
+    print(
+        f"{platform.machine()} {platform.processor()}, numpy {np.__version__}; {len(labels)} images, "
+        f"{args.models} models, {args.classes} classes, {args.seeds} neighbour seeds"
+    )
     start = time.perf_counter()
     fast = vectorised(logits, labels, args.classes, args.seeds)
     t_fast = time.perf_counter() - start
@@ -157,9 +176,11 @@ def main() -> None:
     t_loop = time.perf_counter() - start
     for key in ("rank_matrix", "error_ranks", "overlap", "overlap_control", "neighbours"):
         np.testing.assert_allclose(check[key], slow[key], atol=1e-9, err_msg=key)
-    print(f"on {len(small_labels)} images and {seeds} neighbour seeds: numbers agree (rank matrix, error ranks, "
-          f"AO@k and control, neighbours); per-example loop {t_loop:.1f} s, vectorised {t_small:.3f} s, "
-          f"ratio {t_loop / t_small:.0f}x")
+    print(
+        f"on {len(small_labels)} images and {seeds} neighbour seeds: numbers agree (rank matrix, error ranks, "
+        f"AO@k and control, neighbours); per-example loop {t_loop:.1f} s, vectorised {t_small:.3f} s, "
+        f"ratio {t_loop / t_small:.0f}x"
+    )
 
 
 if __name__ == "__main__":

@@ -36,10 +36,14 @@ class SmallCNN(nn.Module):
     def __init__(self, n_classes: int = 10):
         super().__init__()
         self.features = nn.Sequential(
-            nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(),
-            nn.Conv2d(16, 32, 3, padding=1, stride=2), nn.ReLU(),
-            nn.Conv2d(32, 64, 3, padding=1, stride=2), nn.ReLU(),
-            nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+            nn.Conv2d(3, 16, 3, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(16, 32, 3, padding=1, stride=2),
+            nn.ReLU(),
+            nn.Conv2d(32, 64, 3, padding=1, stride=2),
+            nn.ReLU(),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
         )
         self.head = nn.Linear(64, n_classes)
         # normalisation inside the model, as for every model in the project
@@ -132,15 +136,22 @@ def main() -> None:
     x_dev, y_dev = x.to(device), y.to(device)
 
     def ours():
-        r = evaluate_robustness(model, x, y, eps=args.eps, n_iter=args.n_iter, n_restarts=1,
-                                device=device, progress=False)
+        r = evaluate_robustness(
+            model, x, y, eps=args.eps, n_iter=args.n_iter, n_restarts=1, device=device, progress=False
+        )
         runs["ours"] = r
         return r.adversarial_accuracy
 
     def library(n_restarts):
         x_adv = adapter.run_standard_autoattack(
-            model, x_dev, y_dev, eps=args.eps, device=device, attacks=["apgd-ce", "apgd-dlr"],
-            n_iter=None if n_restarts is None else args.n_iter, n_restarts=n_restarts,
+            model,
+            x_dev,
+            y_dev,
+            eps=args.eps,
+            device=device,
+            attacks=["apgd-ce", "apgd-dlr"],
+            n_iter=None if n_restarts is None else args.n_iter,
+            n_restarts=n_restarts,
         )
         with torch.no_grad():
             return float((model(x_adv).argmax(1) == y_dev).float().mean())
@@ -157,13 +168,15 @@ def main() -> None:
     # its load drifts, and a run can be slowed by the one before it
     order = list(contenders)
     for k in range(args.repeats):
-        for name in order[k % len(order):] + order[: k % len(order)]:
+        for name in order[k % len(order) :] + order[: k % len(order)]:
             accs[name], sec = timed(contenders[name], device)
             times[name].append(sec)
 
     r = runs["ours"]
-    print(f"natural accuracy {r.natural_accuracy:.3f}, after APGD-CE {r.accuracy_after_apgd_ce:.3f}; "
-          f"our batch size {r.config['batch_size']}; median of {args.repeats} interleaved rounds (order rotated)")
+    print(
+        f"natural accuracy {r.natural_accuracy:.3f}, after APGD-CE {r.accuracy_after_apgd_ce:.3f}; "
+        f"our batch size {r.config['batch_size']}; median of {args.repeats} interleaved rounds (order rotated)"
+    )
     print(f"{'run':55s} {'adv acc':>8s} {'median s':>9s} {'ex/s':>8s}  all rounds (s)")
     med = {name: statistics.median(t) for name, t in times.items()}
     for name in contenders:

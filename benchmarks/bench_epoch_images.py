@@ -43,8 +43,11 @@ def main() -> None:
 
         torch.set_num_threads(args.threads)
     tmp = Path(tempfile.mkdtemp(prefix="bench-images-"))
-    os.environ.update(MLFLOW_TRACKING_URI=(tmp / "mlruns").as_uri(), MLFLOW_ALLOW_FILE_STORE="true",
-                      ROBUSTLOGITS_CACHE=os.environ.get("ROBUSTLOGITS_CACHE", str(tmp / "cache")))
+    os.environ.update(
+        MLFLOW_TRACKING_URI=(tmp / "mlruns").as_uri(),
+        MLFLOW_ALLOW_FILE_STORE="true",
+        ROBUSTLOGITS_CACHE=os.environ.get("ROBUSTLOGITS_CACHE", str(tmp / "cache")),
+    )
 
     import mlflow
     import torch
@@ -59,8 +62,12 @@ def main() -> None:
     if args.data_dir:
         overrides.append(f"data.data_dir={args.data_dir}")
     else:  # the smoke sizes: 4,000 training images, 1,000 tracked train and held-out images
-        overrides += ["data.dataset=synthetic", "data.synthetic_train_per_class=400",
-                      "data.synthetic_test_per_class=100", "data.train_subset=None"]
+        overrides += [
+            "data.dataset=synthetic",
+            "data.synthetic_train_per_class=400",
+            "data.synthetic_test_per_class=100",
+            "data.train_subset=None",
+        ]
     apply_overrides(cfg, overrides)
 
     spent: dict[int, dict[str, float]] = {}
@@ -92,9 +99,11 @@ def main() -> None:
     epoch = statistics.median(r["epoch"] for r in rows)
     render = statistics.median(r["render"] for r in rows)
     log = statistics.median(r["log"] for r in rows)
-    print(f"CPU: {cpu_name()}, torch threads {torch.get_num_threads()}, "
-          f"{'real CIFAR-10' if args.data_dir else 'synthetic'} smoke data, {args.training} training, "
-          f"median of epochs 2..{args.epochs}")
+    print(
+        f"CPU: {cpu_name()}, torch threads {torch.get_num_threads()}, "
+        f"{'real CIFAR-10' if args.data_dir else 'synthetic'} smoke data, {args.training} training, "
+        f"median of epochs 2..{args.epochs}"
+    )
     print(f"smoke epoch (train + evaluation + logging): {epoch * 1000:.0f} ms")
     print(f"render histogram image:                     {render * 1000:.1f} ms ({render / epoch:.2%} of the epoch)")
     print(f"mlflow.log_image:                           {log * 1000:.1f} ms ({log / epoch:.2%} of the epoch)")

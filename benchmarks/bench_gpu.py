@@ -73,15 +73,27 @@ def new_model(args, num_classes, device, seed=0):
 
 # --- ours -----------------------------------------------------------------------------------
 
+
 def ours_epoch(args, model, split: Split, objective, amp, device) -> float:
     """Seconds for one epoch over `split` after a short warm-up (kernels, allocator, compile)."""
+
     def run(part, epochs=1):
         optim = OptimConfig(epochs=epochs, batch_size=args.batch, lr=0.01)
         results = []
-        training.fit(training.make_state(model, optim, device, 0), part, objective, optim, amp=amp,
-                     channels_last=True, compile=args.compile, sync_every=0, on_epoch_end=results.append,
-                     progress=False)
+        training.fit(
+            training.make_state(model, optim, device, 0),
+            part,
+            objective,
+            optim,
+            amp=amp,
+            channels_last=True,
+            compile=args.compile,
+            sync_every=0,
+            on_epoch_end=results.append,
+            progress=False,
+        )
         return results[-1].seconds
+
     run(split.subset(torch.arange(min(len(split), args.batch * 8)).numpy()))
     return run(split)
 
@@ -97,14 +109,24 @@ def count_host_syncs(args, model, split, objective, amp, device) -> int | None:
         warnings.simplefilter("always")
         torch.cuda.set_sync_debug_mode("warn")
         try:
-            training.fit(state, part, objective, optim, amp=amp, channels_last=True, compile=args.compile,
-                         sync_every=0, progress=False)
+            training.fit(
+                state,
+                part,
+                objective,
+                optim,
+                amp=amp,
+                channels_last=True,
+                compile=args.compile,
+                sync_every=0,
+                progress=False,
+            )
         finally:
             torch.cuda.set_sync_debug_mode("default")
     return sum("synchroniz" in str(w.message).lower() for w in caught)
 
 
 # --- the naive reference --------------------------------------------------------------------
+
 
 def pil_loader(split: Split, batch, shuffle=True):
     from PIL import Image
@@ -117,8 +139,9 @@ def pil_loader(split: Split, batch, shuffle=True):
     class PilDataset(Dataset):
         def __init__(self):
             self.images = [Image.fromarray(im.transpose(1, 2, 0)) for im in images]
-            self.transform = transforms.Compose([transforms.RandomCrop(32, padding=4),
-                                                 transforms.RandomHorizontalFlip(), transforms.ToTensor()])
+            self.transform = transforms.Compose(
+                [transforms.RandomCrop(32, padding=4), transforms.RandomHorizontalFlip(), transforms.ToTensor()]
+            )
 
         def __len__(self):
             return len(self.images)
@@ -181,6 +204,7 @@ def reference_epoch(args, kind, split: Split, num_classes, device, teacher=None)
 
 # --- per-run extras -------------------------------------------------------------------------
 
+
 def per_epoch_evaluation(args, model, bundle, device) -> tuple[float, float, float]:
     """(logit statistics per epoch, one PGD monitor, one checkpoint's test logits) in seconds."""
     paper = preset("paper")
@@ -192,7 +216,7 @@ def per_epoch_evaluation(args, model, bundle, device) -> tuple[float, float, flo
     x = bundle.test.images[:n_mon].float().div(255).contiguous(memory_format=torch.channels_last)
     y = bundle.test.labels[:n_mon]
     attack = LinfPGD(EPS, 2.5 * EPS / monitor.robust_steps, monitor.robust_steps, True, "eval")
-    _, monitor_s = timed(lambda: [attack(model, x[i:i + 500], y[i:i + 500]) for i in range(0, n_mon, 500)], device)
+    _, monitor_s = timed(lambda: [attack(model, x[i : i + 500], y[i : i + 500]) for i in range(0, n_mon, 500)], device)
     _, ckpt_s = timed(lambda: compute_logits(model, bundle.test.images, 500, True), device)
     return stats_s, monitor_s, ckpt_s
 
@@ -203,16 +227,31 @@ def attack_rates(args, model, bundle, device) -> tuple[float, float]:
     y = bundle.test.labels[:n]
     model.eval()
     evaluate_robustness(model, x[:8], y[:8], eps=EPS, n_iter=2, device=device, progress=False)
-    _, ours_s = timed(lambda: evaluate_robustness(model, x, y, eps=EPS, n_iter=args.attack_iter, n_restarts=1,
-                                                  device=device, progress=False), device)
+    _, ours_s = timed(
+        lambda: evaluate_robustness(
+            model, x, y, eps=EPS, n_iter=args.attack_iter, n_restarts=1, device=device, progress=False
+        ),
+        device,
+    )
     n_ref = min(n, args.attack_reference_n)
-    _, ref_s = timed(lambda: run_standard_autoattack(model, x[:n_ref], y[:n_ref], eps=EPS, device=device,
-                                                     attacks=["apgd-ce", "apgd-dlr"], n_iter=args.attack_iter,
-                                                     n_restarts=1), device)
+    _, ref_s = timed(
+        lambda: run_standard_autoattack(
+            model,
+            x[:n_ref],
+            y[:n_ref],
+            eps=EPS,
+            device=device,
+            attacks=["apgd-ce", "apgd-dlr"],
+            n_iter=args.attack_iter,
+            n_restarts=1,
+        ),
+        device,
+    )
     return n / ours_s, n_ref / ref_s
 
 
 # --- main -----------------------------------------------------------------------------------
+
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -242,17 +281,28 @@ def main():
         raw = make_synthetic(train_per_class=args.images // 10 + 500, test_per_class=1000)
     val_per_class = 500 if len(raw.train_labels) >= args.images + 5000 else 0
     train_subset = args.images if args.images < len(raw.train_labels) - 10 * val_per_class else None
-    bundle = build_bundle(raw, val_per_class=val_per_class, split_seed=0, train_subset=train_subset,
-                          stats_subset=min(DataConfig().stats_subset, args.images), heldout_subset=None, device=device)
+    bundle = build_bundle(
+        raw,
+        val_per_class=val_per_class,
+        split_seed=0,
+        train_subset=train_subset,
+        stats_subset=min(DataConfig().stats_subset, args.images),
+        heldout_subset=None,
+        device=device,
+    )
     nc, split = bundle.num_classes, bundle.train
 
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "none"
-    print(f"device {device} ({gpu}); cpu {cpu_name()}; torch {torch.__version__}; "
-          f"cudnn tf32 {torch.backends.cudnn.allow_tf32}")
-    print(f"settings: {args.arch}, batch {args.batch}, PGD-10 eps 8/255 step 2/255, {len(split)} training images "
-          f"({'CIFAR-10' if args.data_dir else 'synthetic'}), ours: {precision_name(amp)} (run.amp={args.amp}, "
-          f"native bf16 {bf16_is_native(device)}), channels_last, compile {args.compile}; reference: DataLoader+PIL "
-          f"per-image transforms, fp32, eager, timed over {args.reference_batches} batches and scaled")
+    print(
+        f"device {device} ({gpu}); cpu {cpu_name()}; torch {torch.__version__}; "
+        f"cudnn tf32 {torch.backends.cudnn.allow_tf32}"
+    )
+    print(
+        f"settings: {args.arch}, batch {args.batch}, PGD-10 eps 8/255 step 2/255, {len(split)} training images "
+        f"({'CIFAR-10' if args.data_dir else 'synthetic'}), ours: {precision_name(amp)} (run.amp={args.amp}, "
+        f"native bf16 {bf16_is_native(device)}), channels_last, compile {args.compile}; reference: DataLoader+PIL "
+        f"per-image transforms, fp32, eager, timed over {args.reference_batches} batches and scaled"
+    )
 
     pgd = training.adversarial_objective(AdversaryConfig(), amp)
     rows = {}
@@ -273,22 +323,30 @@ def main():
     ours = ours_epoch(args, new_model(args, nc, device, seed=1), split, kd, amp, device)
     ref = reference_epoch(args, "KD", split, nc, device, teacher=teacher)
     rows["KD"] = (ours, ref)
-    print(f"KD epoch: ours {ours:8.2f} s | reference (teacher on every batch) {ref:8.2f} s | {ref / ours:6.2f}x; "
-          f"teacher-logit pass ({args.n_augment} augmentations) {teacher_pass:.2f} s once per run")
+    print(
+        f"KD epoch: ours {ours:8.2f} s | reference (teacher on every batch) {ref:8.2f} s | {ref / ours:6.2f}x; "
+        f"teacher-logit pass ({args.n_augment} augmentations) {teacher_pass:.2f} s once per run"
+    )
     if syncs is not None:
-        print(f"host synchronisations in a 20-step AT epoch of ours (sync_every=0; 1 expected, the epoch-end read): {syncs}")
+        print(
+            f"host synchronisations in a 20-step AT epoch of ours (sync_every=0; 1 expected, the epoch-end read): {syncs}"
+        )
 
     ours_rate, ref_rate = attack_rates(args, at_model, bundle, device)
-    print(f"APGD-CE + APGD-DLR ({args.attack_iter} iterations, 1 restart): ours {ours_rate:8.1f} examples/s | "
-          f"library directly (batch 250) {ref_rate:8.1f} examples/s | {ours_rate / ref_rate:5.2f}x; "
-          f"the 10,000 test images take {10000 / ours_rate / 60:.1f} min")
+    print(
+        f"APGD-CE + APGD-DLR ({args.attack_iter} iterations, 1 restart): ours {ours_rate:8.1f} examples/s | "
+        f"library directly (batch 250) {ref_rate:8.1f} examples/s | {ours_rate / ref_rate:5.2f}x; "
+        f"the 10,000 test images take {10000 / ours_rate / 60:.1f} min"
+    )
 
     stats_s, monitor_s, ckpt_s = per_epoch_evaluation(args, at_model, bundle, device)
     paper = preset("paper")
     every, n_ckpt = paper.monitor.robust_every, len(paper.run.checkpoint_epochs)
     extra = args.epochs * stats_s + (args.epochs // every) * monitor_s + n_ckpt * ckpt_s
-    print(f"per run besides training: logit statistics {stats_s:.2f} s/epoch, PGD monitor {monitor_s:.2f} s every "
-          f"{every} epochs, checkpoint logits {ckpt_s:.2f} s x {n_ckpt}: {extra / 60:.1f} min per run")
+    print(
+        f"per run besides training: logit statistics {stats_s:.2f} s/epoch, PGD monitor {monitor_s:.2f} s every "
+        f"{every} epochs, checkpoint logits {ckpt_s:.2f} s x {n_ckpt}: {extra / 60:.1f} min per run"
+    )
 
     hours = {k: (args.epochs * rows[k][0] + extra + (teacher_pass if k == "KD" else 0)) / 3600 for k in rows}
     ref_hours = {k: (args.epochs * rows[k][1] + extra) / 3600 for k in rows}
@@ -296,11 +354,15 @@ def main():
     print("                             paper (Titan Xp)   ours      reference")
     for k in rows:
         print(f"  {k}                         {PAPER_HOURS[k]:6.2f} h       {hours[k]:7.2f} h  {ref_hours[k]:7.2f} h")
-    total = {name: sum(study[k] * h[k] for k in study) for name, h in
-             (("paper", PAPER_HOURS), ("ours", hours), ("reference", ref_hours))}
-    print(f"whole study ({study['ST']} ST + {study['AT']} AT + {study['KD']} KD = {sum(study.values())} runs): "
-          f"paper {total['paper']:.0f} GPU-h | ours {total['ours']:.1f} GPU-h | reference {total['reference']:.1f} GPU-h "
-          f"| ours vs paper {total['paper'] / total['ours']:.1f}x")
+    total = {
+        name: sum(study[k] * h[k] for k in study)
+        for name, h in (("paper", PAPER_HOURS), ("ours", hours), ("reference", ref_hours))
+    }
+    print(
+        f"whole study ({study['ST']} ST + {study['AT']} AT + {study['KD']} KD = {sum(study.values())} runs): "
+        f"paper {total['paper']:.0f} GPU-h | ours {total['ours']:.1f} GPU-h | reference {total['reference']:.1f} GPU-h "
+        f"| ours vs paper {total['paper'] / total['ours']:.1f}x"
+    )
     print(f"benchmark wall time {time.perf_counter() - started:.0f} s")
 
 

@@ -71,9 +71,16 @@ def ours(X, kappa, n_t, seeds, **kw):
     for seed in seeds:
         start = time.perf_counter()
         res = manifold_analysis(X, kappa=kappa, n_t=n_t, seed=seed, **kw)
-        rows.append({"capacity": res.mean_capacity, "radius": res.mean_radius, "dimension": res.mean_dimension,
-                     "center_correlation": res.center_correlation, "K": res.n_center_components,
-                     "seconds": time.perf_counter() - start})
+        rows.append(
+            {
+                "capacity": res.mean_capacity,
+                "radius": res.mean_radius,
+                "dimension": res.mean_dimension,
+                "center_correlation": res.center_correlation,
+                "K": res.n_center_components,
+                "seconds": time.perf_counter() - start,
+            }
+        )
     return rows
 
 
@@ -82,9 +89,12 @@ def reference(X, kappa, n_t, seeds, python, path):
         np.savez(Path(tmp) / "X.npz", X=X)
         runner = Path(tmp) / "run_reference.py"
         runner.write_text(REFERENCE_RUNNER)
-        done = subprocess.run([python, str(runner), path, str(Path(tmp) / "X.npz"), str(kappa), str(n_t),
-                               ",".join(map(str, seeds))], capture_output=True, text=True, env={
-                                   **os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ""})
+        done = subprocess.run(
+            [python, str(runner), path, str(Path(tmp) / "X.npz"), str(kappa), str(n_t), ",".join(map(str, seeds))],
+            capture_output=True,
+            text=True,
+            env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ""},
+        )
     if done.returncode:
         raise RuntimeError(done.stderr.strip().splitlines()[-1] if done.stderr.strip() else "reference failed")
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -110,37 +120,56 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="one small setting (a check that it runs)")
     ap.add_argument("--json", help="write every number here")
     args = ap.parse_args()
-    settings = [dict(P=20, N=100, M=20, radius=0.5), dict(P=20, N=200, M=20, radius=1.0),
-                dict(P=20, N=200, M=20, radius=0.5, shared_dims=2), dict(P=50, N=500, M=50, radius=1.0)]
+    settings = [
+        dict(P=20, N=100, M=20, radius=0.5),
+        dict(P=20, N=200, M=20, radius=1.0),
+        dict(P=20, N=200, M=20, radius=0.5, shared_dims=2),
+        dict(P=50, N=500, M=50, radius=1.0),
+    ]
     if args.quick:
         settings = [dict(P=10, N=60, M=10, radius=0.5)]
-    have_ref = bool(args.reference_python and args.reference_path and Path(args.reference_python).exists()
-                    and (Path(args.reference_path) / "mftma").is_dir())
-    print(f"CPU: {platform.processor() or platform.machine()}, Python {platform.python_version()}, numpy {np.__version__}")
+    have_ref = bool(
+        args.reference_python
+        and args.reference_path
+        and Path(args.reference_python).exists()
+        and (Path(args.reference_path) / "mftma").is_dir()
+    )
+    print(
+        f"CPU: {platform.processor() or platform.machine()}, Python {platform.python_version()}, numpy {np.__version__}"
+    )
     if not have_ref:
-        print("reference not run: pass --reference-python (an interpreter with numpy<2, scipy<1.12, cvxopt, "
-              "pymanopt==0.2.4, autograd) and --reference-path (a checkout of schung039/neural_manifolds_replicaMFT)")
+        print(
+            "reference not run: pass --reference-python (an interpreter with numpy<2, scipy<1.12, cvxopt, "
+            "pymanopt==0.2.4, autograd) and --reference-path (a checkout of schung039/neural_manifolds_replicaMFT)"
+        )
     results = []
     for s in settings:
         X = random_manifolds(s["P"], s["N"], s["M"], s["radius"], seed=11, shared_dims=s.get("shared_dims", 0))
         seeds = list(range(args.seeds))
-        row = {"setting": s, "ours_reference": ours(X, 0.0, args.n_t, seeds),
-               "ours_printed": ours(X, 0.0, args.n_t, seeds, definitions="printed", center_method="principal")}
+        row = {
+            "setting": s,
+            "ours_reference": ours(X, 0.0, args.n_t, seeds),
+            "ours_printed": ours(X, 0.0, args.n_t, seeds, definitions="printed", center_method="principal"),
+        }
         if have_ref:
             row["reference"] = reference(X, 0.0, args.n_t, seeds, args.reference_python, args.reference_path)
         results.append(row)
         print(f"\n{s}")
         print(f"  {'measure':<19}" + "".join(f"{k:>26}" for k in row if k != "setting"))
         for key in MEASURES:
-            cells = "".join(f"{stats(row[k], key)[0]:>17.4f} ± {stats(row[k], key)[1]:<6.4f}" for k in row if k != "setting")
+            cells = "".join(
+                f"{stats(row[k], key)[0]:>17.4f} ± {stats(row[k], key)[1]:<6.4f}" for k in row if k != "setting"
+            )
             print(f"  {key:<19}{cells}")
         secs = "".join(f"{stats(row[k], 'seconds')[0]:>24.2f} s" for k in row if k != "setting")
         print(f"  {'seconds (mean)':<19}{secs}")
         if have_ref:
             for name in ("ours_reference", "ours_printed"):
-                diffs = ", ".join(f"{key} {gap(row[name], row['reference'], key)[0]:+.1f}% "
-                                  f"({gap(row[name], row['reference'], key)[1]:+.1f} se)"
-                                  for key in ("capacity", "radius", "dimension"))
+                diffs = ", ".join(
+                    f"{key} {gap(row[name], row['reference'], key)[0]:+.1f}% "
+                    f"({gap(row[name], row['reference'], key)[1]:+.1f} se)"
+                    for key in ("capacity", "radius", "dimension")
+                )
                 print(f"  {name} vs reference: {diffs}")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))

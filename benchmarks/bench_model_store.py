@@ -51,8 +51,9 @@ def main() -> None:
         return tracking.log_torch_model(model, "new").model_uri
 
     def log_pickle():
-        return mlflow.pytorch.log_model(model, name="pickle", serialization_format="pickle",
-                                        pip_requirements=tracking.PIP_REQUIREMENTS).model_uri
+        return mlflow.pytorch.log_model(
+            model, name="pickle", serialization_format="pickle", pip_requirements=tracking.PIP_REQUIREMENTS
+        ).model_uri
 
     results = {}
     with mlflow.start_run():

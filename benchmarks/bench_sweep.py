@@ -75,9 +75,14 @@ def main() -> None:
     distill_job.run_distill, study_engine.run_workers = timed_distill, timed_workers
 
     def sweep(seed: int, workers: int) -> float:
-        settings = SweepConfig(teacher="synthetic-cnn-tiny-at", losses=["l1", "kl"], preset="test",
-                                 workers=workers, study=f"bench-{seed}-{workers}",
-                                 overrides=[f"optim.epochs={args.epochs}", f"run.seed={seed}"])
+        settings = SweepConfig(
+            teacher="synthetic-cnn-tiny-at",
+            losses=["l1", "kl"],
+            preset="test",
+            workers=workers,
+            study=f"bench-{seed}-{workers}",
+            overrides=[f"optim.epochs={args.epochs}", f"run.seed={seed}"],
+        )
         start = time.perf_counter()
         result = run_sweep(settings)
         assert result.status.done and result.status.complete == 4, result.message()
@@ -90,8 +95,10 @@ def main() -> None:
 
     print(f"CPU: {cpu_name()}, {os.cpu_count()} cores; torch {torch.__version__}, {torch.get_num_threads()} threads")
     print(f"trials: test preset, {args.epochs} student epochs, {args.per_class} images/class, final APGD attack")
-    print(f"1. per trial: distillation {sum(job_seconds) / trials:.2f} s, engine overhead {overhead / trials:.3f} s "
-          f"-> overhead / distillation = {overhead / sum(job_seconds):.1%} (target < 5%)")
+    print(
+        f"1. per trial: distillation {sum(job_seconds) / trials:.2f} s, engine overhead {overhead / trials:.3f} s "
+        f"-> overhead / distillation = {overhead / sum(job_seconds):.1%} (target < 5%)"
+    )
     print(f"   one-time setup of the first sweep (checks, study, parent run): {first - worker_seconds[0]:.2f} s")
     print(f"2. 2 x 2 grid wall time: 1 worker {one:.1f} s, 2 workers {two:.1f} s -> speed-up {one / two:.2f}x")
     print(f"(folder {folder})")

@@ -38,8 +38,16 @@ def ours(arch, bundle, adversarial, pgd_steps, amp, channels_last, device, epoch
     adv = AdversaryConfig(steps=pgd_steps, step_size=2.5 * (8 / 255) / pgd_steps)
     objective = adversarial_objective(adv, amp) if adversarial else standard_objective()
     results = []
-    fit(make_state(model, optim, device, 0), bundle.train, objective, optim, amp=amp, channels_last=channels_last,
-        on_epoch_end=results.append, progress=False)
+    fit(
+        make_state(model, optim, device, 0),
+        bundle.train,
+        objective,
+        optim,
+        amp=amp,
+        channels_last=channels_last,
+        on_epoch_end=results.append,
+        progress=False,
+    )
     return results[-1].images_per_second  # the first epoch warms up
 
 
@@ -52,8 +60,9 @@ def reference(arch, images, labels, adversarial, pgd_steps, device, batches):
     class PilDataset(Dataset):
         def __init__(self):
             self.images = [Image.fromarray(im.transpose(1, 2, 0)) for im in images]
-            self.transform = transforms.Compose([transforms.RandomCrop(32, padding=4),
-                                                 transforms.RandomHorizontalFlip(), transforms.ToTensor()])
+            self.transform = transforms.Compose(
+                [transforms.RandomCrop(32, padding=4), transforms.RandomHorizontalFlip(), transforms.ToTensor()]
+            )
 
         def __len__(self):
             return len(self.images)
@@ -94,13 +103,22 @@ def main():
         raw = load_raw("cifar10", args.data_dir)
     else:
         raw = make_synthetic(train_per_class=args.images // 10 + 1, test_per_class=1)
-    bundle = build_bundle(raw, val_per_class=0, split_seed=0, train_subset=args.images, stats_subset=10,
-                          heldout_subset=None, device=device)
+    bundle = build_bundle(
+        raw,
+        val_per_class=0,
+        split_seed=0,
+        train_subset=args.images,
+        stats_subset=10,
+        heldout_subset=None,
+        device=device,
+    )
     images = bundle.train.images.cpu().numpy()
     labels = bundle.train.labels.cpu().numpy()
     auto = resolve_amp("auto", device)
-    print(f"machine: {cpu_name()}, {torch.get_num_threads()} threads, device {device}, torch {torch.__version__}, "
-          f"arch {args.arch}, {len(images)} images, batch 128")
+    print(
+        f"machine: {cpu_name()}, {torch.get_num_threads()} threads, device {device}, torch {torch.__version__}, "
+        f"arch {args.arch}, {len(images)} images, batch 128"
+    )
     print(f"run.amp=auto chooses {precision_name(auto)} here (native bf16: {bf16_is_native(device)})")
     for adversarial in (False, True):
         kind = f"AT (PGD-{args.pgd_steps})" if adversarial else "ST"
@@ -108,10 +126,14 @@ def main():
         fp32 = ours(args.arch, bundle, adversarial, args.pgd_steps, False, True, device)
         ref = reference(args.arch, images, labels, adversarial, args.pgd_steps, device, None)
         chosen = bf16 if auto else fp32
-        print(f"{kind:12s} ours bf16: {bf16:8.1f} img/s | ours fp32: {fp32:8.1f} img/s | "
-              f"reference DataLoader+PIL fp32: {ref:8.1f} img/s")
-        print(f"{'':12s} auto ({precision_name(auto)}) = {chosen / max(bf16, fp32):5.2f}x the faster precision | "
-              f"bf16/fp32 {bf16 / fp32:5.2f}x | auto/reference {chosen / ref:5.2f}x")
+        print(
+            f"{kind:12s} ours bf16: {bf16:8.1f} img/s | ours fp32: {fp32:8.1f} img/s | "
+            f"reference DataLoader+PIL fp32: {ref:8.1f} img/s"
+        )
+        print(
+            f"{'':12s} auto ({precision_name(auto)}) = {chosen / max(bf16, fp32):5.2f}x the faster precision | "
+            f"bf16/fp32 {bf16 / fp32:5.2f}x | auto/reference {chosen / ref:5.2f}x"
+        )
 
 
 def cpu_name() -> str:

@@ -12,8 +12,9 @@ from robustlogits.study import engine as study_engine
 @study_engine.task("square")
 def square(params: dict) -> dict[str, float]:
     def job() -> str:
-        with tracking.job_run("robustlogits", f"square-{params['x']}-{params.get('y')}",
-                              {"robustlogits.job": "square"}) as run_id:
+        with tracking.job_run(
+            "robustlogits", f"square-{params['x']}-{params.get('y')}", {"robustlogits.job": "square"}
+        ) as run_id:
             tracking.log_params({"x": params["x"]})
             time.sleep(float(os.environ.get("SQUARE_SLEEP", "0")))
             if params.get("y") == "fail":

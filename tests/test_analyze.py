@@ -12,13 +12,19 @@ from robustlogits.cli import app
 
 def test_theory_writes_figures_json_and_logs_run_with_empirical_bridge(with_teachers, tmp_path):
     at, st = with_teachers["runs"]["adversarial"], with_teachers["runs"]["standard"]
-    result = CliRunner().invoke(app, ["analyze", "theory", "--classes", "10", "--runs", f"{at},{st}:1",
-                                      "--out", str(tmp_path / "out")])
+    result = CliRunner().invoke(
+        app, ["analyze", "theory", "--classes", "10", "--runs", f"{at},{st}:1", "--out", str(tmp_path / "out")]
+    )
     assert result.exit_code == 0, result.output
     assert "misclassified samples need max logit > 2.1972" in result.output
     files = {p.name for p in (tmp_path / "out").iterdir()}
-    assert {"fig_c1_admissible_beta.png", "fig_c2_loss_surface.png", "fig_c3_fgsm_gap_change.png",
-            "fig_empirical_admissible.png", "theory.json"} <= files
+    assert {
+        "fig_c1_admissible_beta.png",
+        "fig_c2_loss_surface.png",
+        "fig_c3_fgsm_gap_change.png",
+        "fig_empirical_admissible.png",
+        "theory.json",
+    } <= files
     summary = json.loads((tmp_path / "out" / "theory.json").read_text())
     assert len(summary["empirical"]["models"]) == 2
     run_id = result.output.strip().split("run ")[-1]
@@ -36,9 +42,26 @@ def test_theory_bad_run_is_a_clear_error(with_teachers, tmp_path):
 
 
 def test_manifold_runs_every_stage_and_logs_per_layer_metrics(with_teachers, tmp_path):
-    result = CliRunner().invoke(app, ["analyze", "manifold", "--models", "synthetic-cnn-tiny-st", "synthetic-cnn-tiny-at",
-                                      "--n-images", "8", "--n-perturbations", "6", "--n-features", "40",
-                                      "--pgd-steps", "2", "--out", str(tmp_path / "m")])
+    result = CliRunner().invoke(
+        app,
+        [
+            "analyze",
+            "manifold",
+            "--models",
+            "synthetic-cnn-tiny-st",
+            "synthetic-cnn-tiny-at",
+            "--n-images",
+            "8",
+            "--n-perturbations",
+            "6",
+            "--n-features",
+            "40",
+            "--pgd-steps",
+            "2",
+            "--out",
+            str(tmp_path / "m"),
+        ],
+    )
     assert result.exit_code == 0, result.output
     summary = json.loads((tmp_path / "m" / "manifold.json").read_text())
     stages = ["input", "block1", "block2", "block3", "logits"]
@@ -61,8 +84,19 @@ def test_manifold_runs_every_stage_and_logs_per_layer_metrics(with_teachers, tmp
 
 
 def test_manifold_bad_input(with_teachers, tmp_path):
-    too_many = CliRunner().invoke(app, ["analyze", "manifold", "--models", "synthetic-cnn-tiny-at",
-                                        "--n-images", "100000", "--out", str(tmp_path / "m")])
+    too_many = CliRunner().invoke(
+        app,
+        [
+            "analyze",
+            "manifold",
+            "--models",
+            "synthetic-cnn-tiny-at",
+            "--n-images",
+            "100000",
+            "--out",
+            str(tmp_path / "m"),
+        ],
+    )
     assert too_many.exit_code == 2 and "n-images must be in 2.." in too_many.output
     none = CliRunner().invoke(app, ["analyze", "manifold", "--out", str(tmp_path / "m")])
     assert none.exit_code == 2 and "at least one model" in none.output
@@ -74,10 +108,13 @@ def test_gap_robustness_from_attack_runs(with_teachers, tmp_path):
     from robustlogits.config import AttackConfig
     from robustlogits.jobs.attack import run_attack
 
-    runs = [run_attack(AttackConfig(model=m, n_examples=60, n_iter=5), progress=False)[0]
-            for m in ("synthetic-cnn-tiny-st", "synthetic-cnn-tiny-at")]
-    result = CliRunner().invoke(app, ["analyze", "gap", "--runs", ",".join(runs), "--bins", "4",
-                                      "--out", str(tmp_path / "g")])
+    runs = [
+        run_attack(AttackConfig(model=m, n_examples=60, n_iter=5), progress=False)[0]
+        for m in ("synthetic-cnn-tiny-st", "synthetic-cnn-tiny-at")
+    ]
+    result = CliRunner().invoke(
+        app, ["analyze", "gap", "--runs", ",".join(runs), "--bins", "4", "--out", str(tmp_path / "g")]
+    )
     assert result.exit_code == 0, result.output
     summary = json.loads((tmp_path / "g" / "gap_robustness.json").read_text())
     assert len(summary["edges"]) == 5 and len(summary["models"]) == 2

@@ -43,8 +43,13 @@ def test_only_tracking_imports_mlflow():
         if door in path.parents:
             continue
         for node in ast.walk(ast.parse(path.read_text())):
-            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
-                [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            names = (
+                [a.name for a in node.names]
+                if isinstance(node, ast.Import)
+                else [node.module or ""]
+                if isinstance(node, ast.ImportFrom)
+                else []
+            )
             if any(n == "mlflow" or n.startswith("mlflow.") for n in names):
                 offenders.append(f"{path.relative_to(REPO)}:{node.lineno}")
     assert offenders == []
@@ -58,7 +63,8 @@ def test_ruff_is_clean(command):
 
 def test_mlproject_is_generated_from_the_commands():
     assert (REPO / "MLproject").read_text() == mlproject.render(), (
-        "MLproject is out of step with the commands: python -m robustlogits.cli.mlproject > MLproject")
+        "MLproject is out of step with the commands: python -m robustlogits.cli.mlproject > MLproject"
+    )
 
 
 def test_every_entry_point_declares_its_parameters_with_the_commands_defaults():
@@ -81,22 +87,50 @@ def test_every_entry_point_declares_its_parameters_with_the_commands_defaults():
 
 def test_mlproject_parameters_become_the_commands_arguments():
     line = mlproject.command_line
-    assert line("distill", ["--manipulation", "permute", "--k", "3", "--loss", "default", "--attack", "false",
-                            "--distill.teacher_logits_seed", "123"]) == [
-        "--manipulation", "permute", "--k", "3", "--no-attack", "--set", "distill.teacher_logits_seed=123"]
+    assert line(
+        "distill",
+        [
+            "--manipulation",
+            "permute",
+            "--k",
+            "3",
+            "--loss",
+            "default",
+            "--attack",
+            "false",
+            "--distill.teacher_logits_seed",
+            "123",
+        ],
+    ) == ["--manipulation", "permute", "--k", "3", "--no-attack", "--set", "distill.teacher_logits_seed=123"]
     assert line("attack", ["--attack.model", "models:/m@teacher", "--attack.n_examples", "500", "--eps", "8/255"]) == [
-        "--model", "models:/m@teacher", "--n-examples", "500", "--eps", "8/255"]
+        "--model",
+        "models:/m@teacher",
+        "--n-examples",
+        "500",
+        "--eps",
+        "8/255",
+    ]
     assert line("reproduce", ["--dry_run", "true", "--scale", "test"]) == ["--dry-run", "--scale", "test"]
     assert line("analyze", ["--mode", "overlap", "--models", "a,b", "--group", "ST=a;AT=b", "--bins", "10"]) == [
-        "overlap", "--models", "a,b", "--group", "ST=a", "--group", "AT=b"]
+        "overlap",
+        "--models",
+        "a,b",
+        "--group",
+        "ST=a",
+        "--group",
+        "AT=b",
+    ]
 
 
-@pytest.mark.parametrize("entry_point, argv, message", [
-    ("train", ["--trainig", "adversarial"], "unknown MLproject parameter 'trainig'"),
-    ("attack", ["--attack.bogus", "1"], "unknown MLproject parameter 'attack.bogus'"),
-    ("analyze", ["--mode", "ranks", "--bins", "3"], "analyze mode 'ranks' takes no parameter 'bins'"),
-    ("analyze", ["--mode", "nonsense"], "unknown analyze mode 'nonsense'"),
-])
+@pytest.mark.parametrize(
+    "entry_point, argv, message",
+    [
+        ("train", ["--trainig", "adversarial"], "unknown MLproject parameter 'trainig'"),
+        ("attack", ["--attack.bogus", "1"], "unknown MLproject parameter 'attack.bogus'"),
+        ("analyze", ["--mode", "ranks", "--bins", "3"], "analyze mode 'ranks' takes no parameter 'bins'"),
+        ("analyze", ["--mode", "nonsense"], "unknown analyze mode 'nonsense'"),
+    ],
+)
 def test_bad_mlproject_parameters_exit_2_with_one_line(entry_point, argv, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
         mlproject.command_line(entry_point, argv)

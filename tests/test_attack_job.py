@@ -22,15 +22,18 @@ def run_count():
     return sum(len(client.search_runs([e.experiment_id])) for e in client.search_experiments())
 
 
-@pytest.mark.parametrize("spec,kwargs,expected", [
-    (f"models:/{AT}/Production", {}, "2"),
-    (f"models:/{AT}@teacher", {}, "2"),
-    (f"models:/{AT}/1", {}, "1"),
-    (AT, {"stage": "Production"}, "2"),
-    (AT, {"alias": "teacher"}, "2"),
-    (AT, {"version": 1}, "1"),
-    (AT, {}, "2"),  # a bare name means its Production version
-])
+@pytest.mark.parametrize(
+    "spec,kwargs,expected",
+    [
+        (f"models:/{AT}/Production", {}, "2"),
+        (f"models:/{AT}@teacher", {}, "2"),
+        (f"models:/{AT}/1", {}, "1"),
+        (AT, {"stage": "Production"}, "2"),
+        (AT, {"alias": "teacher"}, "2"),
+        (AT, {"version": 1}, "1"),
+        (AT, {}, "2"),  # a bare name means its Production version
+    ],
+)
 def test_registry_resolution_by_stage_alias_and_version(with_teachers, spec, kwargs, expected):
     uri, version = resolve_model(spec, **kwargs)
     assert str(version.version) == expected and uri == f"models:/{AT}/{expected}"
@@ -78,7 +81,9 @@ def test_attack_registered_teacher_links_run_and_tags_version(with_teachers):
 
 
 def test_standard_trained_model_is_less_robust_than_adversarial(with_teachers):
-    _, st = run_attack(AttackConfig(model="synthetic-cnn-tiny-st", eps=16 / 255, n_examples=80, n_iter=10), progress=False)
+    _, st = run_attack(
+        AttackConfig(model="synthetic-cnn-tiny-st", eps=16 / 255, n_examples=80, n_iter=10), progress=False
+    )
     assert st.adversarial_accuracy < st.natural_accuracy
 
 

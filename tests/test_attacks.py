@@ -125,7 +125,9 @@ def test_undefended_model_at_large_eps_drops_to_zero(linear, data, suite):
     r = evaluate_robustness(linear, x[:100], y[:100], eps=0.25, suite=suite, **FAST)
     assert r.natural_accuracy > 0.9
     assert r.adversarial_accuracy <= 0.02
-    expected = {"clean", "apgd-ce", "apgd-dlr", ""} if suite == "apgd-ce-dlr" else {"clean", "", *adapter.STANDARD_ATTACKS}
+    expected = (
+        {"clean", "apgd-ce", "apgd-dlr", ""} if suite == "apgd-ce-dlr" else {"clean", "", *adapter.STANDARD_ATTACKS}
+    )
     assert set(r.broken_by) <= expected
     if suite == "standard":
         assert r.config["attacks"] == ",".join(adapter.STANDARD_ATTACKS)
@@ -361,7 +363,7 @@ def test_collector_understands_both_logger_styles():
 _OFFICIAL_SHIM = {
     "__init__.py": "__version__ = 'shim'\nfrom .autoattack import AutoAttack\n",
     "autopgd_base.py": "from pyautoattack.autopgd_base import APGDAttack, APGDAttack_targeted\n",
-    "checks.py": '''
+    "checks.py": """
 from pyautoattack import checks as _c
 
 class _ToLog:
@@ -380,8 +382,8 @@ check_range_output = _wrap(_c.check_range_output)
 check_dynamic = _wrap(_c.check_dynamic)
 check_n_classes = _wrap(_c.check_n_classes)
 check_square_sr = _wrap(_c.check_square_sr)
-''',
-    "autoattack.py": '''
+""",
+    "autoattack.py": """
 import pyautoattack
 
 CALLS = []
@@ -400,7 +402,7 @@ class AutoAttack(pyautoattack.AutoAttack):
         CALLS.append(bs)
         x_adv, y_adv = super().run_standard_evaluation(x_orig, y_orig, batch_size=bs)
         return (x_adv, y_adv) if return_labels else x_adv
-''',
+""",
 }
 
 
@@ -456,11 +458,15 @@ def test_zero_eps_changes_nothing(linear, data):
 def test_library_warnings_are_shown_once_and_point_to_a_real_document(caplog):
     c = adapter.WarningCollector("lib")
     with caplog.at_level(logging.INFO):
-        c.warning("there are 3 points with zero gradient! This might lead to unreliable evaluation with "
-                  "current attack. See flags_doc.md for details.")
+        c.warning(
+            "there are 3 points with zero gradient! This might lead to unreliable evaluation with "
+            "current attack. See flags_doc.md for details."
+        )
     assert not [r for r in caplog.records if r.levelno >= logging.INFO]  # emit() shows it, once
-    assert c.messages == ["lib: there are 3 points with zero gradient! This might lead to unreliable "
-                          f"evaluation with current attack. See {adapter.FLAGS_DOC_URL} for details."]
+    assert c.messages == [
+        "lib: there are 3 points with zero gradient! This might lead to unreliable "
+        f"evaluation with current attack. See {adapter.FLAGS_DOC_URL} for details."
+    ]
     with pytest.warns(adapter.AutoAttackWarning) as shown:
         c.emit()
     assert len(shown) == 1

@@ -96,10 +96,18 @@ def test_confidence_softmax_is_stable_for_large_logits():
 def test_error_ranks_on_a_crafted_example():
     # class 0's correct examples average to [5, 1, 3]: class 2 ranks 2nd, class 1 3rd
     # class 1's correct examples average to [2, 6, 0]: class 0 2nd, class 2 3rd; class 2 has none correct
-    logits = np.array([[6, 1, 2], [4, 1, 4 - 1e-3], [2, 6, 0],  # correct (0, 0, 1)
-                       [1, 0, 2], [0, 3, 1],                      # label 0: predicted 2 (rank 2), predicted 1 (rank 3)
-                       [3, 1, 0],                                # label 1: predicted 0 (rank 2)
-                       [5, 0, 1]], dtype=float)                  # label 2, predicted 0: class 2 has no mean
+    logits = np.array(
+        [
+            [6, 1, 2],
+            [4, 1, 4 - 1e-3],
+            [2, 6, 0],  # correct (0, 0, 1)
+            [1, 0, 2],
+            [0, 3, 1],  # label 0: predicted 2 (rank 2), predicted 1 (rank 3)
+            [3, 1, 0],  # label 1: predicted 0 (rank 2)
+            [5, 0, 1],
+        ],
+        dtype=float,
+    )  # label 2, predicted 0: class 2 has no mean
     labels = np.array([0, 0, 1, 0, 0, 1, 2])
     means, counts = class_means(logits, labels, 3)
     assert counts.tolist() == [2, 1, 0] and np.isnan(means[2]).all()
@@ -137,7 +145,9 @@ def _no_running_runs():
 
 def test_ranks_and_overlap_of_st_and_at_teachers(with_teachers, tmp_path):
     runner = CliRunner()
-    ranks = runner.invoke(app, ["analyze", "ranks", "--models", ST, AT, "--class", "class6", "--out", str(tmp_path / "r")])
+    ranks = runner.invoke(
+        app, ["analyze", "ranks", "--models", ST, AT, "--class", "class6", "--out", str(tmp_path / "r")]
+    )
     assert ranks.exit_code == 0, ranks.output
     summary = json.loads((tmp_path / "r" / "ranks.json").read_text())
     assert summary["groups"] == {"ST": [f"{ST} v2"], "AT": [f"{AT} v2"]}
@@ -210,9 +220,24 @@ def test_errors_with_natural_and_adversarial_errors(with_teachers, tmp_path):
 
 
 def test_images_writes_quadrants_and_neighbours(with_teachers, tmp_path):
-    result = CliRunner().invoke(app, ["analyze", "images", "--models", ST, AT, "--per-quadrant", "4",
-                                      "--n-random-seeds", "50", "--seed-classes", "class1,class2",
-                                      "--out", str(tmp_path / "i")])
+    result = CliRunner().invoke(
+        app,
+        [
+            "analyze",
+            "images",
+            "--models",
+            ST,
+            AT,
+            "--per-quadrant",
+            "4",
+            "--n-random-seeds",
+            "50",
+            "--seed-classes",
+            "class1,class2",
+            "--out",
+            str(tmp_path / "i"),
+        ],
+    )
     assert result.exit_code == 0, result.output
     summary = json.loads((tmp_path / "i" / "images.json").read_text())
     assert summary["quadrants"]["class"] == "class0"
@@ -221,17 +246,24 @@ def test_images_writes_quadrants_and_neighbours(with_teachers, tmp_path):
         assert np.asarray(entry["neighbour_index"]).shape == (2, 5)
         assert all(s not in row for s, row in zip(entry["seed_index"], entry["neighbour_index"]))
         assert 0 <= entry["same_class_fraction"] <= 1
-    assert {p.name for p in (tmp_path / "i").iterdir()} >= {"figure_b2_confidence_quadrants.png",
-                                                             "figure_b3_logit_neighbours.png"}
+    assert {p.name for p in (tmp_path / "i").iterdir()} >= {
+        "figure_b2_confidence_quadrants.png",
+        "figure_b3_logit_neighbours.png",
+    }
 
 
 def test_bad_input_is_one_line_exit_2_and_nothing_running(with_teachers, tmp_path):
     runner = CliRunner()
-    before = len(MlflowClient().search_runs([e.experiment_id for e in MlflowClient().search_experiments()],
-                                            "tags.`robustlogits.job` LIKE 'analyze-%'"))
+    before = len(
+        MlflowClient().search_runs(
+            [e.experiment_id for e in MlflowClient().search_experiments()], "tags.`robustlogits.job` LIKE 'analyze-%'"
+        )
+    )
     one = runner.invoke(app, ["analyze", "ranks", "--models", AT, "--out", str(tmp_path / "x")])
     assert one.exit_code == 2 and "needs at least 2 models" in one.output
-    no_class = runner.invoke(app, ["analyze", "ranks", "--models", ST, AT, "--class", "frog", "--out", str(tmp_path / "x")])
+    no_class = runner.invoke(
+        app, ["analyze", "ranks", "--models", ST, AT, "--class", "frog", "--out", str(tmp_path / "x")]
+    )
     assert no_class.exit_code == 2 and "no class 'frog'" in no_class.output
     overlap_one = runner.invoke(app, ["analyze", "overlap", "--group", f"AT={AT}", "--out", str(tmp_path / "x")])
     assert overlap_one.exit_code == 2 and "at least 2 models" in overlap_one.output
@@ -242,11 +274,14 @@ def test_bad_input_is_one_line_exit_2_and_nothing_running(with_teachers, tmp_pat
     from robustlogits.jobs.attack import run_attack
 
     st_attack, _ = run_attack(AttackConfig(model=f"models:/{ST}/2", n_examples=20, n_iter=2), progress=False)
-    wrong = runner.invoke(app, ["analyze", "errors", "--models", AT, "--attack-runs", st_attack, "--out", str(tmp_path / "x")])
+    wrong = runner.invoke(
+        app, ["analyze", "errors", "--models", AT, "--attack-runs", st_attack, "--out", str(tmp_path / "x")]
+    )
     assert wrong.exit_code == 2 and f"attack run {st_attack} attacked {ST} v2" in wrong.output
     assert not (tmp_path / "x").exists()
-    after = MlflowClient().search_runs([e.experiment_id for e in MlflowClient().search_experiments()],
-                                       "tags.`robustlogits.job` LIKE 'analyze-%'")
+    after = MlflowClient().search_runs(
+        [e.experiment_id for e in MlflowClient().search_experiments()], "tags.`robustlogits.job` LIKE 'analyze-%'"
+    )
     assert len(after) == before and _no_running_runs()
 
 
@@ -257,8 +292,9 @@ def test_models_of_different_class_counts_are_refused(with_teachers, tmp_path):
     with mlflow.start_run() as run:
         mlflow.log_params({"data.dataset": "synthetic", "data.synthetic_classes": 5})
         tracking.log_torch_model(build_model("cnn-tiny", 5, "synthetic"), "five")
-    result = CliRunner().invoke(app, ["analyze", "overlap", "--models", AT, f"runs:/{run.info.run_id}/five",
-                                      "--out", str(tmp_path / "x")])
+    result = CliRunner().invoke(
+        app, ["analyze", "overlap", "--models", AT, f"runs:/{run.info.run_id}/five", "--out", str(tmp_path / "x")]
+    )
     assert result.exit_code == 2 and "different class counts" in result.output
     assert _no_running_runs()
 
@@ -267,8 +303,21 @@ def test_mlproject_entry_point_runs_the_new_modes(with_teachers, tmp_path):
     from robustlogits.cli import mlproject
 
     with pytest.raises(SystemExit) as done:  # as `mlflow run -e analyze -P mode=overlap ...` calls it
-        mlproject.run_entry_point("analyze", ["--mode", "overlap", "--models", f"{ST},{AT}", "--group",
-                                              f"ST={ST};AT={AT}", "--out", str(tmp_path / "o"), "--bins", "default"])
+        mlproject.run_entry_point(
+            "analyze",
+            [
+                "--mode",
+                "overlap",
+                "--models",
+                f"{ST},{AT}",
+                "--group",
+                f"ST={ST};AT={AT}",
+                "--out",
+                str(tmp_path / "o"),
+                "--bins",
+                "default",
+            ],
+        )
     assert done.value.code == 0
     summary = json.loads((tmp_path / "o" / "overlap.json").read_text())
     assert summary["groups"] == {"ST": [f"{ST} v2"], "AT": [f"{AT} v2"]}

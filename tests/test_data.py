@@ -42,7 +42,9 @@ def write_cifar100_pickles(root):
     tx, ty = _images(100, 2), np.arange(100)[::-1].copy()
     for name, (a, b) in {"train": (x, y), "test": (tx, ty)}.items():
         with open(folder / name, "wb") as fh:
-            pickle.dump({b"data": a.reshape(len(a), -1), b"fine_labels": b.tolist(), b"coarse_labels": (b // 5).tolist()}, fh)
+            pickle.dump(
+                {b"data": a.reshape(len(a), -1), b"fine_labels": b.tolist(), b"coarse_labels": (b // 5).tolist()}, fh
+            )
     with open(folder / "meta", "wb") as fh:
         pickle.dump({b"fine_label_names": [f"c{i:03d}".encode() for i in range(100)]}, fh)
     return x, y, tx, ty
@@ -209,13 +211,27 @@ def test_validation_split_sizes_are_per_class_disjoint_and_seeded():
 
 def test_bundle_splits_cifar10_and_uses_test_as_heldout_without_validation():
     raw = data.make_synthetic(train_per_class=20, test_per_class=4)
-    with_val = data.build_bundle(raw, val_per_class=5, split_seed=0, train_subset=None, stats_subset=30,
-                                 heldout_subset=None, device=torch.device("cpu"))
+    with_val = data.build_bundle(
+        raw,
+        val_per_class=5,
+        split_seed=0,
+        train_subset=None,
+        stats_subset=30,
+        heldout_subset=None,
+        device=torch.device("cpu"),
+    )
     assert (len(with_val.train), len(with_val.heldout), len(with_val.test)) == (150, 50, 40)
     assert with_val.heldout.name == "val" and len(with_val.stats) == 30
     assert set(with_val.stats.indices) <= set(with_val.train.indices)
-    no_val = data.build_bundle(raw, val_per_class=0, split_seed=0, train_subset=60, stats_subset=30,
-                               heldout_subset=None, device=torch.device("cpu"))
+    no_val = data.build_bundle(
+        raw,
+        val_per_class=0,
+        split_seed=0,
+        train_subset=60,
+        stats_subset=30,
+        heldout_subset=None,
+        device=torch.device("cpu"),
+    )
     assert no_val.heldout.name == "test" and len(no_val.train) == 60
     assert np.all(np.bincount(no_val.train.labels.numpy()) == 6)  # stratified subset
 
@@ -239,8 +255,13 @@ def test_augmentation_keeps_shape_is_seeded_and_is_a_padded_crop_or_flip():
     padded = torch.nn.functional.pad(images, (4, 4, 4, 4))
     flipped = 0
     for i in range(len(images)):
-        candidates = [(dy, dx, f) for dy in range(9) for dx in range(9) for f in (False, True)
-                      if torch.equal(out[i], (lambda c: c.flip(2) if f else c)(padded[i, :, dy:dy + 32, dx:dx + 32]))]
+        candidates = [
+            (dy, dx, f)
+            for dy in range(9)
+            for dx in range(9)
+            for f in (False, True)
+            if torch.equal(out[i], (lambda c: c.flip(2) if f else c)(padded[i, :, dy : dy + 32, dx : dx + 32]))
+        ]
         assert candidates, f"image {i} is not a crop of its padded original"
         flipped += all(f for _, _, f in candidates)
     assert 6 < flipped < 26  # about half flipped
@@ -265,8 +286,15 @@ def test_real_cifar10_loads_with_paper_split(real_cifar10_dir, real_data_cache, 
     assert raw.train_images.shape == (50000, 3, 32, 32) and raw.test_images.shape == (10000, 3, 32, 32)
     assert raw.classes == data.CIFAR10_CLASSES
     assert np.all(np.bincount(raw.train_labels) == 5000)
-    bundle = data.build_bundle(raw, val_per_class=500, split_seed=0, train_subset=None, stats_subset=2000,
-                               heldout_subset=None, device=torch.device("cpu"))
+    bundle = data.build_bundle(
+        raw,
+        val_per_class=500,
+        split_seed=0,
+        train_subset=None,
+        stats_subset=2000,
+        heldout_subset=None,
+        device=torch.device("cpu"),
+    )
     assert (len(bundle.train), len(bundle.heldout), len(bundle.test)) == (45000, 5000, 10000)
 
 
@@ -276,6 +304,7 @@ def test_concurrent_first_extraction_keeps_the_folder_the_other_process_reads(tm
     import tarfile
 
     from robustlogits.core import data
+
     src = tmp_path / "src" / "train" / "cat"
     src.mkdir(parents=True)
     for i in range(3):

@@ -43,10 +43,19 @@ def test_distil_from_another_folder_after_the_data_moved(tmp_path, monkeypatch):
     another folder on a machine where the data lives elsewhere (found through ROBUSTLOGITS_DATA)."""
     write_cifar10_pickles(tmp_path / "project" / "data")
     monkeypatch.chdir(tmp_path / "project")
-    tiny = ["--preset", "test", "--set", "data.val_per_class=0", "--set", "optim.epochs=1",
-            "--set", "run.checkpoint_epochs=1"]
-    result = CliRunner().invoke(app, ["train", "--training", "adversarial", "--dataset", "cifar10",
-                                      "--data-dir", "data", *tiny])
+    tiny = [
+        "--preset",
+        "test",
+        "--set",
+        "data.val_per_class=0",
+        "--set",
+        "optim.epochs=1",
+        "--set",
+        "run.checkpoint_epochs=1",
+    ]
+    result = CliRunner().invoke(
+        app, ["train", "--training", "adversarial", "--dataset", "cifar10", "--data-dir", "data", *tiny]
+    )
     assert result.exit_code == 0, result.output
     run_id = re.search(r"run ([0-9a-f]{32}) finished", result.output).group(1)
     recorded = MlflowClient().get_run(run_id).data.params["data.data_dir"]

@@ -10,8 +10,9 @@ from robustlogits.core import device as dev
 from robustlogits.core.errors import UserError
 
 
-@pytest.mark.parametrize("setting, expected", [("true", True), ("false", False), (True, True), (False, False),
-                                               ("1", True), ("off", False)])
+@pytest.mark.parametrize(
+    "setting, expected", [("true", True), ("false", False), (True, True), (False, False), ("1", True), ("off", False)]
+)
 def test_forced_settings_win_over_the_hardware(setting, expected, monkeypatch):
     monkeypatch.setattr(dev, "bf16_is_native", lambda device: not expected)
     assert dev.resolve_amp(setting, torch.device("cpu")) is expected
@@ -24,8 +25,15 @@ def test_auto_follows_native_bf16(native, monkeypatch):
     assert dev.precision_name(native) == ("bf16-autocast" if native else "fp32")
 
 
-@pytest.mark.parametrize("flags, native", [("fpu avx2 fma", False), ("fpu avx512f avx512_bf16", True),
-                                          ("amx_bf16 amx_tile", True), ("avx512f avx512_vnni", False)])
+@pytest.mark.parametrize(
+    "flags, native",
+    [
+        ("fpu avx2 fma", False),
+        ("fpu avx512f avx512_bf16", True),
+        ("amx_bf16 amx_tile", True),
+        ("avx512f avx512_vnni", False),
+    ],
+)
 def test_cpuinfo_flags_decide_native_bf16(flags, native):
     assert dev.cpuinfo_has_native_bf16(f"processor : 0\nflags\t\t: {flags}\n") is native
 
@@ -69,6 +77,8 @@ def test_auto_trains_exactly_as_the_setting_it_resolves_to(native, forced, monke
         cfg.optim.epochs = 1
         cfg.run.checkpoint_epochs = (1,)
         run = client.get_run(run_training(cfg, progress=False))
-        histories[amp] = {k: v for k, v in run.data.metrics.items() if k not in ("epoch_seconds", "train_images_per_second")}
+        histories[amp] = {
+            k: v for k, v in run.data.metrics.items() if k not in ("epoch_seconds", "train_images_per_second")
+        }
         assert run.data.params["run.precision"] == dev.precision_name(native)
     assert histories["auto"] == histories[forced]

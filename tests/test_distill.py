@@ -51,8 +51,14 @@ def test_permute_k3_student_is_linked_attacked_and_listed(with_teachers):
     assert tags["manipulation"] == "permute" and tags["k"] == "3" and tags["loss"] == "l1"
     assert params["distill.manipulation"] == "permute" and params["distill.k"] == "3"
     assert params["data.val_per_class"] == "0" and params["data.dataset"] == "synthetic"
-    assert {"natural_accuracy", "adversarial_accuracy", "targets_teacher_error_rate",
-            "targets_frac_argmax_changed", "train_gap_mean", "test_max_logit_skew"} <= set(metrics)
+    assert {
+        "natural_accuracy",
+        "adversarial_accuracy",
+        "targets_teacher_error_rate",
+        "targets_frac_argmax_changed",
+        "train_gap_mean",
+        "test_max_logit_skew",
+    } <= set(metrics)
     assert metrics["adversarial_accuracy"] <= metrics["natural_accuracy"]
     assert metrics["targets_frac_argmax_changed"] == 0.0  # permute keeps the top class
     assert run.inputs.model_inputs, "the teacher model is an input of the student run"
@@ -70,7 +76,9 @@ def test_permute_k3_student_is_linked_attacked_and_listed(with_teachers):
     assert all(s.tags["teacher_name"] == AT for s in students_of(AT))
     # The closing line says what was built from what, and how it fared.
     assert f"from teacher {AT} version 2 (permute k=3)" in result.output
-    assert f"natural {metrics['natural_accuracy']:.4f}, adversarial {metrics['adversarial_accuracy']:.4f}" in result.output
+    assert (
+        f"natural {metrics['natural_accuracy']:.4f}, adversarial {metrics['adversarial_accuracy']:.4f}" in result.output
+    )
     # The teacher's side lists its students; the student's logged model holds its attack's metrics.
     assert f"{STUDENT}/{v.version} (permute k=3" in client.get_model_version(AT, "2").tags["students"]
     model = client.get_logged_model(logged_model_id(v))
@@ -145,8 +153,15 @@ def _has(name):
 
 def test_averaging_over_augmentations_reduces_target_noise_and_leaves_teacher_untouched():
     raw = make_synthetic(16, 2)
-    bundle = build_bundle(raw, val_per_class=0, split_seed=0, train_subset=None, stats_subset=8,
-                          heldout_subset=None, device=torch.device("cpu"))
+    bundle = build_bundle(
+        raw,
+        val_per_class=0,
+        split_seed=0,
+        train_subset=None,
+        stats_subset=8,
+        heldout_subset=None,
+        device=torch.device("cpu"),
+    )
     torch.manual_seed(0)
     teacher = build_model("cnn-tiny", 10, "synthetic")
     teacher.train()
@@ -167,10 +182,31 @@ def test_headline_mlflow_run_command(with_teachers):
     env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_EXPERIMENT_ID", "MLFLOW_RUN_ID")}
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"
     proc = subprocess.run(
-        [sys.executable, "-m", "mlflow", "run", str(REPO), "-e", "distill", "--env-manager", "local",
-         "-P", "manipulation=permute", "-P", "k=3", "-P", "preset=test",  # the product's own usage
-         "-P", "distill.teacher_logits_seed=123"],  # fresh teacher logits: a run of their own
-        env=env, capture_output=True, text=True, timeout=300, cwd=with_teachers["root"])
+        [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "run",
+            str(REPO),
+            "-e",
+            "distill",
+            "--env-manager",
+            "local",
+            "-P",
+            "manipulation=permute",
+            "-P",
+            "k=3",
+            "-P",
+            "preset=test",  # the product's own usage
+            "-P",
+            "distill.teacher_logits_seed=123",
+        ],  # fresh teacher logits: a run of their own
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=with_teachers["root"],
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     latest = max(runs("distill"), key=lambda r: r.info.start_time)
     assert latest.info.status == "FINISHED"
@@ -183,7 +219,11 @@ def test_headline_mlflow_run_command(with_teachers):
     assert latest.data.params["teacher_logits_reused"] == "False"
     logits_run = MlflowClient().get_run(latest.data.tags["teacher_logits_run"])
     assert logits_run.data.tags["robustlogits.job"] == "teacher-logits" and logits_run.info.status == "FINISHED"
-    launched = [r for r in runs() if "mlflow.project.entryPoint" in r.data.tags and r.info.start_time >= latest.info.start_time - 60_000]
+    launched = [
+        r
+        for r in runs()
+        if "mlflow.project.entryPoint" in r.data.tags and r.info.start_time >= latest.info.start_time - 60_000
+    ]
     assert [r.info.run_id for r in launched] == [latest.info.run_id]  # no empty launcher run left behind
     assert all(r.info.status != "RUNNING" for r in runs())
 

@@ -44,16 +44,25 @@ def postgres_url():
     if os.geteuid() == 0:
         shutil.chown(folder, "postgres", "postgres")
     data, port = folder / "data", free_port()
-    run = lambda *cmd: subprocess.run(as_postgres([str(PG_BIN / cmd[0]), *cmd[1:]]), check=True,  # noqa: E731
-                                      capture_output=True, text=True, timeout=120)
+
+    def run(*cmd):
+        return subprocess.run(
+            as_postgres([str(PG_BIN / cmd[0]), *cmd[1:]]), check=True, capture_output=True, text=True, timeout=120
+        )
+
     run("initdb", "-D", str(data), "-A", "trust", "-U", "robust")
-    run("pg_ctl", "-D", str(data), "-l", str(folder / "log"), "-w", "-o", f"-p {port} -k {folder} -h 127.0.0.1", "start")
+    run(
+        "pg_ctl", "-D", str(data), "-l", str(folder / "log"), "-w", "-o", f"-p {port} -k {folder} -h 127.0.0.1", "start"
+    )
     try:
         run("createdb", "-h", "127.0.0.1", "-p", str(port), "-U", "robust", "optuna")
         yield f"postgresql+psycopg2://robust:unused-password@127.0.0.1:{port}/optuna"
     finally:
-        subprocess.run(as_postgres([str(PG_BIN / "pg_ctl"), "-D", str(data), "-m", "fast", "-w", "stop"]),
-                       capture_output=True, timeout=120)
+        subprocess.run(
+            as_postgres([str(PG_BIN / "pg_ctl"), "-D", str(data), "-m", "fast", "-w", "stop"]),
+            capture_output=True,
+            timeout=120,
+        )
         shutil.rmtree(folder, ignore_errors=True)
 
 
@@ -61,10 +70,27 @@ def postgres_url():
 def mlflow_server(tmp_path):
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
-    proc = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-                             "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
-                             "--artifacts-destination", str(tmp_path / "server-artifacts"), "--workers", "1"],
-                            env=env, stdout=subprocess.DEVNULL, stderr=open(tmp_path / "server.log", "w"))
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--backend-store-uri",
+            f"sqlite:///{tmp_path / 'server.db'}",
+            "--artifacts-destination",
+            str(tmp_path / "server-artifacts"),
+            "--workers",
+            "1",
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=open(tmp_path / "server.log", "w"),
+    )
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 120
     while True:
@@ -101,18 +127,44 @@ def test_two_workers_on_postgres_and_an_mlflow_server(postgres_url, mlflow_serve
     cfg.run.training = "adversarial"
     run_training(cfg, progress=False)
     # The coordinator's side: plan, create the study on PostgreSQL, queue the grid once.
-    plan = sweep.plan(sweep.SweepConfig(teacher="synthetic-cnn-tiny-at", losses=["l1", "mse"],
-                                          teacher_epochs=["2"], preset="test", study="cluster"))
+    plan = sweep.plan(
+        sweep.SweepConfig(
+            teacher="synthetic-cnn-tiny-at", losses=["l1", "mse"], teacher_epochs=["2"], preset="test", study="cluster"
+        )
+    )
     study = study_engine.open_study(plan.name, postgres_url, plan.directions, plan.spec)
     assert study_engine.enqueue_items(study, plan.items) == 2
     # Two workers that know only the two URLs, started from an empty folder.
     (tmp_path / "node").mkdir()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "ROBUSTLOGITS_"))}
-    env |= {"MLFLOW_TRACKING_URI": mlflow_server, "OMP_NUM_THREADS": "1",
-            "PYTHONPATH": os.pathsep.join([str(REPO / "src"), env.get("PYTHONPATH", "")])}
-    workers = [subprocess.Popen([sys.executable, "-m", "robustlogits.cli", "sweep", "worker", "--study", "cluster",
-                                 "--storage", postgres_url, "--heartbeat", "2"], env=env, cwd=tmp_path / "node",
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for _ in range(2)]
+    env |= {
+        "MLFLOW_TRACKING_URI": mlflow_server,
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": os.pathsep.join([str(REPO / "src"), env.get("PYTHONPATH", "")]),
+    }
+    workers = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "robustlogits.cli",
+                "sweep",
+                "worker",
+                "--study",
+                "cluster",
+                "--storage",
+                postgres_url,
+                "--heartbeat",
+                "2",
+            ],
+            env=env,
+            cwd=tmp_path / "node",
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for _ in range(2)
+    ]
     outputs = [w.communicate(timeout=600)[0] for w in workers]
     assert [w.returncode for w in workers] == [0, 0], "\n".join(o[-2000:] for o in outputs)
     assert "unused-password" not in "".join(outputs)
@@ -123,8 +175,9 @@ def test_two_workers_on_postgres_and_an_mlflow_server(postgres_url, mlflow_serve
     parent = study.user_attrs["mlflow_parent_run_id"]
     client = MlflowClient()
     assert client.get_run(parent).data.params["study.storage"].count("***") == 1  # no password
-    runs = client.search_runs([client.get_run(parent).info.experiment_id],
-                              filter_string=f"tags.`mlflow.parentRunId` = '{parent}'")
+    runs = client.search_runs(
+        [client.get_run(parent).info.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent}'"
+    )
     assert len(runs) == 2 and all(r.info.status == "FINISHED" for r in runs)
     assert {t.user_attrs["mlflow_run_id"] for t in complete} == {r.info.run_id for r in runs}
     students = [v for v in client.search_model_versions("name='synthetic-cnn-tiny-student'")]

@@ -29,8 +29,9 @@ class ForeignNet(nn.Module):
 
     def __init__(self, num_classes: int = 10):
         super().__init__()
-        self.features = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
-                                      nn.AdaptiveAvgPool2d(2), nn.Flatten())
+        self.features = nn.Sequential(
+            nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten()
+        )
         self.head = nn.Linear(32, num_classes)
 
     def forward(self, x):
@@ -64,8 +65,22 @@ def test_state_dict_import_then_attack_distill_and_analyze(tmp_path):
     source = tiny()
     path = tmp_path / "weights.pt"
     torch.save({"epoch": 7, "state_dict": {f"module.{k}": v for k, v in source.net.state_dict().items()}}, path)
-    result = cli("--checkpoint", str(path), "--name", "ext-sd", "--arch", "cnn-tiny", "--dataset", "synthetic",
-                 "--normalization", NORM, "--alias", "teacher", "--check-images", "40")
+    result = cli(
+        "--checkpoint",
+        str(path),
+        "--name",
+        "ext-sd",
+        "--arch",
+        "cnn-tiny",
+        "--dataset",
+        "synthetic",
+        "--normalization",
+        NORM,
+        "--alias",
+        "teacher",
+        "--check-images",
+        "40",
+    )
     assert result.exit_code == 0, result.output
     assert "natural accuracy" in result.output and "format state_dict" in result.output
     mv = MlflowClient().get_model_version("ext-sd", "1")
@@ -90,8 +105,14 @@ def test_state_dict_import_then_attack_distill_and_analyze(tmp_path):
     assert student.data.tags["teacher_name"] == "ext-sd" and student.info.status == "FINISHED"
     gap = run_gap_job([attack_run], tmp_path / "gap", 4, None, track=False)
     assert gap["models"]
-    manifold = run_manifold_job(["models:/ext-sd@teacher"], ManifoldConfig(n_images=4, n_perturbations=4, n_features=20,
-                                pgd_steps=0), tmp_path / "manifold", track=False, device="cpu", progress=False)
+    manifold = run_manifold_job(
+        ["models:/ext-sd@teacher"],
+        ManifoldConfig(n_images=4, n_perturbations=4, n_features=20, pgd_steps=0),
+        tmp_path / "manifold",
+        track=False,
+        device="cpu",
+        progress=False,
+    )
     assert len(next(iter(manifold["models"].values()))["stage"]) == len(models.stage_names(source))
 
 
@@ -123,8 +144,17 @@ def test_pickled_module_needs_trust_and_loads_after_its_class_is_gone(tmp_path, 
     assert refused.exit_code == 2 and "--trust-pickle" in refused.output and "ForeignNet" in refused.output
     assert "ext-pickle" not in registered_names() and run_count() == 0
 
-    ok = cli("--checkpoint", str(path), "--name", "ext-pickle", "--dataset", "synthetic", "--trust-pickle",
-             "--check-images", "20")
+    ok = cli(
+        "--checkpoint",
+        str(path),
+        "--name",
+        "ext-pickle",
+        "--dataset",
+        "synthetic",
+        "--trust-pickle",
+        "--check-images",
+        "20",
+    )
     assert ok.exit_code == 0, ok.output
     monkeypatch.delattr(sys.modules[__name__], "ForeignNet")  # the stored graph does not need the class
     loaded = resolve_and_load("ext-pickle", version=1).model
@@ -138,8 +168,20 @@ def test_torchvision_architecture_by_name(tmp_path):
     net = torchvision.models.get_model("resnet18", weights=None, num_classes=10).eval()
     path = tmp_path / "tv.pth"
     torch.save(net.state_dict(), path)
-    result = cli("--checkpoint", str(path), "--name", "ext-tv", "--arch", "torchvision:resnet18",
-                 "--dataset", "synthetic", "--normalization", "cifar10", "--check-images", "20")
+    result = cli(
+        "--checkpoint",
+        str(path),
+        "--name",
+        "ext-tv",
+        "--arch",
+        "torchvision:resnet18",
+        "--dataset",
+        "synthetic",
+        "--normalization",
+        "cifar10",
+        "--check-images",
+        "20",
+    )
     assert result.exit_code == 0, result.output
     loaded = resolve_and_load("ext-tv", version=1).model
     assert loaded.arch == "torchvision:resnet18" and "layer4" in loaded.stages
@@ -164,16 +206,27 @@ def test_robustbench_model_already_on_disk(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "robustbench", package)
     monkeypatch.setitem(sys.modules, "robustbench.utils", utils)
 
-    missing = cli("--robustbench", "Someone2024Robust", "--model-dir", str(tmp_path), "--name", "rb",
-                  "--dataset", "synthetic")
+    missing = cli(
+        "--robustbench", "Someone2024Robust", "--model-dir", str(tmp_path), "--name", "rb", "--dataset", "synthetic"
+    )
     assert missing.exit_code == 2 and "not found" in missing.output and not calls
 
     folder = tmp_path / "synthetic" / "Linf"
     folder.mkdir(parents=True)
     net = ForeignNet().eval()
     torch.save(net.state_dict(), folder / "Someone2024Robust.pt")
-    ok = cli("--robustbench", "Someone2024Robust", "--model-dir", str(tmp_path), "--name", "rb",
-             "--dataset", "synthetic", "--check-images", "20")
+    ok = cli(
+        "--robustbench",
+        "Someone2024Robust",
+        "--model-dir",
+        str(tmp_path),
+        "--name",
+        "rb",
+        "--dataset",
+        "synthetic",
+        "--check-images",
+        "20",
+    )
     assert ok.exit_code == 0, ok.output
     assert calls == [("Someone2024Robust", str(tmp_path), "synthetic", "Linf")]
     mv = MlflowClient().get_model_version("rb", "1")
@@ -182,19 +235,34 @@ def test_robustbench_model_already_on_disk(tmp_path, monkeypatch):
     torch.testing.assert_close(resolve_and_load("rb", version=1).model(x), net(x), rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("make,args,message", [
-    (None, ["--arch", "cnn-tiny"], "does not exist"),
-    (lambda p: torch.save(models.build_model("resnet20", 10).net.state_dict(), p), ["--arch", "cnn-tiny"],
-     "missing keys"),
-    (lambda p: torch.save(models.build_model("cnn-tiny", 10).net.state_dict(), p), [], "pass --arch"),
-    (lambda p: torch.save(models.build_model("cnn-tiny", 10).net.state_dict(), p),
-     ["--arch", "cnn-tiny", "--normalization", "imagenet"], "unknown normalisation"),
-    (lambda p: torch.save(models.build_model("cnn-tiny", 5).net.state_dict(), p), ["--arch", "cnn-tiny"],
-     "shape mismatches"),
-    (lambda p: torch.jit.save(torch.jit.trace(WrongShape(), torch.rand(2, 3, 32, 32)), str(p)), [],
-     "expected \\[N, C\\]"),
-    (lambda p: p.write_text("not a checkpoint"), ["--arch", "cnn-tiny"], "cannot read"),
-])
+@pytest.mark.parametrize(
+    "make,args,message",
+    [
+        (None, ["--arch", "cnn-tiny"], "does not exist"),
+        (
+            lambda p: torch.save(models.build_model("resnet20", 10).net.state_dict(), p),
+            ["--arch", "cnn-tiny"],
+            "missing keys",
+        ),
+        (lambda p: torch.save(models.build_model("cnn-tiny", 10).net.state_dict(), p), [], "pass --arch"),
+        (
+            lambda p: torch.save(models.build_model("cnn-tiny", 10).net.state_dict(), p),
+            ["--arch", "cnn-tiny", "--normalization", "imagenet"],
+            "unknown normalisation",
+        ),
+        (
+            lambda p: torch.save(models.build_model("cnn-tiny", 5).net.state_dict(), p),
+            ["--arch", "cnn-tiny"],
+            "shape mismatches",
+        ),
+        (
+            lambda p: torch.jit.save(torch.jit.trace(WrongShape(), torch.rand(2, 3, 32, 32)), str(p)),
+            [],
+            "expected \\[N, C\\]",
+        ),
+        (lambda p: p.write_text("not a checkpoint"), ["--arch", "cnn-tiny"], "cannot read"),
+    ],
+)
 def test_bad_input_is_one_line_exit_2_and_registers_nothing(tmp_path, make, args, message):
     path = tmp_path / "ckpt.pt"
     if make:

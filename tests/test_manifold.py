@@ -61,7 +61,7 @@ def spheres(R, D, M, P=4, N=48, seed=0):
     X = np.zeros((P, N, M))
     for p in range(P):
         c = (1 if p % 2 == 0 else -1) * Q[:, p // 2]
-        basis = Q[:, P // 2 + p * D: P // 2 + (p + 1) * D]
+        basis = Q[:, P // 2 + p * D : P // 2 + (p + 1) * D]
         X[p] = c[:, None] + R * basis @ pts.T
     return X
 

@@ -135,9 +135,7 @@ def test_correct_fix_label_inside_and_outside_topk():
 
 
 def test_correct_fix_with_ties_still_makes_label_unique_argmax():
-    t = torch.tensor(
-        [[2.0, 2.0, 2.0, 2.0], [5.0, 5.0, 1.0, 0.0], [1.0, 5.0, 5.0, 0.0], [3.0, 3.0, 3.0, 9.0]]
-    )
+    t = torch.tensor([[2.0, 2.0, 2.0, 2.0], [5.0, 5.0, 1.0, 0.0], [1.0, 5.0, 5.0, 0.0], [3.0, 3.0, 3.0, 9.0]])
     lab = torch.tensor([3, 1, 2, 0])
     for mode in ("permute", "average"):
         for k in (1, 2, 4):

@@ -34,8 +34,9 @@ def legacy_logged(model: nn.Module, register: str):
     """What `log_torch_model` wrote before the spec format: a pickled eager module."""
     tracking.check_store("robustlogits")
     with mlflow.start_run():
-        info = mlflow.pytorch.log_model(model.eval(), name="legacy", serialization_format="pickle",
-                                        pip_requirements=["torch"])
+        info = mlflow.pytorch.log_model(
+            model.eval(), name="legacy", serialization_format="pickle", pip_requirements=["torch"]
+        )
     tracking.register_version(info.model_uri, register, {"dataset": "synthetic"})
     return info
 
@@ -55,7 +56,9 @@ def test_model_is_stored_as_spec_and_weights_and_rebuilt_from_them():
     model = trained_like("cnn-tiny")
     info = logged(model)
     folder = mlflow.artifacts.download_artifacts(artifact_uri=info.model_uri)
-    spec = model_format.ArchitectureSpec.from_json(open(os.path.join(folder, "extra_files", model_format.SPEC_FILE)).read())
+    spec = model_format.ArchitectureSpec.from_json(
+        open(os.path.join(folder, "extra_files", model_format.SPEC_FILE)).read()
+    )
     assert (spec.builder, spec.arch, spec.num_classes) == ("factory", "cnn-tiny", 10)
     assert spec.mean == pytest.approx([0.5] * 3) and spec.weights_sha256
     # The weights are a plain state dict: the restricted unpickler reads them.
@@ -86,9 +89,14 @@ def test_stored_model_loads_after_its_class_is_renamed(monkeypatch):
     renamed = type("ResNetForCifar", (models.CifarResNet,), {"__module__": "robustlogits.core.models"})
     monkeypatch.delattr(models, "CifarResNet")
     monkeypatch.setattr(models, "ResNetForCifar", renamed, raising=False)
-    monkeypatch.setitem(models.ARCHS, "resnet20", lambda c: (renamed((3, 3, 3), (16, 32, 64), c),
-                                                             {"stem": "stem", "layer1": "layers.0",
-                                                              "layer2": "layers.1", "layer3": "layers.2"}))
+    monkeypatch.setitem(
+        models.ARCHS,
+        "resnet20",
+        lambda c: (
+            renamed((3, 3, 3), (16, 32, 64), c),
+            {"stem": "stem", "layer1": "layers.0", "layer2": "layers.1", "layer3": "layers.2"},
+        ),
+    )
     loaded = resolve_and_load("renamed-new", version=1).model
     assert type(loaded.net).__name__ == "ResNetForCifar"
     torch.testing.assert_close(loaded(X), expected)

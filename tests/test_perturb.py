@@ -21,7 +21,9 @@ def model_and_batch():
     return model, x, y
 
 
-@pytest.mark.parametrize("attack", [LinfPGD(EPS, 2 / 255, 10), LinfPGD.fgsm(EPS), LinfPGD(EPS, 2 / 255, 5, random_start=False)])
+@pytest.mark.parametrize(
+    "attack", [LinfPGD(EPS, 2 / 255, 10), LinfPGD.fgsm(EPS), LinfPGD(EPS, 2 / 255, 5, random_start=False)]
+)
 def test_attack_stays_in_eps_ball_and_pixel_range(model_and_batch, attack):
     model, x, y = model_and_batch
     x_adv = attack(model, x, y, torch.Generator().manual_seed(0))

@@ -42,8 +42,10 @@ def all_versions() -> list:
 
 def trial_count(root: Path) -> int:
     storage = f"sqlite:///{root / 'optuna.db'}"
-    return sum(len(optuna.load_study(study_name=s.study_name, storage=storage).trials)
-               for s in optuna.get_all_study_summaries(storage))
+    return sum(
+        len(optuna.load_study(study_name=s.study_name, storage=storage).trials)
+        for s in optuna.get_all_study_summaries(storage)
+    )
 
 
 # ----------------------------------------------------------------------------- the plan
@@ -53,9 +55,17 @@ def test_plan_covers_the_study_and_keys_follow_config_and_inputs():
     sc = scale("smoke")
     steps = build_plan(sc, 2, {"cifar10": "digest-a"}, None)
     names = {s.name for s in steps}
-    assert {"train/cifar10/at/s1", "attack/cifar10/st/s0", "distill/cifar10/s1/permute-k7",
-            "distill/cifar10/s0/average-k3", "distill/cifar10/s0/correct-fix-1", "distill/cifar10/s1/hybrid",
-            "sweep/cifar10/s0/e1-kl", "analyze/cifar10/manifold", "analyze/cifar10/overlap"} <= names
+    assert {
+        "train/cifar10/at/s1",
+        "attack/cifar10/st/s0",
+        "distill/cifar10/s1/permute-k7",
+        "distill/cifar10/s0/average-k3",
+        "distill/cifar10/s0/correct-fix-1",
+        "distill/cifar10/s1/hybrid",
+        "sweep/cifar10/s0/e1-kl",
+        "analyze/cifar10/manifold",
+        "analyze/cifar10/overlap",
+    } <= names
     assert {s.group for s in steps} == set(GROUPS)
     # 2 seeds x (2 teachers + 2 attacks + normal + 3 permute + 3 average + correct-fix + hybrid)
     assert sum(s.group in ("train", "attack", "distill") for s in steps) == 2 * (4 + 9)
@@ -81,14 +91,17 @@ def test_steps_selected_by_only_and_skip():
         select_groups(["train"], ["train"])
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--scale", "huge"], "unknown scale 'huge'"),
-    (["--scale", "test", "--seeds", "0"], "--seeds must be >= 1"),
-    (["--scale", "test", "--only", "training"], "unknown step 'training'"),
-    (["--scale", "test", "--only", "distill"], "needs train/synthetic/at/s0"),
-    (["--scale", "test", "--storage", "sqlite:////nonexistent/dir/optuna.db"], "not reachable"),
-    (["--scale", "smoke", "--data-dir", "{empty}"], "no cifar10 data found"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--scale", "huge"], "unknown scale 'huge'"),
+        (["--scale", "test", "--seeds", "0"], "--seeds must be >= 1"),
+        (["--scale", "test", "--only", "training"], "unknown step 'training'"),
+        (["--scale", "test", "--only", "distill"], "needs train/synthetic/at/s0"),
+        (["--scale", "test", "--storage", "sqlite:////nonexistent/dir/optuna.db"], "not reachable"),
+        (["--scale", "smoke", "--data-dir", "{empty}"], "no cifar10 data found"),
+    ],
+)
 def test_bad_input_is_one_line_and_writes_nothing(args, message, tmp_path):
     (tmp_path / "empty").mkdir()
     args = [a.replace("{empty}", str(tmp_path / "empty")) for a in args]
@@ -111,11 +124,20 @@ def test_verdict_rules_decide_from_the_numbers():
     def student(adv, nat=0.5):
         return [{"adversarial": adv, "natural": nat, "run": "r"}]
 
-    results = {"students": {"normal": student(0.30), "permute-k3": student(0.24), "permute-k7": student(0.29),
-                            "permute-k1": student(0.13, 0.6), "correct-fix-1": student(0.01, 0.9),
-                            "hybrid": student(0.0)},
-               "teachers": {"st": [{"adversarial": 0.0, "max_logit_mean": 5.0, "train_run": "t", "run": "a"}],
-                            "at": [{"adversarial": 0.4, "max_logit_mean": float("nan"), "train_run": "t", "run": "a"}]}}
+    results = {
+        "students": {
+            "normal": student(0.30),
+            "permute-k3": student(0.24),
+            "permute-k7": student(0.29),
+            "permute-k1": student(0.13, 0.6),
+            "correct-fix-1": student(0.01, 0.9),
+            "hybrid": student(0.0),
+        },
+        "teachers": {
+            "st": [{"adversarial": 0.0, "max_logit_mean": 5.0, "train_run": "t", "run": "a"}],
+            "at": [{"adversarial": 0.4, "max_logit_mean": float("nan"), "train_run": "t", "run": "a"}],
+        },
+    }
     verdicts = {c.id: o for c, o in judge_all(results)}
     assert verdicts["top3"].verdict == "held" and np.isclose(verdicts["top3"].numbers["ratio"], 0.8)
     assert verdicts["top7"].verdict == "not held"  # 0.29 / 0.30 < 0.99
@@ -135,8 +157,12 @@ def study(tmp_path_factory):
     """The `test` scale end to end (2 seeds, synthetic data), once for this module's tests."""
     root = tmp_path_factory.mktemp("study")
     mp = pytest.MonkeyPatch()
-    env = {"MLFLOW_ALLOW_FILE_STORE": "true", "MLFLOW_TRACKING_URI": (root / "mlruns").as_uri(),
-           "ROBUSTLOGITS_CACHE": str(root / "cache"), "ROBUSTLOGITS_NO_DOWNLOAD": "1"}
+    env = {
+        "MLFLOW_ALLOW_FILE_STORE": "true",
+        "MLFLOW_TRACKING_URI": (root / "mlruns").as_uri(),
+        "ROBUSTLOGITS_CACHE": str(root / "cache"),
+        "ROBUSTLOGITS_NO_DOWNLOAD": "1",
+    }
     for key, value in env.items():
         mp.setenv(key, value)
     mp.chdir(root)
@@ -172,8 +198,9 @@ def test_every_step_has_one_finished_run_nested_under_the_study(in_study):
     for r in [v[0] for v in keyed.values()]:  # step run -> stage study run -> the reproduce run
         stage = by_id[r.data.tags["mlflow.parentRunId"]]
         assert stage.data.tags["mlflow.parentRunId"] == parent
-    assert by_id[parent].data.metrics["claims_held"] + by_id[parent].data.metrics["claims_not_held"] + \
-        by_id[parent].data.metrics["claims_not_measured"] == len(CLAIMS)
+    assert by_id[parent].data.metrics["claims_held"] + by_id[parent].data.metrics["claims_not_held"] + by_id[
+        parent
+    ].data.metrics["claims_not_measured"] == len(CLAIMS)
     artifacts = {f.path for f in MlflowClient().list_artifacts(parent, "report")}
     assert {"report/index.html", "report/report.md", "report/figures"} <= artifacts
 
@@ -223,15 +250,30 @@ def test_report_numbers_equal_the_runs(in_study):
         values = [metric(f"distill/synthetic/s{seed}/{label}", "adversarial_accuracy") for seed in (0, 1)]
         assert table2[shown][2] == pct(*mean_std(values))
         assert f"| {shown} | " in markdown and pct(*mean_std(values)) in markdown
-    assert len(re.findall(r'<tr data-claim=', html)) == len(CLAIMS)
+    assert len(re.findall(r"<tr data-claim=", html)) == len(CLAIMS)
 
 
-@pytest.mark.skipif(shutil.which("chromium") is None, reason="headless Chromium (Debian package chromium) not installed")
+@pytest.mark.skipif(
+    shutil.which("chromium") is None, reason="headless Chromium (Debian package chromium) not installed"
+)
 def test_report_renders_in_chromium_with_every_image(in_study, tmp_path):
     page = Path(in_study["opts"].out) / "report" / "index.html"
-    out = subprocess.run(["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--allow-file-access-from-files",
-                          f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=10000", "--dump-dom",
-                          page.as_uri()], capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [
+            "chromium",
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--allow-file-access-from-files",
+            f"--user-data-dir={tmp_path / 'profile'}",
+            "--virtual-time-budget=10000",
+            "--dump-dom",
+            page.as_uri(),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     dom = out.stdout
     loaded = re.search(r'data-images-loaded="(\d+)/(\d+)"', dom)
     assert loaded, f"the page's load script did not run: {out.stderr[-2000:]}"
@@ -247,13 +289,30 @@ def test_report_renders_in_chromium_with_every_image(in_study, tmp_path):
 
 def test_killed_between_steps_resumes_without_duplicates(tmp_path):
     env = os.environ | {"PYTHONPATH": os.pathsep.join([str(REPO / "src"), str(REPO)]), "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "robustlogits.cli", "reproduce", "--scale", "test", "--seeds", "1",
-               "--only", "train,attack", "--heartbeat", "1", "--out", str(tmp_path / "out")]
-    proc = subprocess.Popen(command, env=env, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            start_new_session=True)
+    command = [
+        sys.executable,
+        "-m",
+        "robustlogits.cli",
+        "reproduce",
+        "--scale",
+        "test",
+        "--seeds",
+        "1",
+        "--only",
+        "train,attack",
+        "--heartbeat",
+        "1",
+        "--out",
+        str(tmp_path / "out"),
+    ]
+    proc = subprocess.Popen(
+        command, env=env, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True
+    )
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and proc.poll() is None:
-        finished = [r for r in all_runs() if r.info.status == "FINISHED" and r.data.tags.get("robustlogits.job") == "train"]
+        finished = [
+            r for r in all_runs() if r.info.status == "FINISHED" and r.data.tags.get("robustlogits.job") == "train"
+        ]
         if finished:
             break
         time.sleep(0.5)
@@ -265,8 +324,13 @@ def test_killed_between_steps_resumes_without_duplicates(tmp_path):
     result = subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     runs = all_runs()
-    keys = [r.data.tags[tracking.KEY_TAG] for r in runs if r.info.status == "FINISHED"
-            and tracking.KEY_TAG in r.data.tags and r.data.tags.get("robustlogits.job") in ("train", "attack")]
+    keys = [
+        r.data.tags[tracking.KEY_TAG]
+        for r in runs
+        if r.info.status == "FINISHED"
+        and tracking.KEY_TAG in r.data.tags
+        and r.data.tags.get("robustlogits.job") in ("train", "attack")
+    ]
     assert len(keys) == 4 and len(set(keys)) == 4  # 2 teachers + 2 attacks, each once
     assert not [r for r in runs if r.info.status == "RUNNING"]
     for r in runs:  # a run that finished before the kill is the one the study used, untouched

@@ -24,8 +24,14 @@ SPACE = {"x": {"choices": [1, 2]}, "y": {"choices": ["a", "b"]}}
 
 
 def spec(**extra):
-    return {"task": "square", "module": "tests.engine_tasks", "kind": "test-study", "sampler": "grid",
-            "space": SPACE, "objectives": ["score"]} | extra
+    return {
+        "task": "square",
+        "module": "tests.engine_tasks",
+        "kind": "test-study",
+        "sampler": "grid",
+        "space": SPACE,
+        "objectives": ["score"],
+    } | extra
 
 
 def all_runs():
@@ -44,9 +50,12 @@ def start(tmp_path, name="s", **extra):
 
 
 def test_grid_items_drop_inactive_conditional_dimensions():
-    space = {"manipulation": {"choices": ["none", "permute"]},
-             "k": {"choices": [1, 3], "when": {"manipulation": ["permute"]}},
-             "loss": {"choices": ["l1", "kl"]}, "temperature": {"choices": [1, 4], "when": {"loss": ["kl"]}}}
+    space = {
+        "manipulation": {"choices": ["none", "permute"]},
+        "k": {"choices": [1, 3], "when": {"manipulation": ["permute"]}},
+        "loss": {"choices": ["l1", "kl"]},
+        "temperature": {"choices": [1, 4], "when": {"loss": ["kl"]}},
+    }
     items = se.grid_items(space)
     assert len(items) == (1 + 2) * (1 + 2)
     assert {"manipulation": "none", "loss": "l1"} in items
@@ -85,8 +94,9 @@ def test_items_run_once_nested_under_one_parent_and_resume_adds_nothing(tmp_path
 
 
 def test_failed_trials_are_summarised_and_retried_on_the_next_run(tmp_path):
-    study = se.open_study("f", storage_url(tmp_path), ["maximize"],
-                          spec(space={"x": {"choices": [3]}, "y": {"choices": ["a", "fail"]}}))
+    study = se.open_study(
+        "f", storage_url(tmp_path), ["maximize"], spec(space={"x": {"choices": [3]}, "y": {"choices": ["a", "fail"]}})
+    )
     se.enqueue_items(study, se.grid_items({"x": {"choices": [3]}, "y": {"choices": ["a", "fail"]}}))
     status = se.run_workers("f", storage_url(tmp_path), 1, heartbeat=1)
     assert not status.done and status.complete == 1 and len(status.failed) == 1
@@ -119,11 +129,26 @@ def test_two_worker_processes_and_a_worker_killed_mid_trial(tmp_path, monkeypatc
     monkeypatch.setenv("SQUARE_SLEEP", "2")
     study, _ = start(tmp_path)
     url = storage_url(tmp_path)
-    victim = subprocess.Popen([sys.executable, "-m", "robustlogits.cli", "sweep", "worker", "--study", "s",
-                               "--storage", url, "--heartbeat", "1"], env=os.environ.copy())
+    victim = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "robustlogits.cli",
+            "sweep",
+            "worker",
+            "--study",
+            "s",
+            "--storage",
+            url,
+            "--heartbeat",
+            "1",
+        ],
+        env=os.environ.copy(),
+    )
     deadline = time.monotonic() + 120
-    while not any(t.state == optuna.trial.TrialState.RUNNING and "mlflow_run_id" in t.user_attrs
-                  for t in study.get_trials()):
+    while not any(
+        t.state == optuna.trial.TrialState.RUNNING and "mlflow_run_id" in t.user_attrs for t in study.get_trials()
+    ):
         assert time.monotonic() < deadline and victim.poll() is None
         time.sleep(0.2)
     victim.send_signal(signal.SIGKILL)
@@ -145,12 +170,28 @@ def test_ctrl_c_fails_the_trial_and_its_run_and_leaves_a_resumable_study(tmp_pat
     monkeypatch.setenv("SQUARE_SLEEP", "3")
     study, _ = start(tmp_path)
     url = storage_url(tmp_path)
-    worker = subprocess.Popen([sys.executable, "-m", "robustlogits.cli", "sweep", "worker", "--study", "s",
-                               "--storage", url, "--heartbeat", "1"], env=os.environ.copy(),
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    worker = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "robustlogits.cli",
+            "sweep",
+            "worker",
+            "--study",
+            "s",
+            "--storage",
+            url,
+            "--heartbeat",
+            "1",
+        ],
+        env=os.environ.copy(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.monotonic() + 120
-    while not any(t.state == optuna.trial.TrialState.RUNNING and "mlflow_run_id" in t.user_attrs
-                  for t in study.get_trials()):
+    while not any(
+        t.state == optuna.trial.TrialState.RUNNING and "mlflow_run_id" in t.user_attrs for t in study.get_trials()
+    ):
         assert time.monotonic() < deadline and worker.poll() is None
         time.sleep(0.2)
     worker.send_signal(signal.SIGINT)

@@ -66,8 +66,12 @@ def test_grid_runs_every_point_once_survives_a_killed_worker_and_resumes(store, 
     url = f"sqlite:///{tmp_path / 'optuna.db'}"
     args = [*GRID, "--study", "grid", "--storage", url]
     # The coordinator (with its one in-process worker) is killed with SIGKILL mid-trial ...
-    proc = subprocess.Popen([sys.executable, "-m", "robustlogits.cli", "sweep", *args], env=os.environ.copy(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "robustlogits.cli", "sweep", *args],
+        env=os.environ.copy(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.monotonic() + 300
     while True:
         assert proc.poll() is None and time.monotonic() < deadline, "the sweep ended before it could be killed"
@@ -88,7 +92,12 @@ def test_grid_runs_every_point_once_survives_a_killed_worker_and_resumes(store, 
     trials = study.get_trials()
     complete = [t for t in trials if t.state == TrialState.COMPLETE]
     assert len(complete) == 4
-    assert {(t.params["teacher_epoch"], t.params["loss"]) for t in complete} == {(1, "l1"), (1, "kl"), (2, "l1"), (2, "kl")}
+    assert {(t.params["teacher_epoch"], t.params["loss"]) for t in complete} == {
+        (1, "l1"),
+        (1, "kl"),
+        (2, "l1"),
+        (2, "kl"),
+    }
     assert [t.state for t in trials if t.state != TrialState.COMPLETE] == [TrialState.FAIL]
     parent = study.user_attrs["mlflow_parent_run_id"]
     client = MlflowClient()
@@ -101,10 +110,16 @@ def test_grid_runs_every_point_once_survives_a_killed_worker_and_resumes(store, 
     assert all({"trial.teacher_epoch", "trial.loss", "optuna.trial_number"} <= set(r.data.params) for r in finished)
     assert all("adversarial_accuracy" in r.data.metrics for r in finished)
     # Four students, registered with their lineage, one per finished child.
-    students = [v for v in client.search_model_versions(f"name='{STUDENT}'") if v.run_id in {r.info.run_id for r in finished}]
+    students = [
+        v for v in client.search_model_versions(f"name='{STUDENT}'") if v.run_id in {r.info.run_id for r in finished}
+    ]
     assert len(students) == 4
-    assert {(v.tags["teacher_name"], v.tags["teacher_version"], v.tags["loss"]) for v in students} == \
-        {(TEACHER, "1", "l1"), (TEACHER, "1", "kl"), (TEACHER, "2", "l1"), (TEACHER, "2", "kl")}
+    assert {(v.tags["teacher_name"], v.tags["teacher_version"], v.tags["loss"]) for v in students} == {
+        (TEACHER, "1", "l1"),
+        (TEACHER, "1", "kl"),
+        (TEACHER, "2", "l1"),
+        (TEACHER, "2", "kl"),
+    }
     # The parent: its params, figures, table; the best student carries the alias.
     p = client.get_run(parent)
     assert p.info.status == "FINISHED" and p.data.params["study.sampler"] == "grid"
@@ -112,8 +127,9 @@ def test_grid_runs_every_point_once_survives_a_killed_worker_and_resumes(store, 
     files = {f.path for f in client.list_artifacts(parent, "figures")}
     assert {"figures/fig_a6_teacher_epoch.png", "figures/fig_a7_loss.png"} <= files
     table = Path(client.download_artifacts(parent, "trials.csv", str(tmp_path))).read_text().splitlines()
-    assert len(table) == 1 + 5 and all(s.split("/")[1] in "".join(table) for s in
-                                       (f"{v.name}/{v.version}" for v in students))
+    assert len(table) == 1 + 5 and all(
+        s.split("/")[1] in "".join(table) for s in (f"{v.name}/{v.version}" for v in students)
+    )
     best = client.get_model_version_by_alias(STUDENT, "best-grid")
     assert best.run_id == complete[max(range(4), key=lambda i: complete[i].value)].user_attrs["mlflow_run_id"]
     # Again: nothing queued, nothing run, no new runs.
@@ -126,8 +142,19 @@ def test_grid_runs_every_point_once_survives_a_killed_worker_and_resumes(store, 
 
 def test_two_objectives_with_tpe_give_a_pareto_front(store, tmp_path):
     url = f"sqlite:///{tmp_path / 'optuna.db'}"
-    result = invoke(*GRID, "--sampler", "tpe", "--n-trials", "2", "--objective", "natural,adversarial",
-                    "--study", "pareto", "--storage", url)
+    result = invoke(
+        *GRID,
+        "--sampler",
+        "tpe",
+        "--n-trials",
+        "2",
+        "--objective",
+        "natural,adversarial",
+        "--study",
+        "pareto",
+        "--storage",
+        url,
+    )
     assert result.exit_code == 0, result.output
     study = optuna.load_study(study_name="pareto", storage=url)
     assert len(study.directions) == 2
@@ -162,8 +189,17 @@ BAD = [
 @pytest.mark.parametrize("args,message", BAD, ids=[m[:30] for _, m in BAD])
 def test_bad_input_exits_2_before_any_run_or_trial(store, tmp_path, args, message):
     before = {r.info.run_id for r in all_runs()}
-    result = invoke("--teacher", TEACHER, "--losses", "l1", "--preset", "test",
-                    "--storage", f"sqlite:///{tmp_path / 'optuna.db'}", *args)
+    result = invoke(
+        "--teacher",
+        TEACHER,
+        "--losses",
+        "l1",
+        "--preset",
+        "test",
+        "--storage",
+        f"sqlite:///{tmp_path / 'optuna.db'}",
+        *args,
+    )
     assert result.exit_code == 2, result.output
     assert message in result.output and "Traceback" not in result.output and "hunter2" not in result.output
     assert {r.info.run_id for r in all_runs()} == before
@@ -187,10 +223,35 @@ def test_mlflow_run_sweep_entry_point(store, tmp_path):
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"
     url = f"sqlite:///{tmp_path / 'optuna.db'}"
     proc = subprocess.run(
-        [sys.executable, "-m", "mlflow", "run", str(REPO), "-e", "sweep", "--env-manager", "local",
-         "-P", f"teacher={TEACHER}", "-P", "teacher_epochs=2", "-P", "losses=l1", "-P", "preset=test",
-         "-P", f"storage={url}", "-P", "study=launched"],
-        env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+        [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "run",
+            str(REPO),
+            "-e",
+            "sweep",
+            "--env-manager",
+            "local",
+            "-P",
+            f"teacher={TEACHER}",
+            "-P",
+            "teacher_epochs=2",
+            "-P",
+            "losses=l1",
+            "-P",
+            "preset=test",
+            "-P",
+            f"storage={url}",
+            "-P",
+            "study=launched",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     study = optuna.load_study(study_name="launched", storage=url)
     parent = MlflowClient().get_run(study.user_attrs["mlflow_parent_run_id"])

@@ -33,6 +33,7 @@ def _permute(z: np.ndarray, label: int, rng) -> tuple[np.ndarray, int, int]:
 
 # ----------------------------------------------------------------------------- expansion (3)
 
+
 @pytest.mark.parametrize("n_classes,label", [(3, 0), (10, 0), (10, 1), (100, 1)])
 def test_truncated_loss_is_a_third_order_expansion(n_classes, label):
     """Error of (3) against the exact loss must shrink like t^4 (t^3 if the cubic were wrong)."""
@@ -58,10 +59,15 @@ def test_analytic_gradient_and_hessian_match_finite_differences():
     grad = T.truncated_gradient(v, beta, label)
     hess = T.truncated_hessian(v, beta)
     eye = np.eye(c)
-    fd_grad = np.array([(T.truncated_loss(v + h * e, beta, label)
-                         - T.truncated_loss(v - h * e, beta, label)) / (2 * h) for e in eye])
-    fd_hess = np.array([(T.truncated_gradient(v + h * e, beta, label)
-                         - T.truncated_gradient(v - h * e, beta, label)) / (2 * h) for e in eye])
+    fd_grad = np.array(
+        [(T.truncated_loss(v + h * e, beta, label) - T.truncated_loss(v - h * e, beta, label)) / (2 * h) for e in eye]
+    )
+    fd_hess = np.array(
+        [
+            (T.truncated_gradient(v + h * e, beta, label) - T.truncated_gradient(v - h * e, beta, label)) / (2 * h)
+            for e in eye
+        ]
+    )
     np.testing.assert_allclose(grad, fd_grad, atol=1e-8)
     np.testing.assert_allclose(hess, fd_hess, atol=1e-8)
     u = rng.normal(size=(c, 3))
@@ -69,6 +75,7 @@ def test_analytic_gradient_and_hessian_match_finite_differences():
 
 
 # ----------------------------------------------------------------------------- stationary points
+
 
 @pytest.mark.parametrize("n_classes", [3, 10, 100])
 def test_closed_forms_agree_with_numerical_search(n_classes):
@@ -126,9 +133,13 @@ def test_minimising_the_truncated_loss_recovers_f_plus():
     rng = np.random.default_rng(1)
     f_plus = T.f_branches(beta, c)[0][()]
     start = f_plus + 0.3 * rng.normal(size=c - 1)
-    res = optimize.minimize(lambda w: T.truncated_loss(np.r_[0.0, w], beta, 0), start,
-                            jac=lambda w: T.truncated_gradient(np.r_[0.0, w], beta, 0)[1:],
-                            method="BFGS", options={"gtol": 1e-12})
+    res = optimize.minimize(
+        lambda w: T.truncated_loss(np.r_[0.0, w], beta, 0),
+        start,
+        jac=lambda w: T.truncated_gradient(np.r_[0.0, w], beta, 0)[1:],
+        method="BFGS",
+        options={"gtol": 1e-12},
+    )
     np.testing.assert_allclose(res.x, f_plus, atol=1e-6)
 
 
@@ -143,6 +154,7 @@ def test_kind_of_stationary_point():
 
 
 # ----------------------------------------------------------------------------- admissibility
+
 
 def test_thresholds_follow_the_derived_class_dependence():
     thresholds = []
@@ -159,16 +171,17 @@ def test_thresholds_follow_the_derived_class_dependence():
     assert np.all(np.diff(thresholds) > 0)
     # boundaries that are not poles: the finite '-' root meets beta; psi = 0 needs beta > 0
     c = 10
-    (lo, hi), = T.admissible_intervals(lambda b: T.wrong_admissible(b, c, "-"))
+    ((lo, hi),) = T.admissible_intervals(lambda b: T.wrong_admissible(b, c, "-"))
     assert abs(lo - math.log(c - 3)) < 1e-8  # psi_- pole
     g_hi, psi_hi = T.g_psi(hi, c, "-")
     assert abs(max(g_hi, psi_hi) - hi) < 1e-8
-    (lo0, _), = T.admissible_intervals(lambda b: T.wrong_admissible(b, c, "0-"))
+    ((lo0, _),) = T.admissible_intervals(lambda b: T.wrong_admissible(b, c, "0-"))
     assert abs(lo0) < 1e-9
     assert T.misclassified_threshold(10) < T.PAPER_THRESHOLD < T.misclassified_threshold(100)
 
 
 # ----------------------------------------------------------------------------- loss, FGSM
+
 
 def test_exact_loss_at_surrogates_matches_direct_evaluation():
     rng = np.random.default_rng(5)
@@ -197,8 +210,7 @@ def test_gap_change_matches_eq8_summed_over_a_surrogate_training_set(n_classes):
     zc, lc = T.surrogate_logits(bc, n_classes, True)
     zw, lw = T.surrogate_logits(bw, n_classes, False)
     n_c, n_w = 12, 5
-    train = [_permute(zc, lc, rng)[0] for _ in range(n_c)] + \
-            [_permute(zw, lw, rng)[0] for _ in range(n_w)]
+    train = [_permute(zc, lc, rng)[0] for _ in range(n_c)] + [_permute(zw, lw, rng)[0] for _ in range(n_w)]
     omegas = np.r_[np.full(n_c, (1 - eps) * oc / n_c), np.full(n_w, eps * ow / n_w)]
     direct = T.fgsm_gap_change_direct(np.array(train), omegas)
     closed = T.gap_change(bc, bw, n_classes, eps, oc, ow)
@@ -214,6 +226,7 @@ def test_gap_change_matches_eq8_summed_over_a_surrogate_training_set(n_classes):
 
 
 # ----------------------------------------------------------------------------- outputs
+
 
 def test_run_theory_writes_figures_and_json(tmp_path):
     start = time.perf_counter()
@@ -259,8 +272,7 @@ def test_place_empirical_measures_against_the_threshold(tmp_path):
 
     rng = np.random.default_rng(0)
     st = rng.normal(size=(200, c)) + 8 * np.eye(c)[rng.integers(0, c, 200)]
-    both = T.place_empirical([(logits, labels, "AT"), (st, st.argmax(1), "ST")], None,
-                             tmp_path / "both.png")
+    both = T.place_empirical([(logits, labels, "AT"), (st, st.argmax(1), "ST")], None, tmp_path / "both.png")
     assert set(both["models"]) == {"AT", "ST"} and both["models"]["ST"]["accuracy"] == 1.0
     assert both["models"]["ST"]["fraction_misclassified_above_threshold"] is None
 
@@ -282,8 +294,9 @@ def test_bad_input_raises_user_error(tmp_path):
         lambda: T.place_empirical(np.zeros((4, 2)), ok_labels, tmp_path / "a.png"),
         lambda: T.place_empirical(ok_logits, np.full(4, 10), tmp_path / "a.png"),
         lambda: T.place_empirical(ok_logits, np.full(4, 0.5), tmp_path / "a.png"),
-        lambda: T.place_empirical([(ok_logits, ok_labels, "a"), (np.zeros((4, 5)), ok_labels, "b")],
-                                  None, tmp_path / "a.png"),
+        lambda: T.place_empirical(
+            [(ok_logits, ok_labels, "a"), (np.zeros((4, 5)), ok_labels, "b")], None, tmp_path / "a.png"
+        ),
     ]
     for call in bad_calls:
         with pytest.raises(UserError):

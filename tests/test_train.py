@@ -22,8 +22,12 @@ from robustlogits.jobs import tracked_training as training_run
 from robustlogits.jobs import train as train_job
 
 REPO = Path(__file__).resolve().parents[1]
-STAT_KEYS = [f"{split}_{q}_{s}" for split in ("train", "test") for q in ("max_logit", "gap")
-             for s in ("mean", "std", "median", "skew")]
+STAT_KEYS = [
+    f"{split}_{q}_{s}"
+    for split in ("train", "test")
+    for q in ("max_logit", "gap")
+    for s in ("mean", "std", "median", "skew")
+]
 
 
 def test_config(training="adversarial", *overrides):
@@ -55,8 +59,15 @@ def test_two_epoch_adversarial_run_logs_every_epoch_and_registers_checkpoints():
     assert run.data.params["adversary.eps"] == str(8 / 255)
     assert run.data.params["data.val_per_class"] == "0" and run.data.params["run.teacher_epoch"] == "2"
     # Every per-epoch metric at steps 1 and 2, none duplicated.
-    for key in ["train_loss", "train_accuracy", "test_accuracy", "train_clean_accuracy", "monitor_pgd_accuracy",
-                "checkpoint_test_accuracy", *STAT_KEYS]:
+    for key in [
+        "train_loss",
+        "train_accuracy",
+        "test_accuracy",
+        "train_clean_accuracy",
+        "monitor_pgd_accuracy",
+        "checkpoint_test_accuracy",
+        *STAT_KEYS,
+    ]:
         assert history_steps(client, run_id, key) == [1, 2], key
     # One histogram per epoch on fixed bins, with every example counted.
     hists = training_run.load_histograms(run_id)
@@ -107,8 +118,11 @@ def test_epoch_histogram_images_and_checkpoint_model_metrics():
     assert first.size[0] >= 400 and first.size[1] >= 150 and len(np.unique(np.asarray(first.convert("L")))) > 10
     # Each checkpoint is a logged model of this run with its epoch's metrics linked to it.
     run = client.get_run(run_id)
-    models = mlflow.search_logged_models(experiment_ids=[run.info.experiment_id], output_format="list",
-                                         order_by=[{"field_name": "metrics.checkpoint_test_accuracy", "ascending": False}])
+    models = mlflow.search_logged_models(
+        experiment_ids=[run.info.experiment_id],
+        output_format="list",
+        order_by=[{"field_name": "metrics.checkpoint_test_accuracy", "ascending": False}],
+    )
     assert len(models) == 2 and {m.source_run_id for m in models} == {run_id}
     for m in models:
         linked = {x.key: x for x in m.metrics}
@@ -135,8 +149,10 @@ def test_resume_after_interruption_matches_uninterrupted_run(monkeypatch):
 
     monkeypatch.setattr(training_run.EpochLogger, "__call__", killed_during_epoch_3)
     with pytest.raises(KeyboardInterrupt):
-        train_job.run_training(test_config("standard", "optim.epochs=3", "run.checkpoint_epochs=3",
-                                           "monitor.robust_every=0"), progress=False)
+        train_job.run_training(
+            test_config("standard", "optim.epochs=3", "run.checkpoint_epochs=3", "monitor.robust_every=0"),
+            progress=False,
+        )
     client = MlflowClient()
     interrupted = [r for r in all_runs() if r.info.run_id != full][0].info.run_id
     assert client.get_run(interrupted).info.status == "FAILED"
@@ -151,8 +167,11 @@ def test_resume_after_interruption_matches_uninterrupted_run(monkeypatch):
         a = [m.value for m in client.get_metric_history(full, key)]
         b = [m.value for m in client.get_metric_history(resumed, key)]
         np.testing.assert_allclose(a, b, rtol=1e-5, err_msg=key)
-    np.testing.assert_allclose(training_run.checkpoint_test_logits(full, 3)["logits"],
-                               training_run.checkpoint_test_logits(resumed, 3)["logits"], atol=1e-5)
+    np.testing.assert_allclose(
+        training_run.checkpoint_test_logits(full, 3)["logits"],
+        training_run.checkpoint_test_logits(resumed, 3)["logits"],
+        atol=1e-5,
+    )
 
 
 def test_resumed_adversarial_run_names_the_model_it_registered(monkeypatch, caplog):
@@ -165,8 +184,9 @@ def test_resumed_adversarial_run_names_the_model_it_registered(monkeypatch, capl
 
     monkeypatch.setattr(training_run.EpochLogger, "__call__", killed_in_epoch_2)
     with caplog.at_level("INFO", logger="robustlogits"):
-        killed = CliRunner().invoke(app, ["train", "--preset", "test", "--training", "adversarial",
-                                          "--set", "monitor.robust_every=0"])
+        killed = CliRunner().invoke(
+            app, ["train", "--preset", "test", "--training", "adversarial", "--set", "monitor.robust_every=0"]
+        )
     assert killed.exit_code == 130
     # No terminal here (as under `mlflow run`): the epoch reports its progress in lines, every 10%.
     assert "epoch 1/2: 10% (" in caplog.text and "epoch 1/2: 100% (" in caplog.text
@@ -182,13 +202,17 @@ def test_resumed_adversarial_run_names_the_model_it_registered(monkeypatch, capl
 
 
 def test_resume_refuses_a_finished_run():
-    run_id = train_job.run_training(test_config("standard", "optim.epochs=1", "run.checkpoint_epochs=1"), progress=False)
+    run_id = train_job.run_training(
+        test_config("standard", "optim.epochs=1", "run.checkpoint_epochs=1"), progress=False
+    )
     with pytest.raises(train_job.UserError, match="already FINISHED"):
         train_job.run_training(preset("test"), resume=run_id)
 
 
 def test_nan_loss_fails_the_run_and_registers_nothing():
-    result = CliRunner().invoke(app, ["train", "--preset", "test", "--set", "optim.lr=1e30", "--set", "run.checkpoint_epochs=2"])
+    result = CliRunner().invoke(
+        app, ["train", "--preset", "test", "--set", "optim.lr=1e30", "--set", "run.checkpoint_epochs=2"]
+    )
     assert result.exit_code == 2, result.output
     assert "loss became" in result.output
     runs = all_runs()
@@ -253,13 +277,39 @@ def test_unwritable_store_is_a_clear_error(tmp_path, monkeypatch):
 
 
 def test_mlflow_run_entry_point_with_local_env_manager(tmp_path, isolated_store):
-    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_RUN_ID")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_RUN_ID")
+    }
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"
     proc = subprocess.run(
-        [sys.executable, "-m", "mlflow", "run", str(REPO), "-e", "train", "--env-manager", "local",
-         "-P", "run.training=adversarial", "-P", "preset=test", "-P", "optim.epochs=1", "-P", "run.checkpoint_epochs=1",
-         "--experiment-name", "mlproject-test"],
-        env=env, capture_output=True, text=True, timeout=300)
+        [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "run",
+            str(REPO),
+            "-e",
+            "train",
+            "--env-manager",
+            "local",
+            "-P",
+            "run.training=adversarial",
+            "-P",
+            "preset=test",
+            "-P",
+            "optim.epochs=1",
+            "-P",
+            "run.checkpoint_epochs=1",
+            "--experiment-name",
+            "mlproject-test",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     runs = all_runs()
     assert [r.info.status for r in runs] == ["FINISHED"]
@@ -278,13 +328,24 @@ def test_mlflow_run_entry_point_with_local_env_manager(tmp_path, isolated_store)
 
 
 def test_mlflow_run_rejects_unknown_parameters(tmp_path):
-    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_RUN_ID")}
-    proc = subprocess.run([sys.executable, str(REPO / "entrypoints" / "train.py"), "--trainig", "adversarial"],
-                          env=env, capture_output=True, text=True, timeout=120, cwd=REPO)
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_RUN_ID")
+    }
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "entrypoints" / "train.py"), "--trainig", "adversarial"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=REPO,
+    )
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
         "error: unknown MLproject parameter 'trainig' for train: use one it declares (see MLproject) or a config "
-        "key as the run logs it, e.g. -P run.training=adversarial (`robustlogits config` lists every key)"]
+        "key as the run logs it, e.g. -P run.training=adversarial (`robustlogits config` lists every key)"
+    ]
     assert all_runs() == []
 
 
@@ -292,9 +353,19 @@ def test_mlflow_run_rejects_unknown_parameters(tmp_path):
 def test_real_cifar10_short_run_logs_logit_statistics(real_cifar10_dir, real_data_cache, monkeypatch):
     monkeypatch.setenv("ROBUSTLOGITS_CACHE", str(real_data_cache))
     cfg = preset("smoke")
-    apply_overrides(cfg, [f"data.data_dir={real_cifar10_dir}", "data.train_subset=500", "optim.epochs=1",
-                          "model.arch=cnn-tiny", "run.checkpoint_epochs=1", "monitor.robust_examples=50",
-                          "data.heldout_subset=500", "data.stats_subset=200"])
+    apply_overrides(
+        cfg,
+        [
+            f"data.data_dir={real_cifar10_dir}",
+            "data.train_subset=500",
+            "optim.epochs=1",
+            "model.arch=cnn-tiny",
+            "run.checkpoint_epochs=1",
+            "monitor.robust_examples=50",
+            "data.heldout_subset=500",
+            "data.stats_subset=200",
+        ],
+    )
     run_id = train_job.run_training(cfg, progress=False)
     run = MlflowClient().get_run(run_id)
     assert run.info.status == "FINISHED"

@@ -31,8 +31,9 @@ DEVICE = torch.device("cpu")
 @pytest.fixture(scope="module")
 def split():
     raw = make_synthetic(train_per_class=26, test_per_class=2)
-    return build_bundle(raw, val_per_class=0, split_seed=0, train_subset=256, stats_subset=10,
-                        heldout_subset=None, device=DEVICE).train
+    return build_bundle(
+        raw, val_per_class=0, split_seed=0, train_subset=256, stats_subset=10, heldout_subset=None, device=DEVICE
+    ).train
 
 
 def train(split, objective, *, epochs=2, seed=0, **kwargs):
@@ -40,13 +41,22 @@ def train(split, objective, *, epochs=2, seed=0, **kwargs):
     model = build_model("cnn-tiny", 10, "synthetic")
     optim = OptimConfig(epochs=epochs, batch_size=32, lr=0.05)
     results = []
-    state = fit(make_state(model, optim, DEVICE, seed), split, objective, optim, on_epoch_end=results.append,
-                progress=False, **kwargs)
+    state = fit(
+        make_state(model, optim, DEVICE, seed),
+        split,
+        objective,
+        optim,
+        on_epoch_end=results.append,
+        progress=False,
+        **kwargs,
+    )
     return state, [(r.loss, r.accuracy, r.images) for r in results]
 
 
-OBJECTIVES = {"standard": standard_objective, "adversarial": lambda: adversarial_objective(
-    AdversaryConfig(steps=2, step_size=4 / 255), amp=False)}
+OBJECTIVES = {
+    "standard": standard_objective,
+    "adversarial": lambda: adversarial_objective(AdversaryConfig(steps=2, step_size=4 / 255), amp=False),
+}
 
 
 @pytest.mark.parametrize("kind", OBJECTIVES)
@@ -165,8 +175,12 @@ class InputSizedAllocations(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         returns = func._schema.returns
-        if (isinstance(out, torch.Tensor) and tuple(out.shape) == self.shape and returns
-                and returns[0].alias_info is None):
+        if (
+            isinstance(out, torch.Tensor)
+            and tuple(out.shape) == self.shape
+            and returns
+            and returns[0].alias_info is None
+        ):
             self.count += 1
         return out
 

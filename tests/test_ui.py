@@ -27,9 +27,23 @@ SCREENSHOT = os.environ.get("ROBUSTLOGITS_SCREENSHOT")  # keep the screenshot he
 def mlflow_server(isolated_store):
     port = free_port()
     server = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", isolated_store.as_uri(),
-         "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "server",
+            "--backend-store-uri",
+            isolated_store.as_uri(),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.time() + 120
@@ -50,12 +64,15 @@ def mlflow_server(isolated_store):
 SEARCH = """(() => { const i = document.querySelector('input[placeholder="Search metric charts"]');
   Object.getOwnPropertyDescriptor(HTMLInputElement.prototype, 'value').set.call(i, '%s');
   i.dispatchEvent(new Event('input', {bubbles: true})); return i.value; })()"""
-LOADED = ("[...document.images].filter(i => i.src.includes('get-artifact') && decodeURIComponent(i.src)"
-          ".includes('%s+step+%d+') && i.complete && i.naturalWidth > 0).length || null")
+LOADED = (
+    "[...document.images].filter(i => i.src.includes('get-artifact') && decodeURIComponent(i.src)"
+    ".includes('%s+step+%d+') && i.complete && i.naturalWidth > 0).length || null"
+)
 
 
-@pytest.mark.skipif(not Path(CHROMIUM).exists(),
-                    reason=f"headless Chromium not found at {CHROMIUM} (apt-get install chromium)")
+@pytest.mark.skipif(
+    not Path(CHROMIUM).exists(), reason=f"headless Chromium not found at {CHROMIUM} (apt-get install chromium)"
+)
 def test_run_page_shows_the_histogram_image_for_the_chosen_epoch(mlflow_server, tmp_path):
     cfg = preset("test")
     apply_overrides(cfg, ["optim.epochs=3", "run.checkpoint_epochs=3", "monitor.robust_every=0"])
@@ -68,16 +85,20 @@ def test_run_page_shows_the_histogram_image_for_the_chosen_epoch(mlflow_server, 
         assert browser.wait_for("document.querySelector('input[placeholder=\"Search metric charts\"]') && 1", 90)
         browser.evaluate(SEARCH % HISTOGRAM_IMAGE_KEY)
         assert browser.wait_for("document.querySelector('[role=slider]') && 1", 60), "no image panel with a step slider"
-        slider = browser.evaluate("(() => { const s = document.querySelector('[role=slider]'); s.focus();"
-                                  " return [s.getAttribute('aria-valuemin'), s.getAttribute('aria-valuemax')]; })()")
+        slider = browser.evaluate(
+            "(() => { const s = document.querySelector('[role=slider]'); s.focus();"
+            " return [s.getAttribute('aria-valuemin'), s.getAttribute('aria-valuemax')]; })()"
+        )
         assert slider == ["1", "3"]  # one image per epoch
         for _ in range(2):  # drag the slider to epoch 2 with the keyboard
             for kind in ("keyDown", "keyUp"):
-                browser.call("Input.dispatchKeyEvent", type=kind, key="ArrowRight", code="ArrowRight",
-                             windowsVirtualKeyCode=39)
+                browser.call(
+                    "Input.dispatchKeyEvent", type=kind, key="ArrowRight", code="ArrowRight", windowsVirtualKeyCode=39
+                )
         assert browser.wait_for(LOADED % (HISTOGRAM_IMAGE_KEY, 2), 60), "the epoch's image did not load"
-        browser.evaluate("[...document.images].filter(i => i.src.includes('get-artifact'))[0]"
-                         ".scrollIntoView({block: 'end'})")
+        browser.evaluate(
+            "[...document.images].filter(i => i.src.includes('get-artifact'))[0].scrollIntoView({block: 'end'})"
+        )
         time.sleep(1)
         shot = Path(SCREENSHOT) if SCREENSHOT else tmp_path / "run_page.png"
         browser.screenshot(shot)

@@ -12,9 +12,13 @@ from robustlogits.cli.app import app, blank, cli_errors, fraction_text, parse_ep
 from robustlogits.config import ManifoldConfig
 from robustlogits.core.errors import UserError
 
-analyze_app = typer.Typer(help="The paper's analyses: Appendix C theory (C.1-C.3), logit gaps (Fig. 2), confidence ranks "
-                          "(Fig. 3A/B), error classes (3C), average overlap (3D, B.6), image grids (B.2, B.3), manifolds (Fig. 5).",
-                          no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
+analyze_app = typer.Typer(
+    help="The paper's analyses: Appendix C theory (C.1-C.3), logit gaps (Fig. 2), confidence ranks "
+    "(Fig. 3A/B), error classes (3C), average overlap (3D, B.6), image grids (B.2, B.3), manifolds (Fig. 5).",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
 app.add_typer(analyze_app, name="analyze")
 
 
@@ -25,7 +29,9 @@ def analyze_theory(
     error_rate: float = typer.Option(0.196, help="training error rate of the mean-field surface (paper: 19.6%)"),
     omega_correct: float = typer.Option(1.0, help="Omega for correctly classified samples (eq. 10)"),
     omega_wrong: float = typer.Option(1.0, help="Omega for misclassified samples (eq. 10)"),
-    runs: Optional[str] = typer.Option(None, help="RUN_ID[:EPOCH],...: place these runs' test logits on the model's axes"),
+    runs: Optional[str] = typer.Option(
+        None, help="RUN_ID[:EPOCH],...: place these runs' test logits on the model's axes"
+    ),
     out: str = typer.Option("outputs/theory", help="folder for figures and theory.json"),
     track: bool = typer.Option(True, help="log figures and numbers to an MLflow run"),
 ):
@@ -39,25 +45,41 @@ def analyze_theory(
     specs = [s for s in re.split(r"[\s,]+", runs or "") if s]
     summary = run_theory_job(Path(out), counts, error_rate, omega_correct, omega_wrong, specs, track)
     for count, info in summary["class_counts"].items():
-        typer.echo(f"{count} classes: misclassified samples need max logit > {info['misclassified_threshold']:.4f} "
-                   f"(paper: 3.5); correct samples need max logit <= {info['correct_upper_bound']:.4f}")
+        typer.echo(
+            f"{count} classes: misclassified samples need max logit > {info['misclassified_threshold']:.4f} "
+            f"(paper: 3.5); correct samples need max logit <= {info['correct_upper_bound']:.4f}"
+        )
     typer.echo(f"figures and theory.json in {out}" + (f"; run {summary['run_id']}" if "run_id" in summary else ""))
 
 
 @analyze_app.command("manifold")
 @cli_errors
 def analyze_manifold(
-    models: Optional[str] = typer.Option(None, "--models", help="models to compare (registry URIs or names); more may follow as arguments"),
+    models: Optional[str] = typer.Option(
+        None, "--models", help="models to compare (registry URIs or names); more may follow as arguments"
+    ),
     more_models: Optional[List[str]] = typer.Argument(None, help="further models"),
     n_images: int = typer.Option(ManifoldConfig.n_images, help="P: test images (stratified), one manifold each"),
     n_perturbations: int = typer.Option(ManifoldConfig.n_perturbations, help="M: points per manifold in the eps ball"),
     n_features: int = typer.Option(ManifoldConfig.n_features, help="N: random projection width for wider stages"),
     eps: str = typer.Option(fraction_text(ManifoldConfig.eps), help="Linf radius of the perturbation manifolds"),
-    pgd_steps: int = typer.Option(ManifoldConfig.pgd_steps, help="PGD steps from each random start (0: random points of the ball)"),
-    simulated: bool = typer.Option(ManifoldConfig.simulated, help="also bisect for the simulated capacity (slow; Figure A.8)"),
-    definitions: str = typer.Option(ManifoldConfig.definitions, help="R_M and D_M as the MFTMA reference code (reference) or as printed in A.4 (printed)"),
-    center_method: str = typer.Option(ManifoldConfig.center_method, help="centre-structure removal: reference (as the reference code, K >= 1) | principal | none"),
-    center_reps: int = typer.Option(ManifoldConfig.center_reps, help="random starts per K of the reference centre-structure optimisation"),
+    pgd_steps: int = typer.Option(
+        ManifoldConfig.pgd_steps, help="PGD steps from each random start (0: random points of the ball)"
+    ),
+    simulated: bool = typer.Option(
+        ManifoldConfig.simulated, help="also bisect for the simulated capacity (slow; Figure A.8)"
+    ),
+    definitions: str = typer.Option(
+        ManifoldConfig.definitions,
+        help="R_M and D_M as the MFTMA reference code (reference) or as printed in A.4 (printed)",
+    ),
+    center_method: str = typer.Option(
+        ManifoldConfig.center_method,
+        help="centre-structure removal: reference (as the reference code, K >= 1) | principal | none",
+    ),
+    center_reps: int = typer.Option(
+        ManifoldConfig.center_reps, help="random starts per K of the reference centre-structure optimisation"
+    ),
     seed: int = typer.Option(ManifoldConfig.seed),
     dataset: Optional[str] = typer.Option(None, help="default: the models' dataset"),
     data_dir: Optional[str] = typer.Option(None, help="default: the first model's training data directory"),
@@ -69,9 +91,18 @@ def analyze_manifold(
     from analysis.manifolds import run as run_manifold_job
 
     specs = [s for s in re.split(r"[\s,]+", models or "") if s] + list(more_models or [])
-    settings = ManifoldConfig(n_images=n_images, n_perturbations=n_perturbations, n_features=n_features,
-                                eps=parse_eps(eps), pgd_steps=pgd_steps, simulated=simulated, seed=seed,
-                                definitions=definitions, center_method=center_method, center_reps=center_reps)
+    settings = ManifoldConfig(
+        n_images=n_images,
+        n_perturbations=n_perturbations,
+        n_features=n_features,
+        eps=parse_eps(eps),
+        pgd_steps=pgd_steps,
+        simulated=simulated,
+        seed=seed,
+        definitions=definitions,
+        center_method=center_method,
+        center_reps=center_reps,
+    )
     summary = run_manifold_job(specs, settings, Path(out), blank(data_dir), blank(dataset), track, device=device)
     for label, table in summary["models"].items():
         cells = ", ".join(f"{s} {c:.3f}" for s, c in zip(table["stage"], table["capacity"]))
@@ -95,7 +126,10 @@ def analyze_gap(
     for label, info in summary["models"].items():
         curve = ", ".join("-" if a is None else f"{a:.2f}" for a in info["bins"]["adversarial_accuracy"])
         typer.echo(f"{label}: mean gap {info['mean_gap']:.3f}; adversarial accuracy per gap bin: {curve}")
-    typer.echo(f"figure and gap_robustness.json in {out}" + (f"; run {summary['run_id']}" if "run_id" in summary else ""))
+    typer.echo(
+        f"figure and gap_robustness.json in {out}" + (f"; run {summary['run_id']}" if "run_id" in summary else "")
+    )
+
 
 MODELS_HELP = "models to compare (registered names, models:/ or runs:/ URIs); more may follow as arguments"
 GROUP_HELP = "NAME=MODEL,MODEL,... (repeatable), e.g. --group ST=a,b,c --group AT=d,e,f (default: by training, ST/AT)"
@@ -115,7 +149,9 @@ def analyze_ranks(
     models: Optional[str] = typer.Option(None, "--models", help=MODELS_HELP),
     more_models: Optional[List[str]] = typer.Argument(None, help="further models"),
     group: List[str] = typer.Option([], "--group", help=GROUP_HELP),
-    class_name: Optional[str] = typer.Option(None, "--class", help="class of the Figure 3A scatter, name or index (default: frog, else the first)"),
+    class_name: Optional[str] = typer.Option(
+        None, "--class", help="class of the Figure 3A scatter, name or index (default: frog, else the first)"
+    ),
     score: str = typer.Option("softmax", help="softmax (the paper's) | logit"),
     target: str = typer.Option("label", help="confidence in the true class (label) or the predicted one (top)"),
     dataset: Optional[str] = typer.Option(None, help="default: the models' dataset"),
@@ -127,11 +163,23 @@ def analyze_ranks(
     """Figure 3A/B: per-class confidence rank order of every pair of models."""
     from analysis.ranks import run
 
-    summary = run(_specs(models, more_models), group, class_name=blank(class_name), score=score, target=target,
-                  out_dir=Path(out), data_dir=blank(data_dir), dataset=blank(dataset), device=device, track=track)
+    summary = run(
+        _specs(models, more_models),
+        group,
+        class_name=blank(class_name),
+        score=score,
+        target=target,
+        out_dir=Path(out),
+        data_dir=blank(data_dir),
+        dataset=blank(dataset),
+        device=device,
+        track=track,
+    )
     for name, stats in summary["group_stats"].items():
-        typer.echo(f"{name}: {100 * stats['mean']:.1f}% +- {100 * stats['std']:.1f}% of examples ranked far apart "
-                   f"({stats['n_pairs']} pair{'s' if stats['n_pairs'] > 1 else ''})")
+        typer.echo(
+            f"{name}: {100 * stats['mean']:.1f}% +- {100 * stats['std']:.1f}% of examples ranked far apart "
+            f"({stats['n_pairs']} pair{'s' if stats['n_pairs'] > 1 else ''})"
+        )
     _done(summary, out, "ranks")
 
 
@@ -141,7 +189,9 @@ def analyze_errors(
     models: Optional[str] = typer.Option(None, "--models", help=MODELS_HELP),
     more_models: Optional[List[str]] = typer.Argument(None, help="further models"),
     group: List[str] = typer.Option([], "--group", help=GROUP_HELP),
-    attack_runs: Optional[str] = typer.Option(None, help="attack run ids (default: each model version's newest attack run)"),
+    attack_runs: Optional[str] = typer.Option(
+        None, help="attack run ids (default: each model version's newest attack run)"
+    ),
     dataset: Optional[str] = typer.Option(None, help="default: the models' dataset"),
     data_dir: Optional[str] = typer.Option(None, help="default: the first model's training data directory"),
     out: str = typer.Option("outputs/errors", help="folder for the figure and errors.json"),
@@ -151,8 +201,16 @@ def analyze_errors(
     """Figure 3C: rank of each error's predicted class in its true class's mean logit vector."""
     from analysis.error_classes import run
 
-    summary = run(_specs(models, more_models), group, attack_runs=_specs(attack_runs, None), out_dir=Path(out),
-                  data_dir=blank(data_dir), dataset=blank(dataset), device=device, track=track)
+    summary = run(
+        _specs(models, more_models),
+        group,
+        attack_runs=_specs(attack_runs, None),
+        out_dir=Path(out),
+        data_dir=blank(data_dir),
+        dataset=blank(dataset),
+        device=device,
+        track=track,
+    )
     for label, entry in summary["models"].items():
         line = f"{label}: natural errors at rank 2..4: " + ", ".join(f"{v:.2f}" for v in entry["natural"][1:4])
         if entry["adversarial"] is not None:
@@ -177,8 +235,16 @@ def analyze_overlap(
     """Figure 3D / B.6: average overlap AO@k of the models' per-example logit rank orders."""
     from analysis.overlap import run
 
-    summary = run(_specs(models, more_models), group, seed=seed, out_dir=Path(out), data_dir=blank(data_dir),
-                  dataset=blank(dataset), device=device, track=track)
+    summary = run(
+        _specs(models, more_models),
+        group,
+        seed=seed,
+        out_dir=Path(out),
+        data_dir=blank(data_dir),
+        dataset=blank(dataset),
+        device=device,
+        track=track,
+    )
     for name, entry in summary["group_curves"].items():
         for kind, stats in entry.items():
             cells = ", ".join(f"{m:.3f}+-{s:.3f}" for m, s in list(zip(stats["mean"], stats["std"]))[:5])
@@ -192,7 +258,9 @@ def analyze_images(
     models: Optional[str] = typer.Option(None, "--models", help=MODELS_HELP),
     more_models: Optional[List[str]] = typer.Argument(None, help="further models"),
     group: List[str] = typer.Option([], "--group", help=GROUP_HELP),
-    class_name: Optional[str] = typer.Option(None, "--class", help="class of the Figure B.2 quadrants (default: frog, else the first)"),
+    class_name: Optional[str] = typer.Option(
+        None, "--class", help="class of the Figure B.2 quadrants (default: frog, else the first)"
+    ),
     score: str = typer.Option("softmax", help="softmax | logit confidence"),
     per_quadrant: int = typer.Option(16, help="images shown per quadrant"),
     seed_classes: Optional[str] = typer.Option(None, help="classes of the B.3 seed images (default: the first five)"),
@@ -208,10 +276,22 @@ def analyze_images(
     """Figures B.2 (confidence quadrants of one class) and B.3 (nearest images by logit cosine)."""
     from analysis.images import run
 
-    summary = run(_specs(models, more_models), group, class_name=blank(class_name), score=score, per_quadrant=per_quadrant,
-                  seed_classes=_specs(seed_classes, None) or None, n_neighbours=n_neighbours,
-                  n_random_seeds=n_random_seeds, seed=seed, out_dir=Path(out), data_dir=blank(data_dir),
-                  dataset=blank(dataset), device=device, track=track)
+    summary = run(
+        _specs(models, more_models),
+        group,
+        class_name=blank(class_name),
+        score=score,
+        per_quadrant=per_quadrant,
+        seed_classes=_specs(seed_classes, None) or None,
+        n_neighbours=n_neighbours,
+        n_random_seeds=n_random_seeds,
+        seed=seed,
+        out_dir=Path(out),
+        data_dir=blank(data_dir),
+        dataset=blank(dataset),
+        device=device,
+        track=track,
+    )
     q = summary["quadrants"]
     typer.echo(f"class {q['class']}: Spearman {q['spearman']:.3f} between {q['model_a']} and {q['model_b']}")
     for label, entry in summary["neighbours"]["models"].items():

@@ -17,8 +17,12 @@ import typer
 
 from robustlogits.core.errors import UserError
 
-app = typer.Typer(help="Logit distributions of adversarially-trained networks, tracked in MLflow.",
-                  no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
+app = typer.Typer(
+    help="Logit distributions of adversarially-trained networks, tracked in MLflow.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
 
 
 def cli_errors(fn):
@@ -39,6 +43,7 @@ def cli_errors(fn):
         except KeyboardInterrupt:
             typer.echo("interrupted; the run was marked FAILED and can be continued with --resume RUN_ID", err=True)
             raise typer.Exit(130) from None
+
     return wrapper
 
 

@@ -16,8 +16,12 @@ def train(
     training: str = typer.Option(RunConfig.training, help="standard | adversarial"),
     preset: str = typer.Option(DEFAULT_PRESET, help="smoke | study | paper | test (see `robustlogits config`)"),
     dataset: Optional[str] = typer.Option(None, help="cifar10 | cifar100 | synthetic (default: the preset's)"),
-    arch: Optional[str] = typer.Option(None, help="resnet18 | resnet18-w32 | resnet18-w16 | resnet20 | cnn-small | cnn-tiny"),
-    data_dir: Optional[str] = typer.Option(None, help="where the data is (default: $ROBUSTLOGITS_DATA, else ./data, then ../shared/data)"),
+    arch: Optional[str] = typer.Option(
+        None, help="resnet18 | resnet18-w32 | resnet18-w16 | resnet20 | cnn-small | cnn-tiny"
+    ),
+    data_dir: Optional[str] = typer.Option(
+        None, help="where the data is (default: $ROBUSTLOGITS_DATA, else ./data, then ../shared/data)"
+    ),
     epochs: Optional[int] = typer.Option(None, help="override optim.epochs"),
     checkpoint_epochs: Optional[str] = typer.Option(None, help="comma list, e.g. 20,40,200"),
     teacher_epoch: Optional[int] = typer.Option(None, help="checkpoint promoted as the teacher (paper: 40)"),
@@ -34,9 +38,15 @@ def train(
     resume = blank(resume)
     cfg = make_preset(preset)
     cfg.run.training = training
-    pairs = [("data.dataset", blank(dataset)), ("model.arch", blank(arch)), ("data.data_dir", blank(data_dir)),
-             ("optim.epochs", epochs), ("run.checkpoint_epochs", blank(checkpoint_epochs)),
-             ("run.teacher_epoch", teacher_epoch), ("run.seed", seed)]
+    pairs = [
+        ("data.dataset", blank(dataset)),
+        ("model.arch", blank(arch)),
+        ("data.data_dir", blank(data_dir)),
+        ("optim.epochs", epochs),
+        ("run.checkpoint_epochs", blank(checkpoint_epochs)),
+        ("run.teacher_epoch", teacher_epoch),
+        ("run.seed", seed),
+    ]
     extra = [*set_, *split_overrides(overrides)]
     apply_overrides(cfg, [f"{k}={v}" for k, v in pairs if v is not None])
     apply_overrides(cfg, extra)
@@ -65,7 +75,9 @@ def training_summary(run_id: str) -> str:
 @app.command()
 @cli_errors
 def attack(
-    model: Optional[str] = typer.Option(None, help="models:/NAME@ALIAS, models:/NAME/STAGE, models:/NAME/VERSION, a registered NAME, or runs:/ID/PATH"),
+    model: Optional[str] = typer.Option(
+        None, help="models:/NAME@ALIAS, models:/NAME/STAGE, models:/NAME/VERSION, a registered NAME, or runs:/ID/PATH"
+    ),
     stage: Optional[str] = typer.Option(None, help="with a registered NAME: the stage to pull (default Production)"),
     alias: Optional[str] = typer.Option(None, help="with a registered NAME: the alias to pull"),
     version: Optional[str] = typer.Option(None, help="with a registered NAME: the version to pull"),
@@ -84,26 +96,47 @@ def attack(
     """Adversarial accuracy: APGD-CE, then APGD-DLR on the survivors; per-example results in MLflow."""
     from robustlogits.jobs.attack import run_attack
 
-    cfg = AttackConfig(model=blank(model) or "", stage=blank(stage), alias=blank(alias), version=blank(version),
-                       dataset=blank(dataset), data_dir=blank(data_dir), eps=parse_eps(eps), n_iter=n_iter,
-                       n_restarts=n_restarts, seed=seed, suite=suite, n_examples=n_examples or None,
-                       batch_size=batch_size or None, device=device, experiment=experiment)
+    cfg = AttackConfig(
+        model=blank(model) or "",
+        stage=blank(stage),
+        alias=blank(alias),
+        version=blank(version),
+        dataset=blank(dataset),
+        data_dir=blank(data_dir),
+        eps=parse_eps(eps),
+        n_iter=n_iter,
+        n_restarts=n_restarts,
+        seed=seed,
+        suite=suite,
+        n_examples=n_examples or None,
+        batch_size=batch_size or None,
+        device=device,
+        experiment=experiment,
+    )
     run_id, result = run_attack(cfg)
-    typer.echo(f"run {run_id}: natural {result.natural_accuracy:.4f}, after APGD-CE {result.accuracy_after_apgd_ce:.4f}, "
-               f"adversarial {result.adversarial_accuracy:.4f} on {result.n_examples} examples ({result.seconds:.1f} s)")
+    typer.echo(
+        f"run {run_id}: natural {result.natural_accuracy:.4f}, after APGD-CE {result.accuracy_after_apgd_ce:.4f}, "
+        f"adversarial {result.adversarial_accuracy:.4f} on {result.n_examples} examples ({result.seconds:.1f} s)"
+    )
 
 
 @app.command()
 @cli_errors
 def distill(
-    manipulation: str = typer.Option(DistillationConfig.manipulation, help="none | permute | average | correct-fix | hybrid"),
+    manipulation: str = typer.Option(
+        DistillationConfig.manipulation, help="none | permute | average | correct-fix | hybrid"
+    ),
     k: Optional[str] = typer.Option(None, help="fix the top-k classes (permute/average; correct-fix default 1)"),
     teacher: Optional[str] = typer.Option(None, help="registry URI or registered name (default: <dataset>-<arch>-at)"),
     teacher_stage: Optional[str] = typer.Option(None, help="stage of a registered teacher name (default Production)"),
     teacher_alias: Optional[str] = typer.Option(None, help="alias of a registered teacher name"),
     teacher_version: Optional[str] = typer.Option(None, help="version of a registered teacher name"),
-    st_teacher: Optional[str] = typer.Option(None, help="standard-trained teacher for hybrid (default: <dataset>-<arch>-st, Production)"),
-    fix_mode: str = typer.Option(DistillationConfig.fix_mode, help="correct-fix: permute | average the non-fixed classes"),
+    st_teacher: Optional[str] = typer.Option(
+        None, help="standard-trained teacher for hybrid (default: <dataset>-<arch>-st, Production)"
+    ),
+    fix_mode: str = typer.Option(
+        DistillationConfig.fix_mode, help="correct-fix: permute | average the non-fixed classes"
+    ),
     loss: str = typer.Option(DistillationConfig.loss, help="l1 (paper) | kl | mse"),
     temperature: float = typer.Option(DistillationConfig.temperature, help="softmax temperature for kl"),
     preset: str = typer.Option(DEFAULT_PRESET, help="student/data/optimiser settings: smoke | study | paper | test"),
@@ -120,13 +153,23 @@ def distill(
     from robustlogits.jobs.distill import run_distill
 
     cfg = distill_preset(preset)
-    pairs = [("distill.manipulation", manipulation), ("distill.k", blank(k)), ("distill.teacher", blank(teacher)),
-             ("distill.teacher_stage", blank(teacher_stage)), ("distill.teacher_alias", blank(teacher_alias)),
-             ("distill.teacher_version", blank(teacher_version)), ("distill.st_teacher", blank(st_teacher)),
-             ("distill.fix_mode", fix_mode), ("distill.loss", loss), ("distill.temperature", temperature),
-             ("data.data_dir", blank(data_dir)), ("optim.epochs", epochs), ("distill.attack", attack),
-             ("distill.attack_n_examples", n_examples or None),
-             ("distill.teacher_logits_run", blank(teacher_logits_run))]
+    pairs = [
+        ("distill.manipulation", manipulation),
+        ("distill.k", blank(k)),
+        ("distill.teacher", blank(teacher)),
+        ("distill.teacher_stage", blank(teacher_stage)),
+        ("distill.teacher_alias", blank(teacher_alias)),
+        ("distill.teacher_version", blank(teacher_version)),
+        ("distill.st_teacher", blank(st_teacher)),
+        ("distill.fix_mode", fix_mode),
+        ("distill.loss", loss),
+        ("distill.temperature", temperature),
+        ("data.data_dir", blank(data_dir)),
+        ("optim.epochs", epochs),
+        ("distill.attack", attack),
+        ("distill.attack_n_examples", n_examples or None),
+        ("distill.teacher_logits_run", blank(teacher_logits_run)),
+    ]
     apply_overrides(cfg, [f"{key}={value}" for key, value in pairs if value is not None])
     apply_overrides(cfg, [*set_, *split_overrides(overrides)])
     run_id = run_distill(cfg)
@@ -138,13 +181,18 @@ def distill_summary(run_id: str) -> str:
 
     record = run_record(run_id)
     tags, metrics = record.tags, record.metrics
-    line = (f"run {run_id} finished; student {tags.get('registered_model', '?')} version "
-            f"{tags.get('registered_versions', '?')} from teacher {tags.get('teacher_name')} "
-            f"version {tags.get('teacher_version')} ({tags.get('manipulation')}"
-            + (f" k={tags['k']}" if tags.get("k") else "") + ")")
+    line = (
+        f"run {run_id} finished; student {tags.get('registered_model', '?')} version "
+        f"{tags.get('registered_versions', '?')} from teacher {tags.get('teacher_name')} "
+        f"version {tags.get('teacher_version')} ({tags.get('manipulation')}"
+        + (f" k={tags['k']}" if tags.get("k") else "")
+        + ")"
+    )
     if "adversarial_accuracy" in metrics:
-        line += (f"; on {int(metrics.get('n_examples', 0))} test examples: natural "
-                 f"{metrics['natural_accuracy']:.4f}, adversarial {metrics['adversarial_accuracy']:.4f}")
+        line += (
+            f"; on {int(metrics.get('n_examples', 0))} test examples: natural "
+            f"{metrics['natural_accuracy']:.4f}, adversarial {metrics['adversarial_accuracy']:.4f}"
+        )
     elif "checkpoint_test_accuracy" in metrics:
         line += f"; test accuracy {metrics['checkpoint_test_accuracy']:.4f} (not attacked)"
     return line
@@ -153,17 +201,32 @@ def distill_summary(run_id: str) -> str:
 @app.command("import")
 @cli_errors
 def import_model(
-    checkpoint: Optional[str] = typer.Option(None, help="TorchScript archive, state dict (.pt/.pth/.safetensors) or pickled module"),
+    checkpoint: Optional[str] = typer.Option(
+        None, help="TorchScript archive, state dict (.pt/.pth/.safetensors) or pickled module"
+    ),
     name: str = typer.Option(..., help="registered model name to create a version of"),
-    arch: Optional[str] = typer.Option(None, help="architecture for a state dict: one of ours (resnet18, cnn-small, ...) or torchvision:NAME"),
+    arch: Optional[str] = typer.Option(
+        None, help="architecture for a state dict: one of ours (resnet18, cnn-small, ...) or torchvision:NAME"
+    ),
     dataset: str = typer.Option(ImportConfig.dataset, help="cifar10 | cifar100 | synthetic: what the model classifies"),
-    normalization: Optional[str] = typer.Option(None, help="none | cifar10 | cifar100 | MEAN,STD | M1,M2,M3,S1,S2,S3: what the network expects its [0,1] input standardised with (default: the checkpoint's own, else none)"),
-    trust_pickle: bool = typer.Option(ImportConfig.trust_pickle, help="allow a pickled module (loading it runs code from the file)"),
-    robustbench: Optional[str] = typer.Option(None, help="import this RobustBench model (package and weights already on the machine)"),
-    model_dir: str = typer.Option(ImportConfig.model_dir, help="RobustBench's model folder (MODEL_DIR/DATASET/THREAT_MODEL/NAME.pt)"),
+    normalization: Optional[str] = typer.Option(
+        None,
+        help="none | cifar10 | cifar100 | MEAN,STD | M1,M2,M3,S1,S2,S3: what the network expects its [0,1] input standardised with (default: the checkpoint's own, else none)",
+    ),
+    trust_pickle: bool = typer.Option(
+        ImportConfig.trust_pickle, help="allow a pickled module (loading it runs code from the file)"
+    ),
+    robustbench: Optional[str] = typer.Option(
+        None, help="import this RobustBench model (package and weights already on the machine)"
+    ),
+    model_dir: str = typer.Option(
+        ImportConfig.model_dir, help="RobustBench's model folder (MODEL_DIR/DATASET/THREAT_MODEL/NAME.pt)"
+    ),
     threat_model: str = typer.Option(ImportConfig.threat_model, help="RobustBench threat model"),
     data_dir: Optional[str] = typer.Option(None, help="where the test images for the check are"),
-    check_images: int = typer.Option(ImportConfig.check_images, help="stratified test images the model is checked and scored on"),
+    check_images: int = typer.Option(
+        ImportConfig.check_images, help="stratified test images the model is checked and scored on"
+    ),
     stage: Optional[str] = typer.Option(None, help="move the new version to this stage (e.g. Production)"),
     alias: Optional[str] = typer.Option(None, help="give the new version this alias (e.g. teacher)"),
     device: str = typer.Option(ImportConfig.device),
@@ -172,15 +235,29 @@ def import_model(
     """Register a model trained elsewhere; attack, distill and analyze then use it like our own."""
     from robustlogits.jobs.import_model import run_import
 
-    cfg = ImportConfig(name=name, checkpoint=blank(checkpoint), arch=blank(arch), dataset=dataset,
-                       normalization=blank(normalization) if normalization != "none" else "none",
-                       trust_pickle=trust_pickle, robustbench=blank(robustbench), model_dir=model_dir,
-                       threat_model=threat_model, data_dir=blank(data_dir), check_images=check_images,
-                       stage=blank(stage), alias=blank(alias), device=device, experiment=experiment)
+    cfg = ImportConfig(
+        name=name,
+        checkpoint=blank(checkpoint),
+        arch=blank(arch),
+        dataset=dataset,
+        normalization=blank(normalization) if normalization != "none" else "none",
+        trust_pickle=trust_pickle,
+        robustbench=blank(robustbench),
+        model_dir=model_dir,
+        threat_model=threat_model,
+        data_dir=blank(data_dir),
+        check_images=check_images,
+        stage=blank(stage),
+        alias=blank(alias),
+        device=device,
+        experiment=experiment,
+    )
     result = run_import(cfg, log=lambda msg: typer.echo(msg, err=True))
-    typer.echo(f"registered {result['name']} version {result['version']} (run {result['run_id']}): natural accuracy "
-               f"{result['natural_accuracy']:.4f} on {result['n_images']} test images; format {result['source_format']}, "
-               f"normalisation {result['normalization']}, sha256 {result['source_sha256'][:16]}")
+    typer.echo(
+        f"registered {result['name']} version {result['version']} (run {result['run_id']}): natural accuracy "
+        f"{result['natural_accuracy']:.4f} on {result['n_images']} test images; format {result['source_format']}, "
+        f"normalisation {result['normalization']}, sha256 {result['source_sha256'][:16]}"
+    )
 
 
 @app.command("config")

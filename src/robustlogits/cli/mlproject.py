@@ -23,8 +23,15 @@ import typer.main
 
 NOT_GIVEN = "default"  # an MLproject parameter left at this is not passed to the command
 # entry point -> the command it runs (analyze: the `mode` parameter picks the subcommand)
-ENTRY_POINTS = {"train": "train", "attack": "attack", "distill": "distill", "import": "import",
-                "analyze": "analyze", "sweep": "sweep", "reproduce": "reproduce"}
+ENTRY_POINTS = {
+    "train": "train",
+    "attack": "attack",
+    "distill": "distill",
+    "import": "import",
+    "analyze": "analyze",
+    "sweep": "sweep",
+    "reproduce": "reproduce",
+}
 SKIPPED = ("set_", "help")  # `--set` is what undeclared dotted parameters become
 MODE_DEFAULT = "theory"
 # Commands whose options are shortcuts for config keys that `-P section.field=value` also sets:
@@ -34,11 +41,11 @@ SHORTCUTS_FOR_CONFIG_KEYS = {"train": ("preset", "resume"), "distill": ("preset"
 
 @dataclass
 class Parameter:
-    name: str               # the MLproject parameter: the option's Python name
-    flag: str               # the command line option it becomes
-    default: str | None     # None: required
-    is_flag: bool = False   # a boolean option: true/false
-    off_flag: str | None = None   # its "false" form, where it has one
+    name: str  # the MLproject parameter: the option's Python name
+    flag: str  # the command line option it becomes
+    default: str | None  # None: required
+    is_flag: bool = False  # a boolean option: true/false
+    off_flag: str | None = None  # its "false" form, where it has one
     multiple: bool = False  # a repeatable option: several values separated by ';'
 
 
@@ -66,8 +73,9 @@ def _parameters(command) -> dict[str, Parameter]:
             continue
         flag = next(o for o in option.opts if o.startswith("--"))
         off = option.secondary_opts[0] if option.is_flag and option.secondary_opts else None
-        out[option.name] = Parameter(option.name, flag, _default_text(option), bool(option.is_flag), off,
-                                     option.multiple)
+        out[option.name] = Parameter(
+            option.name, flag, _default_text(option), bool(option.is_flag), off, option.multiple
+        )
     return out
 
 
@@ -88,8 +96,9 @@ def declared_parameters(entry_point: str) -> dict[str, Parameter]:
     for command in entry_point_commands(entry_point).values():
         for name, parameter in _parameters(command).items():
             if name in merged and merged[name].default != parameter.default:
-                merged[name] = Parameter(name, parameter.flag, NOT_GIVEN, parameter.is_flag, parameter.off_flag,
-                                         parameter.multiple)
+                merged[name] = Parameter(
+                    name, parameter.flag, NOT_GIVEN, parameter.is_flag, parameter.off_flag, parameter.multiple
+                )
             else:
                 merged.setdefault(name, parameter)
     if entry_point in SHORTCUTS_FOR_CONFIG_KEYS:
@@ -101,10 +110,16 @@ def declared_parameters(entry_point: str) -> dict[str, Parameter]:
 
 def render() -> str:
     """The MLproject file."""
-    lines = ["# Generated from the commands by `python -m robustlogits.cli.mlproject > MLproject`;",
-             "# tests/test_architecture.py keeps it in step. Parameters are the commands' options with their",
-             "# defaults (`default`: the command decides); any config key also goes as -P section.field=value.",
-             "name: robustlogits", "", "conda_env: conda.yaml", "", "entry_points:"]
+    lines = [
+        "# Generated from the commands by `python -m robustlogits.cli.mlproject > MLproject`;",
+        "# tests/test_architecture.py keeps it in step. Parameters are the commands' options with their",
+        "# defaults (`default`: the command decides); any config key also goes as -P section.field=value.",
+        "name: robustlogits",
+        "",
+        "conda_env: conda.yaml",
+        "",
+        "entry_points:",
+    ]
     for entry_point in ENTRY_POINTS:
         parameters = declared_parameters(entry_point)
         lines += [f"  {entry_point}:", "    parameters:"]
@@ -113,8 +128,9 @@ def render() -> str:
             lines.append(f"      {p.name}: {{type: string{default}}}")
         words = [f"python entrypoints/{entry_point.replace('import', 'import_model')}.py"]
         words += [f"--{name}\0{{{name}}}" for name in parameters]  # a flag and its value stay on one line
-        wrapped = textwrap.wrap(" ".join(words), 110, initial_indent=" " * 6, subsequent_indent=" " * 6,
-                                break_long_words=False)
+        wrapped = textwrap.wrap(
+            " ".join(words), 110, initial_indent=" " * 6, subsequent_indent=" " * 6, break_long_words=False
+        )
         lines += ["    command: >-", *(line.replace("\0", " ") for line in wrapped), ""]
     return "\n".join(lines).rstrip() + "\n"
 
@@ -142,8 +158,8 @@ def command_line(entry_point: str, argv: list[str]) -> list[str]:
     prefix = f"{entry_point}."
     out = [] if entry_point != "analyze" else [mode]
     for key, value in given.items():
-        if key.startswith(prefix) and key[len(prefix):] in own:
-            key = key[len(prefix):]
+        if key.startswith(prefix) and key[len(prefix) :] in own:
+            key = key[len(prefix) :]
         if key in own:
             p = own[key]
             if value == NOT_GIVEN:
@@ -162,8 +178,10 @@ def command_line(entry_point: str, argv: list[str]) -> list[str]:
             out += ["--set", f"{key}={value}"]
         else:
             example = "-P run.training=adversarial" if takes_set else f"-P {next(iter(own), 'name')}=..."
-            _fail(f"unknown MLproject parameter {key!r} for {entry_point}: use one it declares (see MLproject) or "
-                  f"a config key as the run logs it, e.g. {example} (`robustlogits config` lists every key)")
+            _fail(
+                f"unknown MLproject parameter {key!r} for {entry_point}: use one it declares (see MLproject) or "
+                f"a config key as the run logs it, e.g. {example} (`robustlogits config` lists every key)"
+            )
     return out
 
 

@@ -11,19 +11,19 @@ from robustlogits.core.errors import UserError
 class ManifoldConfig:
     """Figure 5's manifold analysis: how many images and points, the ball, and MFTMA's settings."""
 
-    n_images: int = 50          # P
-    n_perturbations: int = 50   # M
-    n_features: int = 500       # N (random projection when a stage is wider)
+    n_images: int = 50  # P
+    n_perturbations: int = 50  # M
+    n_features: int = 500  # N (random projection when a stage is wider)
     eps: float = 8 / 255
     pgd_steps: int = 5
     kappa: float = 0.0
     n_t: int = 200
     seed: int = 0
-    simulated: bool = False     # also bisect for the empirical capacity (slow; Figure A.8)
+    simulated: bool = False  # also bisect for the empirical capacity (slow; Figure A.8)
     batch_size: int = 250
-    definitions: str = "reference"    # R_M, D_M as the MFTMA reference code ("printed": the paper's A.4)
+    definitions: str = "reference"  # R_M, D_M as the MFTMA reference code ("printed": the paper's A.4)
     center_method: str = "reference"  # centre-structure removal as the reference code ("principal", "none")
-    center_reps: int = 10             # random starts per K of the reference's subspace optimisation
+    center_reps: int = 10  # random starts per K of the reference's subspace optimisation
 
     def validate(self, n_test: int) -> None:
         if not 2 <= self.n_images <= n_test:

@@ -14,7 +14,7 @@ class AttackConfig:
     stage: str | None = None
     alias: str | None = None
     version: str | None = None
-    dataset: str | None = None   # default: the model's own dataset (registry tag / source run)
+    dataset: str | None = None  # default: the model's own dataset (registry tag / source run)
     data_dir: str | None = None  # default: the source run's data directory
     eps: float = 8 / 255
     n_iter: int = 100
@@ -28,7 +28,9 @@ class AttackConfig:
 
     def validate(self) -> None:
         if not self.model:
-            raise UserError("no model given: pass a registry URI (models:/NAME@ALIAS), a registered name, or runs:/ID/PATH")
+            raise UserError(
+                "no model given: pass a registry URI (models:/NAME@ALIAS), a registered name, or runs:/ID/PATH"
+            )
         if self.eps < 0:
             raise UserError(f"eps must be >= 0, got {self.eps}")
         if self.n_examples is not None and self.n_examples < 1:
@@ -39,5 +41,12 @@ class AttackConfig:
             raise UserError("n_iter and n_restarts must be >= 1")
 
     def attack_settings(self) -> dict:
-        return dict(n_examples=self.n_examples, eps=self.eps, n_iter=self.n_iter, n_restarts=self.n_restarts,
-                    seed=self.seed, suite=self.suite, batch_size=self.batch_size)
+        return dict(
+            n_examples=self.n_examples,
+            eps=self.eps,
+            n_iter=self.n_iter,
+            n_restarts=self.n_restarts,
+            seed=self.seed,
+            suite=self.suite,
+            batch_size=self.batch_size,
+        )

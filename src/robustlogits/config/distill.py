@@ -17,20 +17,20 @@ class DistillationConfig:
 
     # Teacher: a registry URI or registered name; None = "<dataset>-<arch>-at" of the preset.
     teacher: str | None = None
-    teacher_stage: str | None = None     # default Production when no alias/version is given
+    teacher_stage: str | None = None  # default Production when no alias/version is given
     teacher_alias: str | None = None
     teacher_version: str | None = None
     # Second, standard-trained teacher for `hybrid`; None = "models:/<dataset>-<arch>-st/Production".
     st_teacher: str | None = None
     manipulation: str = "none"
-    k: int | None = None                 # correct-fix defaults to the paper's k = 1
-    fix_mode: str = "permute"            # how correct-fix fixes the rest: permute | average
+    k: int | None = None  # correct-fix defaults to the paper's k = 1
+    fix_mode: str = "permute"  # how correct-fix fixes the rest: permute | average
     manipulation_seed: int = 0
     loss: str = "l1"
     temperature: float = 1.0
     # Teacher targets: mean logits over this many random crop/flip passes (A.3, point 3).
     n_augment: int = 8
-    teacher_bn: str = "eval"             # eval: running statistics; train: batch statistics
+    teacher_bn: str = "eval"  # eval: running statistics; train: batch statistics
     teacher_logits_seed: int = 0
     teacher_logits_run: str | None = None  # reuse this run's artifact explicitly
     attack: bool = True

@@ -17,10 +17,12 @@ class ImportConfig:
     checkpoint: str | None = None
     arch: str | None = None
     dataset: str = "cifar10"
-    normalization: str | None = None  # none | cifar10 | cifar100 | MEAN,STD (2 or 6 numbers); default: the file's, else none
+    normalization: str | None = (
+        None  # none | cifar10 | cifar100 | MEAN,STD (2 or 6 numbers); default: the file's, else none
+    )
     trust_pickle: bool = False
     robustbench: str | None = None
-    model_dir: str = "./models"       # RobustBench's folder: MODEL_DIR/DATASET/THREAT_MODEL/NAME.pt
+    model_dir: str = "./models"  # RobustBench's folder: MODEL_DIR/DATASET/THREAT_MODEL/NAME.pt
     threat_model: str = "Linf"
     data_dir: str | None = None
     check_images: int = 200
@@ -39,8 +41,9 @@ class ImportConfig:
         if self.check_images < 1:
             raise UserError(f"check-images must be >= 1, got {self.check_images}")
         if self.arch is not None and not buildable(self.arch):
-            raise UserError(f"unknown arch {self.arch!r}; choose one of ours (see `robustlogits train --help`) "
-                            "or torchvision:NAME")
+            raise UserError(
+                f"unknown arch {self.arch!r}; choose one of ours (see `robustlogits train --help`) or torchvision:NAME"
+            )
         parse_normalization(self.normalization)
         if self.checkpoint is not None:
             path = Path(self.checkpoint)

@@ -23,49 +23,101 @@ DEFAULT_PRESET = "smoke"  # what a command runs at when none is named: minutes o
 @dataclass(frozen=True)
 class Preset:
     description: str
-    train: dict[str, object] = field(default_factory=dict)    # TrainConfig keys -> values
+    train: dict[str, object] = field(default_factory=dict)  # TrainConfig keys -> values
     distill: dict[str, object] = field(default_factory=dict)  # DistillationConfig fields -> values
-    scale: dict[str, object] = field(default_factory=dict)    # ScaleConfig fields -> values
+    scale: dict[str, object] = field(default_factory=dict)  # ScaleConfig fields -> values
 
 
 PRESETS: dict[str, Preset] = {
     "smoke": Preset(
         "Sub-minute CPU trainings on a real CIFAR-10 subset; the whole study in under 20 idle minutes",
-        train={"model.arch": "cnn-small", "data.train_subset": 4000, "data.stats_subset": 1000,
-               "data.heldout_subset": 1000, "optim.epochs": 5, "adversary.steps": 5,
-               "adversary.step_size": 2.5 * EPS / 5, "monitor.robust_every": 1, "monitor.robust_examples": 200,
-               "monitor.robust_steps": 10, "run.checkpoint_epochs": (3, 5)},
+        train={
+            "model.arch": "cnn-small",
+            "data.train_subset": 4000,
+            "data.stats_subset": 1000,
+            "data.heldout_subset": 1000,
+            "optim.epochs": 5,
+            "adversary.steps": 5,
+            "adversary.step_size": 2.5 * EPS / 5,
+            "monitor.robust_every": 1,
+            "monitor.robust_examples": 200,
+            "monitor.robust_steps": 10,
+            "run.checkpoint_epochs": (3, 5),
+        },
         distill={"n_augment": 4, "attack_n_examples": 500, "attack_n_iter": 50},
-        scale={"seeds": 2, "ks": (1, 3, 7), "train_overrides": ("run.checkpoint_epochs=1,3,5",),
-               "attack_n_examples": 500, "attack_n_iter": 50, "sweep_epochs": (1, 5), "manifold_images": 30,
-               "manifold_perturbations": 20, "manifold_pgd_steps": 3},
+        scale={
+            "seeds": 2,
+            "ks": (1, 3, 7),
+            "train_overrides": ("run.checkpoint_epochs=1,3,5",),
+            "attack_n_examples": 500,
+            "attack_n_iter": 50,
+            "sweep_epochs": (1, 5),
+            "manifold_images": 30,
+            "manifold_perturbations": 20,
+            "manifold_pgd_steps": 3,
+        },
     ),
     "study": Preset(
         "Tens of CPU minutes per training: a narrow ResNet on 10k images, long enough for AT and ST to split",
-        train={"model.arch": "resnet18-w16", "data.train_subset": 10000, "data.stats_subset": 2000,
-               "data.heldout_subset": 2000, "optim.epochs": 20, "adversary.steps": 7,
-               "adversary.step_size": 2.5 * EPS / 7, "monitor.robust_every": 5, "monitor.robust_examples": 500,
-               "run.checkpoint_epochs": (5, 10, 20), "run.teacher_epoch": 10},
+        train={
+            "model.arch": "resnet18-w16",
+            "data.train_subset": 10000,
+            "data.stats_subset": 2000,
+            "data.heldout_subset": 2000,
+            "optim.epochs": 20,
+            "adversary.steps": 7,
+            "adversary.step_size": 2.5 * EPS / 7,
+            "monitor.robust_every": 5,
+            "monitor.robust_examples": 500,
+            "run.checkpoint_epochs": (5, 10, 20),
+            "run.teacher_epoch": 10,
+        },
         distill={"n_augment": 8, "attack_n_examples": 1000},
         scale={"seeds": 3, "ks": (1, 2, 3, 5, 7, 9), "attack_n_examples": 1000, "attack_n_iter": 100},
     ),
     "paper": Preset(
         "Appendix A.2 exactly (GPUs): ResNet-18, 200 epochs, PGD-10 at 8/255 step 2/255, teacher epoch 40; "
         "every k, the full test split, every checkpoint in the sweeps",
-        train={"run.checkpoint_epochs": tuple(range(20, 201, 20)), "run.teacher_epoch": 40,
-               "monitor.robust_every": 10, "monitor.robust_examples": 1000},
+        train={
+            "run.checkpoint_epochs": tuple(range(20, 201, 20)),
+            "run.teacher_epoch": 40,
+            "monitor.robust_every": 10,
+            "monitor.robust_examples": 1000,
+        },
         distill={"n_augment": 8},
         scale={"seeds": 3},
     ),
     "test": Preset(
         "Seconds on synthetic data: for the test suite only",
-        train={"data.dataset": "synthetic", "model.arch": "cnn-tiny", "data.stats_subset": 64, "optim.epochs": 2,
-               "optim.batch_size": 64, "optim.lr": 0.05, "adversary.steps": 2, "adversary.step_size": 4 / 255,
-               "monitor.robust_every": 1, "monitor.robust_examples": 32, "monitor.robust_steps": 2,
-               "monitor.bins": 40, "run.checkpoint_epochs": (1, 2), "run.eval_batch_size": 256, "run.amp": "false"},
+        train={
+            "data.dataset": "synthetic",
+            "model.arch": "cnn-tiny",
+            "data.stats_subset": 64,
+            "optim.epochs": 2,
+            "optim.batch_size": 64,
+            "optim.lr": 0.05,
+            "adversary.steps": 2,
+            "adversary.step_size": 4 / 255,
+            "monitor.robust_every": 1,
+            "monitor.robust_examples": 32,
+            "monitor.robust_steps": 2,
+            "monitor.bins": 40,
+            "run.checkpoint_epochs": (1, 2),
+            "run.eval_batch_size": 256,
+            "run.amp": "false",
+        },
         distill={"n_augment": 2, "attack_n_examples": 40, "attack_n_iter": 5},
-        scale={"seeds": 2, "datasets": ("synthetic",), "ks": (1,), "attack_n_examples": 40, "attack_n_iter": 5,
-               "manifold_images": 6, "manifold_perturbations": 4, "manifold_features": 50, "manifold_pgd_steps": 1},
+        scale={
+            "seeds": 2,
+            "datasets": ("synthetic",),
+            "ks": (1,),
+            "attack_n_examples": 40,
+            "attack_n_iter": 5,
+            "manifold_images": 6,
+            "manifold_perturbations": 4,
+            "manifold_features": 50,
+            "manifold_pgd_steps": 1,
+        },
     ),
 }
 

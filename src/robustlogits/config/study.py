@@ -28,7 +28,7 @@ class SweepConfig:
     workers_per_device: int = 1
     heartbeat: int = 10
     sampler_seed: int = 0
-    create_only: bool = False   # create the study and queue the grid; workers join elsewhere
+    create_only: bool = False  # create the study and queue the grid; workers join elsewhere
     overrides: list[str] = field(default_factory=list)
 
 
@@ -37,16 +37,16 @@ class ReproduceConfig:
     """One reproduction of the paper's study: its scale, seeds, selected steps and workers."""
 
     scale: str = "smoke"
-    seeds: int | None = None          # default: the scale's
+    seeds: int | None = None  # default: the scale's
     only: list[str] = field(default_factory=list)
     skip: list[str] = field(default_factory=list)
     workers: int = 1
-    storage: str | None = None        # Optuna storage shared with `sweep worker`s on other machines
+    storage: str | None = None  # Optuna storage shared with `sweep worker`s on other machines
     out: str = "reproduce"
     data_dir: str | None = None
     dry_run: bool = False
     experiment: str = "robustlogits-reproduce"
-    heartbeat: int = 10               # seconds; a silent worker's step is queued again after 3 beats
+    heartbeat: int = 10  # seconds; a silent worker's step is queued again after 3 beats
 
 
 @dataclass(frozen=True)
@@ -54,13 +54,13 @@ class ScaleConfig:
     """How big each part of the study is. Every value is logged as a param of the study run."""
 
     name: str
-    preset: str                            # train/distill preset (model, data, epochs)
+    preset: str  # train/distill preset (model, data, epochs)
     seeds: int
     datasets: tuple[str, ...] = ("cifar10", "cifar100")
-    ks: tuple[int, ...] | None = None      # fix-k values (None: 1..C-1, Figure 4B)
+    ks: tuple[int, ...] | None = None  # fix-k values (None: 1..C-1, Figure 4B)
     fix_modes: tuple[str, ...] = ("permute", "average")
     train_overrides: tuple[str, ...] = ()
-    attack_n_examples: int | None = None   # None: the whole test split
+    attack_n_examples: int | None = None  # None: the whole test split
     attack_n_iter: int = 100
     sweep_epochs: tuple[int, ...] | None = None  # A.6 / A.7 teacher checkpoints (None: all)
     sweep_losses: tuple[str, ...] = ("l1", "kl")

@@ -178,16 +178,12 @@ class TrainConfig:
             raise UserError("adversary.step_size must be >= 0 and adversary.steps >= 1")
         for epoch in self.run.checkpoint_epochs:
             if not 1 <= epoch <= o.epochs:
-                raise UserError(
-                    f"checkpoint epoch {epoch} is outside 1..{o.epochs} (the last epoch is {o.epochs})"
-                )
+                raise UserError(f"checkpoint epoch {epoch} is outside 1..{o.epochs} (the last epoch is {o.epochs})")
         if self.data.dataset == "synthetic" and self.data.synthetic_classes < 2:
             raise UserError("data.synthetic_classes must be >= 2")
         teacher = self.run.teacher_epoch
         if teacher is not None and teacher not in self.run.checkpoint_epochs:
-            raise UserError(
-                f"teacher epoch {teacher} is not a checkpoint epoch {list(self.run.checkpoint_epochs)}"
-            )
+            raise UserError(f"teacher epoch {teacher} is not a checkpoint epoch {list(self.run.checkpoint_epochs)}")
         if self.data.train_subset is not None and self.data.train_subset < 1:
             raise UserError(f"data.train_subset must be >= 1, got {self.data.train_subset}")
         if self.data.stats_subset < 1:

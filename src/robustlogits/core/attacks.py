@@ -208,7 +208,9 @@ def check_bounds(x_adv: torch.Tensor, x: torch.Tensor, eps: float, tol: float = 
     worst = float(dist.max())
     if worst > eps + tol:
         n_out = int((dist > eps + tol).sum())
-        raise AttackBoundsError(f"{n_out} adversarial images outside the Linf ball: max |delta| {worst:.8f} > eps {eps:.8f}")
+        raise AttackBoundsError(
+            f"{n_out} adversarial images outside the Linf ball: max |delta| {worst:.8f} > eps {eps:.8f}"
+        )
 
 
 def _as_images(images: Any) -> torch.Tensor:
@@ -230,7 +232,9 @@ def _as_images(images: Any) -> torch.Tensor:
         raise UserError("images contain NaN or inf")
     lo, hi = float(x.min()), float(x.max())
     if lo < 0.0 or hi > 1.0:
-        raise UserError(f"float images must be in [0,1] pixel space (models normalise inside); got range [{lo:.4g}, {hi:.4g}]")
+        raise UserError(
+            f"float images must be in [0,1] pixel space (models normalise inside); got range [{lo:.4g}, {hi:.4g}]"
+        )
     return x.contiguous()
 
 
@@ -429,8 +433,24 @@ def evaluate_robustness(
     eps = float(eps)
 
     try:
-        result = _evaluate(model, x, y, index, eps, int(n_iter), int(n_restarts), seed, suite, batch_size,
-                           dev, progress, n_classes, keep_adversarial, backend, collector)
+        result = _evaluate(
+            model,
+            x,
+            y,
+            index,
+            eps,
+            int(n_iter),
+            int(n_restarts),
+            seed,
+            suite,
+            batch_size,
+            dev,
+            progress,
+            n_classes,
+            keep_adversarial,
+            backend,
+            collector,
+        )
     except BaseException:
         # a library warning may explain the failure; never let it replace the error itself
         with contextlib.suppress(Exception):
@@ -440,8 +460,24 @@ def evaluate_robustness(
     return result
 
 
-def _evaluate(model, x, y, index, eps, n_iter, n_restarts, seed, suite, batch_size, dev, progress,
-              n_classes, keep_adversarial, backend, collector) -> AttackResult:
+def _evaluate(
+    model,
+    x,
+    y,
+    index,
+    eps,
+    n_iter,
+    n_restarts,
+    seed,
+    suite,
+    batch_size,
+    dev,
+    progress,
+    n_classes,
+    keep_adversarial,
+    backend,
+    collector,
+) -> AttackResult:
     n = x.shape[0]
     t0 = time.perf_counter()
     rng_devices = [dev.index] if dev.type == "cuda" else []
@@ -467,8 +503,14 @@ def _evaluate(model, x, y, index, eps, n_iter, n_restarts, seed, suite, batch_si
             aa_adapter.run_model_checks(fmodel, x[:bs].to(dev), y[:bs].to(dev), attacks=attacks, collector=collector)
             apgd = {
                 name: aa_adapter.make_apgd(
-                    fmodel, loss=name.split("-")[1], eps=eps, n_iter=n_iter,
-                    n_restarts=n_restarts, seed=seed, device=dev, collector=collector,
+                    fmodel,
+                    loss=name.split("-")[1],
+                    eps=eps,
+                    n_iter=n_iter,
+                    n_restarts=n_restarts,
+                    seed=seed,
+                    device=dev,
+                    collector=collector,
                 )
                 for name in attacks
             }
@@ -476,7 +518,9 @@ def _evaluate(model, x, y, index, eps, n_iter, n_restarts, seed, suite, batch_si
             used_iter, used_restarts = n_iter, n_restarts
             final_checks = None
         else:
-            std = aa_adapter.make_standard_autoattack(fmodel, eps=eps, seed=seed, device=dev, n_classes=n_cls, collector=collector)
+            std = aa_adapter.make_standard_autoattack(
+                fmodel, eps=eps, seed=seed, device=dev, n_classes=n_cls, collector=collector
+            )
             attacks = list(std.attacks)
             run_fns = {name: (lambda xb, yb, _n=name: std.run(_n, xb, yb, batch_size=xb.shape[0])) for name in attacks}
             used_iter, used_restarts = int(std.aa.apgd.n_iter), int(std.aa.apgd.n_restarts)
@@ -490,7 +534,9 @@ def _evaluate(model, x, y, index, eps, n_iter, n_restarts, seed, suite, batch_si
         for name in attacks:
             todo = torch.nonzero(robust).reshape(-1)
             if todo.numel() > 0:
-                bs, broken, logits, advs = _run_stage(name, run_fns[name], fmodel, x, y, todo, bs, dev, eps, progress, keep_adversarial)
+                bs, broken, logits, advs = _run_stage(
+                    name, run_fns[name], fmodel, x, y, todo, bs, dev, eps, progress, keep_adversarial
+                )
                 robust[broken] = False
                 broken_by[broken.numpy()] = name
                 adv_logits[broken] = logits
@@ -593,10 +639,21 @@ def check_n_examples(n_examples: int | None, test) -> None:
         raise UserError(f"n-examples {n_examples} is larger than the test split ({len(test)} images)")
 
 
-def attack_split(model: torch.nn.Module, test, num_classes: int, *, n_examples: int | None = None,
-                 eps: float = 8 / 255, n_iter: int = 100, n_restarts: int = 1, seed: int = 0,
-                 suite: str = "apgd-ce-dlr", batch_size: int | None = None, device=None,
-                 progress: bool | None = None) -> AttackResult:
+def attack_split(
+    model: torch.nn.Module,
+    test,
+    num_classes: int,
+    *,
+    n_examples: int | None = None,
+    eps: float = 8 / 255,
+    n_iter: int = 100,
+    n_restarts: int = 1,
+    seed: int = 0,
+    suite: str = "apgd-ce-dlr",
+    batch_size: int | None = None,
+    device=None,
+    progress: bool | None = None,
+) -> AttackResult:
     """Attack a stratified, seeded subset (or all) of a test `Split`: the attack job's and a
     distillation's final attack are the same call."""
     from robustlogits.core.data import stratified_indices
@@ -604,6 +661,18 @@ def attack_split(model: torch.nn.Module, test, num_classes: int, *, n_examples: 
     check_n_examples(n_examples, test)
     if n_examples is not None:
         test = test.subset(stratified_indices(test.labels.cpu().numpy(), n_examples, seed))
-    return evaluate_robustness(model, test.images, test.labels, indices=test.indices, eps=eps, n_iter=n_iter,
-                               n_restarts=n_restarts, seed=seed, suite=suite, batch_size=batch_size, device=device,
-                               progress=progress, n_classes=num_classes)
+    return evaluate_robustness(
+        model,
+        test.images,
+        test.labels,
+        indices=test.indices,
+        eps=eps,
+        n_iter=n_iter,
+        n_restarts=n_restarts,
+        seed=seed,
+        suite=suite,
+        batch_size=batch_size,
+        device=device,
+        progress=progress,
+        n_classes=num_classes,
+    )

@@ -156,9 +156,7 @@ class WarningCollector:
     @property
     def messages(self) -> list[str]:
         """Unique warnings, first-seen order, with a repeat count when seen more than once."""
-        return [
-            f"{self.source}: {m}" + (f" (x{n})" if n > 1 else "") for m, n in self._counts.items()
-        ]
+        return [f"{self.source}: {m}" + (f" (x{n})" if n > 1 else "") for m, n in self._counts.items()]
 
     def emit(self, stacklevel: int = 2) -> None:
         """Re-raise every collected warning as an :class:`AutoAttackWarning`."""

@@ -46,8 +46,7 @@ def parse_normalization(text: str | None) -> tuple[list[float], list[float]] | N
     except ValueError:
         values = []
     if len(values) not in (2, 6):
-        raise UserError(f"unknown normalisation {text!r}; use none, cifar10, cifar100, MEAN,STD or "
-                        "M1,M2,M3,S1,S2,S3")
+        raise UserError(f"unknown normalisation {text!r}; use none, cifar10, cifar100, MEAN,STD or M1,M2,M3,S1,S2,S3")
     mean, std = (values[:1] * 3, values[1:] * 3) if len(values) == 2 else (values[:3], values[3:])
     if min(std) <= 0:
         raise UserError(f"normalisation std must be > 0, got {std}")
@@ -73,6 +72,7 @@ def file_digest(path: Path) -> str:
 
 
 # --- reading a checkpoint --------------------------------------------------------------------------
+
 
 def is_torchscript(path: Path) -> bool:
     if not zipfile.is_zipfile(path):
@@ -102,8 +102,10 @@ def read_checkpoint(path: Path, trust_pickle: bool) -> tuple[str, object]:
     with open(path, "rb") as f:
         is_pickle = f.read(1) == b"\x80"  # torch's legacy format starts with a pickle protocol byte
     if not zipfile.is_zipfile(path) and not is_pickle:
-        raise UserError(f"cannot read {path} as a PyTorch checkpoint: neither a torch.save file, "
-                        "a TorchScript archive nor .safetensors")
+        raise UserError(
+            f"cannot read {path} as a PyTorch checkpoint: neither a torch.save file, "
+            "a TorchScript archive nor .safetensors"
+        )
     try:
         content = torch.load(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
@@ -127,8 +129,10 @@ def _pickled_object(path: Path, trust_pickle: bool) -> object:
     names = sorted(names, key=lambda n: n.startswith(("torch.", "collections.")))  # the unusual ones first
     named = f" (it names {', '.join(names[:3])}{'...' if len(names) > 3 else ''})" if names else ""
     if not trust_pickle:
-        raise UserError(f"{path} is a pickled Python object{named}; loading it runs code from the file: "
-                        "pass --trust-pickle only if you trust its source")
+        raise UserError(
+            f"{path} is a pickled Python object{named}; loading it runs code from the file: "
+            "pass --trust-pickle only if you trust its source"
+        )
     try:
         return torch.load(str(path), map_location="cpu", weights_only=False)
     except Exception as exc:  # noqa: BLE001
@@ -145,14 +149,16 @@ def find_state_dict(content: Mapping, path: Path) -> dict[str, torch.Tensor]:
     state = dict(content)
     for prefix in STRIPPED_PREFIXES:
         if state and all(k.startswith(prefix) for k in state):
-            state = {k[len(prefix):]: v for k, v in state.items()}
+            state = {k[len(prefix) :]: v for k, v in state.items()}
     return state
 
 
 # --- turning what was read into a model that takes [0,1] images -----------------------------------
 
-def model_from_state_dict(state: dict[str, torch.Tensor], arch: str | None, num_classes: int, dataset: str,
-                          normalization, what: str) -> Normalized:
+
+def model_from_state_dict(
+    state: dict[str, torch.Tensor], arch: str | None, num_classes: int, dataset: str, normalization, what: str
+) -> Normalized:
     """Our wrapper around the factory's network; a state dict of our own wrapper (net.*, mean, std)
     brings its normalisation along unless one is given."""
     if arch is None:
@@ -160,7 +166,7 @@ def model_from_state_dict(state: dict[str, torch.Tensor], arch: str | None, num_
     if "mean" in state and "std" in state and any(k.startswith("net.") for k in state):
         if normalization is None:
             normalization = (state["mean"].flatten().tolist(), state["std"].flatten().tolist())
-        state = {k[len("net."):]: v for k, v in state.items() if k.startswith("net.")}
+        state = {k[len("net.") :]: v for k, v in state.items() if k.startswith("net.")}
     model = build_model(arch, num_classes, dataset, normalization or ([0.0] * 3, [1.0] * 3))
     load_state(model.net, state, what)
     return model
@@ -171,8 +177,12 @@ def build_imported(cfg: ImportConfig, num_classes: int) -> tuple[Normalized, dic
     normalization = parse_normalization(cfg.normalization)
     if cfg.robustbench:
         net, weights = load_robustbench(cfg.robustbench, cfg.model_dir, cfg.dataset, cfg.threat_model)
-        source = {"source_format": "robustbench", "robustbench_model": cfg.robustbench,
-                  "source_path": str(weights.resolve()), "source_sha256": file_digest(weights)}
+        source = {
+            "source_format": "robustbench",
+            "robustbench_model": cfg.robustbench,
+            "source_path": str(weights.resolve()),
+            "source_sha256": file_digest(weights),
+        }
         kind, content = "pickled_module", net
     else:
         path = Path(cfg.checkpoint)
@@ -184,8 +194,12 @@ def build_imported(cfg: ImportConfig, num_classes: int) -> tuple[Normalized, dic
     elif cfg.arch is not None:  # a module whose architecture we know: keep only its weights
         model = model_from_state_dict(content.state_dict(), cfg.arch, num_classes, cfg.dataset, normalization, what)
     elif isinstance(content, Normalized) and buildable(content.arch):  # one of ours, pickled
-        model = build_model(content.arch, num_classes, cfg.dataset,
-                            normalization or (content.mean.flatten().tolist(), content.std.flatten().tolist()))
+        model = build_model(
+            content.arch,
+            num_classes,
+            cfg.dataset,
+            normalization or (content.mean.flatten().tolist(), content.std.flatten().tolist()),
+        )
         load_state(model.net, content.net.state_dict(), what)
     else:
         mean, std = normalization or ([0.0] * 3, [1.0] * 3)
@@ -206,8 +220,10 @@ def _as_exportable(net: nn.Module, what: str) -> nn.Module:
             graph = TS2EPConverter(net, (torch.rand(2, 3, 32, 32),)).convert().module()
         return ExternalModel(graph, num_classes=0, arch="torchscript")  # eval-only, like any exported graph
     except Exception as exc:  # noqa: BLE001
-        raise UserError(f"cannot convert TorchScript {what} to an exported graph ({str(exc).splitlines()[0][:200]}); "
-                        "pass --arch so its weights are loaded into a known architecture") from None
+        raise UserError(
+            f"cannot convert TorchScript {what} to an exported graph ({str(exc).splitlines()[0][:200]}); "
+            "pass --arch so its weights are loaded into a known architecture"
+        ) from None
 
 
 def load_robustbench(name: str, model_dir: str, dataset: str, threat_model: str) -> tuple[nn.Module, Path]:
@@ -216,12 +232,16 @@ def load_robustbench(name: str, model_dir: str, dataset: str, threat_model: str)
     try:
         from robustbench.utils import load_model
     except ImportError:
-        raise UserError("--robustbench needs the robustbench package installed "
-                        "(pip install git+https://github.com/RobustBench/robustbench)") from None
+        raise UserError(
+            "--robustbench needs the robustbench package installed "
+            "(pip install git+https://github.com/RobustBench/robustbench)"
+        ) from None
     weights = Path(model_dir) / dataset / threat_model / f"{name}.pt"
     if not weights.is_file():
-        raise UserError(f"RobustBench weights for {name} not found at {weights}; put them there first "
-                        "(this command does not download)")
+        raise UserError(
+            f"RobustBench weights for {name} not found at {weights}; put them there first "
+            "(this command does not download)"
+        )
     try:
         net = load_model(model_name=name, model_dir=model_dir, dataset=dataset, threat_model=threat_model)
     except Exception as exc:  # noqa: BLE001
@@ -233,24 +253,30 @@ def load_robustbench(name: str, model_dir: str, dataset: str, threat_model: str)
 
 # --- checking it, then registering it ----------------------------------------------------------
 
+
 @torch.no_grad()
-def check_model(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, num_classes: int,
-                what: str, batch_size: int = 256) -> float:
+def check_model(
+    model: nn.Module, images: torch.Tensor, labels: torch.Tensor, num_classes: int, what: str, batch_size: int = 256
+) -> float:
     """Natural accuracy on [0,1] images, after checking the output is finite [N, num_classes]."""
     correct = 0
     for start in range(0, len(images), batch_size):
-        x = to_float(images[start:start + batch_size])
+        x = to_float(images[start : start + batch_size])
         try:
             out = model(x)
         except Exception as exc:  # noqa: BLE001
-            raise UserError(f"{what} fails on [N, 3, 32, 32] images in [0,1]: {str(exc).splitlines()[0][:300]}") from None
+            raise UserError(
+                f"{what} fails on [N, 3, 32, 32] images in [0,1]: {str(exc).splitlines()[0][:300]}"
+            ) from None
         if not isinstance(out, torch.Tensor) or out.dim() != 2 or out.shape != (len(x), num_classes):
             shape = list(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-            raise UserError(f"{what} outputs {shape} for {len(x)} images; expected [N, C] = [{len(x)}, {num_classes}] "
-                            "(logits for every class)")
+            raise UserError(
+                f"{what} outputs {shape} for {len(x)} images; expected [N, C] = [{len(x)}, {num_classes}] "
+                "(logits for every class)"
+            )
         if not torch.isfinite(out).all():
             raise UserError(f"{what} outputs non-finite logits")
-        correct += int((out.argmax(1) == labels[start:start + batch_size]).sum())
+        correct += int((out.argmax(1) == labels[start : start + batch_size]).sum())
     return correct / len(images)
 
 
@@ -262,9 +288,9 @@ def check_export(model: Normalized, images: torch.Tensor, what: str) -> None:
         graph = torch.export.export(model, (x,), dynamic_shapes=[{0: torch.export.Dim.AUTO}]).module()
         same = torch.allclose(graph(x), model(x), rtol=1e-4, atol=1e-4)
     except Exception as exc:  # noqa: BLE001
-        raise UserError(f"{what} cannot be stored as an exported graph ({str(exc).splitlines()[0][:200]}); "
-                        "pass --arch so its weights are loaded into a known architecture") from None
+        raise UserError(
+            f"{what} cannot be stored as an exported graph ({str(exc).splitlines()[0][:200]}); "
+            "pass --arch so its weights are loaded into a known architecture"
+        ) from None
     if not same:
         raise UserError(f"{what} gives different logits once exported (data-dependent control flow?); pass --arch")
-
-

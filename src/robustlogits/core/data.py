@@ -43,7 +43,7 @@ class RawDataset:
     classes: tuple[str, ...]
     source: str
     digest: str
-    root: str | None = None   # the folder searched, as an absolute path (what runs record)
+    root: str | None = None  # the folder searched, as an absolute path (what runs record)
 
     @property
     def num_classes(self) -> int:
@@ -51,6 +51,7 @@ class RawDataset:
 
 
 # --- locating and decoding ------------------------------------------------------------------
+
 
 def cache_root() -> Path:
     return Path(os.environ.get("ROBUSTLOGITS_CACHE", Path.home() / ".cache" / "robustlogits"))
@@ -64,8 +65,14 @@ def default_data_dirs() -> list[Path]:
     return [Path("data"), Path("..") / "shared" / "data"]
 
 
-def load_raw(dataset: str, data_dir: str | Path | None = None, *, synthetic: dict | None = None,
-             hint: str | Path | None = None, digest: str | None = None) -> RawDataset:
+def load_raw(
+    dataset: str,
+    data_dir: str | Path | None = None,
+    *,
+    synthetic: dict | None = None,
+    hint: str | Path | None = None,
+    digest: str | None = None,
+) -> RawDataset:
     """Find, decode (or read from cache) and return a dataset's train and test splits.
 
     `digest` (the content digest a model was trained on) makes the search fit for data that
@@ -94,8 +101,9 @@ def load_raw(dataset: str, data_dir: str | Path | None = None, *, synthetic: dic
             mismatched.append(f"{root.absolute()} holds digest {found.digest}")
             continue
         if mismatched:
-            logging.getLogger(__name__).warning("skipped data with another digest (%s); using %s",
-                                                "; ".join(mismatched), root.absolute())
+            logging.getLogger(__name__).warning(
+                "skipped data with another digest (%s); using %s", "; ".join(mismatched), root.absolute()
+            )
         return dataclasses.replace(found, root=str(root.expanduser().resolve()))
     downloaded = None if mismatched else _try_torchvision_download(dataset, looked)
     if downloaded is not None:
@@ -106,7 +114,8 @@ def load_raw(dataset: str, data_dir: str | Path | None = None, *, synthetic: dic
     if mismatched:
         raise UserError(
             f"no {dataset} data with the model's content digest {digest} found: {'; '.join(mismatched)}. "
-            f"Also looked under {where}. Point --data-dir (or ROBUSTLOGITS_DATA) at the data the model was trained on.")
+            f"Also looked under {where}. Point --data-dir (or ROBUSTLOGITS_DATA) at the data the model was trained on."
+        )
     raise UserError(
         f"no {dataset} data found under {where}. Looked for: {'; '.join(looked)}. "
         "Point --data-dir (or ROBUSTLOGITS_DATA) at a folder holding the official python pickles "
@@ -158,12 +167,20 @@ def _load_from_dir(directory: Path, dataset: str, looked: list[str]) -> RawDatas
     pickles = directory / _pickle_dirname(dataset)
     for pdir in (pickles, directory):
         if _has_pickles(pdir, dataset):
-            return _cached(dataset, "pickle", pdir, _pickle_files(pdir, dataset), lambda bar, pdir=pdir: _decode_pickles(pdir, dataset, bar))
+            return _cached(
+                dataset,
+                "pickle",
+                pdir,
+                _pickle_files(pdir, dataset),
+                lambda bar, pdir=pdir: _decode_pickles(pdir, dataset, bar),
+            )
     looked.append(f"pickle layout {pickles}")
     if (directory / "train").is_dir() and (directory / "test").is_dir():
         files = sorted(p for p in directory.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
         if files:
-            return _cached(dataset, "imagefolder", directory, files, lambda bar: _decode_image_folder(directory, dataset, bar))
+            return _cached(
+                dataset, "imagefolder", directory, files, lambda bar: _decode_image_folder(directory, dataset, bar)
+            )
     looked.append(f"image-folder layout {directory}/train/<class>/, {directory}/test/<class>/")
     return None
 
@@ -294,20 +311,33 @@ def _cached(dataset: str, kind: str, directory: Path, files: list[Path], decode)
             with np.load(path, allow_pickle=False) as z:
                 log.info("%s: using the decoded cache %s", dataset, path)
                 return RawDataset(
-                    z["train_images"], z["train_labels"], z["test_images"], z["test_labels"],
-                    tuple(str(c) for c in z["classes"]), f"{kind}:{directory}", str(z["digest"]),
+                    z["train_images"],
+                    z["train_labels"],
+                    z["test_images"],
+                    z["test_labels"],
+                    tuple(str(c) for c in z["classes"]),
+                    f"{kind}:{directory}",
+                    str(z["digest"]),
                 )
         except Exception:  # noqa: BLE001 - a damaged cache is rebuilt, never trusted
             path.unlink(missing_ok=True)
-    log.info("%s: decoding %d files from %s into %s (once: later runs read this cache)",
-             dataset, len(files), directory, path)
+    log.info(
+        "%s: decoding %d files from %s into %s (once: later runs read this cache)", dataset, len(files), directory, path
+    )
     with Progress(len(files), f"decoding {dataset}", "file") as bar:
         train_x, train_y, test_x, test_y, classes = decode(bar)
     digest = array_digest(train_x, train_y, test_x, test_y)
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".tmp.npz", delete=False) as tmp:
-        np.savez(tmp, train_images=train_x, train_labels=train_y, test_images=test_x,
-                 test_labels=test_y, classes=np.asarray(classes), digest=np.asarray(digest))
+        np.savez(
+            tmp,
+            train_images=train_x,
+            train_labels=train_y,
+            test_images=test_x,
+            test_labels=test_y,
+            classes=np.asarray(classes),
+            digest=np.asarray(digest),
+        )
     os.replace(tmp.name, path)
     return RawDataset(train_x, train_y, test_x, test_y, tuple(classes), f"{kind}:{directory}", digest)
 
@@ -334,8 +364,11 @@ def _extract_archive(archive: Path) -> Path:
     tmp = Path(tempfile.mkdtemp(dir=target.parent))
     try:
         size = archive.stat().st_size
-        with open(archive, "rb") as raw, tarfile.open(fileobj=raw, mode="r|*") as tar, \
-                Progress(size, f"extracting {archive.name}", "B") as bar:
+        with (
+            open(archive, "rb") as raw,
+            tarfile.open(fileobj=raw, mode="r|*") as tar,
+            Progress(size, f"extracting {archive.name}", "B") as bar,
+        ):
             for member in tar:  # streamed: progress follows the compressed bytes read
                 tar.extract(member, tmp, filter="data")
                 bar.update(raw.tell() - bar.done)
@@ -377,8 +410,10 @@ def _try_torchvision_download(dataset: str, looked: list[str]) -> Path | None:
 
 # --- synthetic data ---------------------------------------------------------------------------
 
-def make_synthetic(train_per_class: int = 64, test_per_class: int = 16, num_classes: int = 10,
-                   size: int = 32, seed: int = 1234) -> RawDataset:
+
+def make_synthetic(
+    train_per_class: int = 64, test_per_class: int = 16, num_classes: int = 10, size: int = 32, seed: int = 1234
+) -> RawDataset:
     """Class-conditional images: a smooth per-class colour pattern plus per-image noise and shift.
 
     Learnable in a few steps by a tiny CNN, yet not separable by a single pixel, so training,
@@ -388,8 +423,9 @@ def make_synthetic(train_per_class: int = 64, test_per_class: int = 16, num_clas
         raise UserError("synthetic data needs >= 2 classes and >= 1 image per class per split")
     rng = np.random.default_rng(seed)
     coarse = rng.uniform(0, 1, size=(num_classes, 3, 4, 4))
-    base = torch.nn.functional.interpolate(torch.from_numpy(coarse), size=(size, size), mode="bilinear",
-                                           align_corners=False).numpy()
+    base = torch.nn.functional.interpolate(
+        torch.from_numpy(coarse), size=(size, size), mode="bilinear", align_corners=False
+    ).numpy()
 
     def split(per_class: int) -> tuple[np.ndarray, np.ndarray]:
         labels = np.repeat(np.arange(num_classes), per_class)
@@ -403,11 +439,19 @@ def make_synthetic(train_per_class: int = 64, test_per_class: int = 16, num_clas
     train_x, train_y = split(train_per_class)
     test_x, test_y = split(test_per_class)
     classes = tuple(f"class{i}" for i in range(num_classes))
-    return RawDataset(train_x, train_y, test_x, test_y, classes, f"synthetic:seed={seed}",
-                      array_digest(train_x, train_y, test_x, test_y))
+    return RawDataset(
+        train_x,
+        train_y,
+        test_x,
+        test_y,
+        classes,
+        f"synthetic:seed={seed}",
+        array_digest(train_x, train_y, test_x, test_y),
+    )
 
 
 # --- splits -------------------------------------------------------------------------------------
+
 
 def stratified_indices(labels: np.ndarray, n: int, seed: int) -> np.ndarray:
     """n indices with class proportions kept (largest-remainder rounding), sorted, seeded."""
@@ -459,14 +503,14 @@ class Split:
 
 @dataclass
 class DataBundle:
-    train: Split          # what the optimiser sees (augmented)
-    stats: Split          # fixed, un-augmented train subset whose logits are tracked
-    heldout: Split        # validation (CIFAR-10) or test (CIFAR-100) images tracked every epoch
-    test: Split           # the official test split (checkpoint logits, attacks)
+    train: Split  # what the optimiser sees (augmented)
+    stats: Split  # fixed, un-augmented train subset whose logits are tracked
+    heldout: Split  # validation (CIFAR-10) or test (CIFAR-100) images tracked every epoch
+    test: Split  # the official test split (checkpoint logits, attacks)
     classes: tuple[str, ...]
     digest: str
     source: str
-    split_record: dict    # what makes the split reproducible, logged as an artifact
+    split_record: dict  # what makes the split reproducible, logged as an artifact
     root: str | None = None  # absolute folder the data was found in (None: generated)
 
     @property
@@ -474,8 +518,16 @@ class DataBundle:
         return len(self.classes)
 
 
-def build_bundle(raw: RawDataset, *, val_per_class: int, split_seed: int, train_subset: int | None,
-                 stats_subset: int, heldout_subset: int | None, device: torch.device) -> DataBundle:
+def build_bundle(
+    raw: RawDataset,
+    *,
+    val_per_class: int,
+    split_seed: int,
+    train_subset: int | None,
+    stats_subset: int,
+    heldout_subset: int | None,
+    device: torch.device,
+) -> DataBundle:
     train_idx, val_idx = split_validation(raw.train_labels, val_per_class, split_seed)
     if train_subset is not None:
         if train_subset > len(train_idx):
@@ -493,9 +545,13 @@ def build_bundle(raw: RawDataset, *, val_per_class: int, split_seed: int, train_
     if heldout_subset is not None and heldout_subset < len(heldout):
         heldout = heldout.subset(stratified_indices(heldout.labels.cpu().numpy(), heldout_subset, split_seed + 3))
     record = {
-        "val_per_class": val_per_class, "split_seed": split_seed, "train_subset": train_subset,
-        "train_indices": train_idx.tolist(), "val_indices": val_idx.tolist(),
-        "stats_indices": stats.indices.tolist(), "heldout_split": heldout.name,
+        "val_per_class": val_per_class,
+        "split_seed": split_seed,
+        "train_subset": train_subset,
+        "train_indices": train_idx.tolist(),
+        "val_indices": val_idx.tolist(),
+        "stats_indices": stats.indices.tolist(),
+        "heldout_split": heldout.name,
         "heldout_indices": heldout.indices.tolist(),
     }
     return DataBundle(train, stats, heldout, test, raw.classes, raw.digest, raw.source, record, raw.root)
@@ -503,24 +559,48 @@ def build_bundle(raw: RawDataset, *, val_per_class: int, split_seed: int, train_
 
 # --- batches and augmentation -------------------------------------------------------------------
 
+
 def load_bundle(cfg, device: torch.device, *, hint: str | None = None, digest: str | None = None) -> DataBundle:
     """The splits a training config asks for (`cfg`: a TrainConfig), on `device`; `hint` and
     `digest` find a model's training data again (see `load_raw`)."""
     d = cfg.data
-    raw = load_raw(d.dataset, d.data_dir, hint=hint, digest=digest, synthetic=dict(
-        train_per_class=d.synthetic_train_per_class, test_per_class=d.synthetic_test_per_class,
-        num_classes=d.synthetic_classes, size=d.synthetic_size))
-    return build_bundle(raw, val_per_class=cfg.resolved_val_per_class(), split_seed=d.split_seed,
-                        train_subset=d.train_subset, stats_subset=d.stats_subset,
-                        heldout_subset=d.heldout_subset, device=device)
+    raw = load_raw(
+        d.dataset,
+        d.data_dir,
+        hint=hint,
+        digest=digest,
+        synthetic=dict(
+            train_per_class=d.synthetic_train_per_class,
+            test_per_class=d.synthetic_test_per_class,
+            num_classes=d.synthetic_classes,
+            size=d.synthetic_size,
+        ),
+    )
+    return build_bundle(
+        raw,
+        val_per_class=cfg.resolved_val_per_class(),
+        split_seed=d.split_seed,
+        train_subset=d.train_subset,
+        stats_subset=d.stats_subset,
+        heldout_subset=d.heldout_subset,
+        device=device,
+    )
 
 
-def load_test_split(dataset: str, data_dir: str | None, device: torch.device, synthetic_params: dict | None = None,
-                    *, hint: str | None = None, digest: str | None = None):
+def load_test_split(
+    dataset: str,
+    data_dir: str | None,
+    device: torch.device,
+    synthetic_params: dict | None = None,
+    *,
+    hint: str | None = None,
+    digest: str | None = None,
+):
     """The whole official test split (and the raw dataset it came from)."""
     raw = load_raw(dataset, data_dir, synthetic=synthetic_params, hint=hint, digest=digest)
-    bundle = build_bundle(raw, val_per_class=0, split_seed=0, train_subset=None, stats_subset=1,
-                          heldout_subset=None, device=device)
+    bundle = build_bundle(
+        raw, val_per_class=0, split_seed=0, train_subset=None, stats_subset=1, heldout_subset=None, device=device
+    )
     return bundle.test, raw
 
 
@@ -531,8 +611,8 @@ def augment(images: torch.Tensor, generator: torch.Generator, pad: int = 4) -> t
     padded = torch.nn.functional.pad(images, (pad, pad, pad, pad))
     offsets = torch.randint(0, 2 * pad + 1, (n, 2), generator=generator, device=generator.device).to(dev)
     flips = torch.rand(n, generator=generator, device=generator.device).to(dev) < 0.5
-    rows = offsets[:, 0, None] + torch.arange(h, device=dev)          # [n, h]
-    cols = offsets[:, 1, None] + torch.arange(w, device=dev)          # [n, w]
+    rows = offsets[:, 0, None] + torch.arange(h, device=dev)  # [n, h]
+    cols = offsets[:, 1, None] + torch.arange(w, device=dev)  # [n, w]
     cols = torch.where(flips[:, None], cols.flip(1), cols)
     batch = torch.arange(n, device=dev)[:, None, None, None]
     chan = torch.arange(c, device=dev)[None, :, None, None]
@@ -555,4 +635,4 @@ def iterate_batches(n: int, batch_size: int, generator: torch.Generator | None =
         order = torch.arange(n)
     stop = n - n % batch_size if drop_last and n >= batch_size else n
     for start in range(0, stop, batch_size):
-        yield order[start:start + batch_size]
+        yield order[start : start + batch_size]

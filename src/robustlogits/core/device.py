@@ -97,6 +97,8 @@ def worker_devices(n_workers: int, workers_per_device: int = 1) -> list[str | No
     if not gpus:
         return [None] * n_workers
     if n_workers > gpus * workers_per_device:
-        raise UserError(f"{n_workers} workers do not fit {gpus} GPU(s) x {workers_per_device} workers per device; "
-                        "raise --workers-per-device or lower --workers")
+        raise UserError(
+            f"{n_workers} workers do not fit {gpus} GPU(s) x {workers_per_device} workers per device; "
+            "raise --workers-per-device or lower --workers"
+        )
     return [f"cuda:{i % gpus}" for i in range(n_workers)]

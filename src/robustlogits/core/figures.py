@@ -30,7 +30,7 @@ def evolution_figure(histograms: dict[int, dict], quantity: str, title: str = ""
     fig, axes = plt.subplots(1, len(splits), figsize=(5.5 * len(splits), 4), squeeze=False, sharey=True)
     for ax, split in zip(axes[0], splits):
         frac = fractions[split]
-        mesh = ax.pcolormesh(x_edges, edges[lo:hi + 1], frac[:, lo:hi].T, cmap="magma", shading="flat")
+        mesh = ax.pcolormesh(x_edges, edges[lo : hi + 1], frac[:, lo:hi].T, cmap="magma", shading="flat")
         ax.plot(epochs, (frac * centres).sum(1), color="cyan", lw=1.5, label="mean (binned)")
         ax.set_xlabel("epoch")
         ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))

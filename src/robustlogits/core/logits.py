@@ -14,15 +14,16 @@ from robustlogits.core.data import to_float
 
 
 @torch.no_grad()
-def compute_logits(model: torch.nn.Module, images: torch.Tensor, batch_size: int = 500,
-                   channels_last: bool = False) -> torch.Tensor:
+def compute_logits(
+    model: torch.nn.Module, images: torch.Tensor, batch_size: int = 500, channels_last: bool = False
+) -> torch.Tensor:
     """fp32 logits in eval mode (the model's mode is restored); uint8 or [0,1] float images."""
     was_training = model.training
     model.eval()
     out = []
     try:
         for start in range(0, len(images), batch_size):
-            chunk = images[start:start + batch_size]
+            chunk = images[start : start + batch_size]
             x = to_float(chunk, channels_last) if chunk.dtype == torch.uint8 else chunk
             out.append(model(x).float())
     finally:
@@ -57,8 +58,9 @@ def histogram(values: np.ndarray, value_range: tuple[float, float], bins: int) -
     }
 
 
-def logit_report(logits: torch.Tensor, labels: torch.Tensor, split: str, max_logit_range, gap_range,
-                 bins: int) -> tuple[dict[str, float], dict]:
+def logit_report(
+    logits: torch.Tensor, labels: torch.Tensor, split: str, max_logit_range, gap_range, bins: int
+) -> tuple[dict[str, float], dict]:
     """Metrics named `<split>_<quantity>_<stat>` plus `<split>_accuracy`, and the split's histograms."""
     max_logit, gap = max_logit_and_gap(logits)
     metrics = {f"{split}_accuracy": float((logits.argmax(1) == labels.to(logits.device)).float().mean())}

@@ -95,9 +95,7 @@ def _check_labels(labels: object, targets: torch.Tensor) -> torch.Tensor:
         raise UserError(f"labels must be an integer tensor, got {labels.dtype}")
     n, c = targets.shape
     if labels.shape != (n,):
-        raise UserError(
-            f"labels must have shape [{n}] to match targets [{n}, {c}], got {tuple(labels.shape)}"
-        )
+        raise UserError(f"labels must have shape [{n}] to match targets [{n}, {c}], got {tuple(labels.shape)}")
     lo, hi = int(labels.min()), int(labels.max())
     if lo < 0 or hi >= c:
         raise UserError(f"labels must lie in 0..{c - 1}, got values in {lo}..{hi}")
@@ -217,8 +215,7 @@ def hybrid(at_targets: torch.Tensor, st_targets: torch.Tensor) -> torch.Tensor:
     st_targets = _check_targets(st_targets, "st_targets")
     if st_targets.shape != at_targets.shape:
         raise UserError(
-            f"st_targets shape {tuple(st_targets.shape)} must match targets shape "
-            f"{tuple(at_targets.shape)}"
+            f"st_targets shape {tuple(st_targets.shape)} must match targets shape {tuple(at_targets.shape)}"
         )
     at_sorted = torch.sort(at_targets, dim=1, descending=True).values
     st_order = _rank(st_targets.to(at_targets.device))
@@ -245,9 +242,7 @@ def manipulate(
     hybrid. Everything is validated up front so a bad run fails before training.
     """
     if manipulation not in MANIPULATIONS:
-        raise UserError(
-            f"unknown manipulation {manipulation!r}; choose one of {', '.join(MANIPULATIONS)}"
-        )
+        raise UserError(f"unknown manipulation {manipulation!r}; choose one of {', '.join(MANIPULATIONS)}")
     targets = _check_targets(targets)
     labels = _check_labels(labels, targets)
     if manipulation in _NEEDS_K:
@@ -271,9 +266,7 @@ def manipulate(
     return hybrid(targets, st_targets)
 
 
-def manipulation_report(
-    original: torch.Tensor, manipulated: torch.Tensor, labels: torch.Tensor
-) -> dict:
+def manipulation_report(original: torch.Tensor, manipulated: torch.Tensor, labels: torch.Tensor) -> dict:
     """Counts to log beside each run: how much the manipulation moved the argmax.
 
     ``teacher_error_rate`` is the teacher's training-set error (paper: 19.6% for
@@ -284,8 +277,7 @@ def manipulation_report(
     manipulated = _check_targets(manipulated, "manipulated")
     if manipulated.shape != original.shape:
         raise UserError(
-            f"manipulated shape {tuple(manipulated.shape)} must match original shape "
-            f"{tuple(original.shape)}"
+            f"manipulated shape {tuple(manipulated.shape)} must match original shape {tuple(original.shape)}"
         )
     labels = _check_labels(labels, original)
     n = original.shape[0]

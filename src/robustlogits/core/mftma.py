@@ -133,9 +133,7 @@ def _validate(X: Any, kappa: float = 0.0) -> np.ndarray:
     except Exception as exc:  # ragged lists etc.
         raise UserError(f"manifold data must be an array of shape (P, N, M): {exc}") from exc
     if X.ndim != 3:
-        raise UserError(
-            f"manifold data must have shape (P manifolds, N features, M points); got ndim={X.ndim}"
-        )
+        raise UserError(f"manifold data must have shape (P manifolds, N features, M points); got ndim={X.ndim}")
     if not np.issubdtype(X.dtype, np.number) or np.iscomplexobj(X):
         raise UserError(f"manifold data must be real numbers; got dtype {X.dtype}")
     P, N, M = X.shape
@@ -265,8 +263,9 @@ def _optimise_subspace(X: np.ndarray, V0: np.ndarray, max_iter: int = 1000) -> n
         cost, grad = _residual_corr_cost(flat.reshape(shape), X)
         return cost, grad.ravel()
 
-    res = optimize.minimize(fun, V0.ravel(), jac=True, method="L-BFGS-B",
-                            options={"maxiter": max_iter, "gtol": 1e-8, "ftol": 1e-12})
+    res = optimize.minimize(
+        fun, V0.ravel(), jac=True, method="L-BFGS-B", options={"maxiter": max_iter, "gtol": 1e-8, "ftol": 1e-12}
+    )
     Q, _ = np.linalg.qr(res.x.reshape(shape))
     return Q
 
@@ -287,7 +286,7 @@ def _center_subspace_reference(C0: np.ndarray, n_reps: int, seed: int) -> tuple[
         return np.zeros((C0.shape[1], 0)), 0, _mean_abs_cos(C0 @ C0.T)
     rng = np.random.default_rng([int(seed), 4049])
     Q, _ = np.linalg.qr(C0.T)  # (N, min(N, P)): an orthonormal basis of the centres' span
-    basis = Q[:, :min(P - 1, Q.shape[1])]
+    basis = Q[:, : min(P - 1, Q.shape[1])]
     X = C0 @ basis  # (P, P-1)
     total = np.cumsum(S**2 / np.sum(S**2))
     max_k = int(np.argmax([v if v < 0.95 else 0 for v in total])) + 11
@@ -328,8 +327,14 @@ class _Embedded:
     n_components: int
 
 
-def _embed(X: np.ndarray, center_null_space: bool, max_center_components: int | None = None,
-           center_method: str = "principal", center_reps: int = 10, seed: int = 0) -> _Embedded:
+def _embed(
+    X: np.ndarray,
+    center_null_space: bool,
+    max_center_components: int | None = None,
+    center_method: str = "principal",
+    center_reps: int = 10,
+    seed: int = 0,
+) -> _Embedded:
     """Centre-normalised coordinates of every manifold's points (Gram + eigh, batched)."""
     P, N, M = X.shape
     centers = X.mean(axis=2, dtype=np.float64)  # (P, N)
@@ -361,7 +366,7 @@ def _embed(X: np.ndarray, center_null_space: bool, max_center_components: int | 
     gram = np.empty((P, M, M))
     for a in range(0, P, step):
         dev = deviations(a, min(P, a + step))
-        gram[a:a + step] = np.matmul(dev.transpose(0, 2, 1), dev)
+        gram[a : a + step] = np.matmul(dev.transpose(0, 2, 1), dev)
     evals, evecs = np.linalg.eigh(gram)  # ascending
     evals, evecs = evals[:, ::-1], evecs[:, :, ::-1]
     keep = evals > np.maximum(1e-10 * evals[:, :1], 1e-28)
@@ -372,10 +377,10 @@ def _embed(X: np.ndarray, center_null_space: bool, max_center_components: int | 
     # the coordinates, hence the Gaussian samples they meet, do not depend on point order or
     # on repeated points.
     for a in range(0, P, step):
-        axes = np.matmul(deviations(a, min(P, a + step)), evecs[a:a + step])  # (p, N, dmax)
+        axes = np.matmul(deviations(a, min(P, a + step)), evecs[a : a + step])  # (p, N, dmax)
         pick = np.abs(axes).argmax(axis=1)[:, None, :]
         sign = np.where(np.take_along_axis(axes, pick, axis=1)[:, 0, :] < 0, -1.0, 1.0)
-        evecs[a:a + step] *= sign[:, None, :]
+        evecs[a : a + step] *= sign[:, None, :]
     coords = evecs * np.sqrt(np.where(keep[:, :dmax], evals[:, :dmax], 0.0))[:, None, :]
     return _Embedded(coords, dims, cn, rho0, rho_res, k)
 
@@ -504,8 +509,9 @@ def _nnls_batched(
     return done
 
 
-def _solve_anchor(coords: np.ndarray, T: np.ndarray, kappa: float, max_iter: int | None = None,
-                  progress: bool = False) -> AnchorSolution:
+def _solve_anchor(
+    coords: np.ndarray, T: np.ndarray, kappa: float, max_iter: int | None = None, progress: bool = False
+) -> AnchorSolution:
     P, M, D = coords.shape
     n_t = T.shape[1]
     Tp = T.copy()
@@ -541,15 +547,13 @@ def _solve_anchor(coords: np.ndarray, T: np.ndarray, kappa: float, max_iter: int
         chunk = max(256, _CHUNK_ELEMS // (M * max(8, D + 1)))  # (b, K, K) blocks, K <= D + 1
         starts = range(0, ep.size, chunk)
         for a in _progress_iter(starts, len(starts), "anchor QP", progress):
-            cp, ck = ep[a:a + chunk], ek[a:a + chunk]
+            cp, ck = ep[a : a + chunk], ek[a : a + chunk]
             lam_c = lam[cp, ck]
 
             def gram_blocks(idx, order, cp=cp):
                 return Gall[cp[idx][:, None, None], order[:, :, None], order[:, None, :]]
 
-            done = _nnls_batched(
-                S, cp, gram_blocks, h[cp, ck], Tp[cp, ck], lam_c, lam_c > 0, tol[cp, ck], max_iter
-            )
+            done = _nnls_batched(S, cp, gram_blocks, h[cp, ck], Tp[cp, ck], lam_c, lam_c > 0, tol[cp, ck], max_iter)
             for i in np.flatnonzero(~done):  # rare stragglers: solved exactly by scipy
                 n_fallback += 1
                 try:
@@ -664,13 +668,33 @@ def manifold_analysis(
         raise UserError(f"unknown center_method {center_method!r}; choose {' or '.join(CENTER_METHODS)}")
     with _blas_threads(blas_threads):
         return _manifold_analysis(
-            X, kappa, n_t, seed, center_null_space, max_center_components, stratify, progress,
-            definitions, center_method, center_reps,
+            X,
+            kappa,
+            n_t,
+            seed,
+            center_null_space,
+            max_center_components,
+            stratify,
+            progress,
+            definitions,
+            center_method,
+            center_reps,
         )
 
 
-def _manifold_analysis(X, kappa, n_t, seed, center_null_space, max_center_components, stratify, progress,
-                       definitions="reference", center_method="reference", center_reps=10):
+def _manifold_analysis(
+    X,
+    kappa,
+    n_t,
+    seed,
+    center_null_space,
+    max_center_components,
+    stratify,
+    progress,
+    definitions="reference",
+    center_method="reference",
+    center_reps=10,
+):
     t_start = time.perf_counter()
     X = _validate(X, kappa)
     if int(n_t) < 1:
@@ -759,9 +783,7 @@ def _separable(Y: np.ndarray) -> bool:
         return True
     if rnorm < 1e-11:
         return False
-    res = optimize.linprog(
-        np.zeros(n), A_ub=-Y.T, b_ub=-np.ones(K), bounds=[(None, None)] * n, method="highs"
-    )
+    res = optimize.linprog(np.zeros(n), A_ub=-Y.T, b_ub=-np.ones(K), bounds=[(None, None)] * n, method="highs")
     return res.status == 0
 
 

@@ -44,7 +44,7 @@ FACTORY, GRAPH = "factory", "graph"  # rebuilt by models.build_model | an export
 class ArchitectureSpec:
     """What the model factory needs to rebuild a network; written next to its weights."""
 
-    builder: str                     # FACTORY or GRAPH
+    builder: str  # FACTORY or GRAPH
     arch: str
     num_classes: int
     mean: list[float]
@@ -63,8 +63,10 @@ class ArchitectureSpec:
         if raw.get("format") != FORMAT:
             raise UserError(f"not a robustlogits model spec (format {raw.get('format')!r})")
         if int(raw.get("format_version", 0)) > FORMAT_VERSION:
-            raise UserError(f"model stored with spec version {raw['format_version']}; this robustlogits "
-                            f"reads up to {FORMAT_VERSION}: upgrade robustlogits")
+            raise UserError(
+                f"model stored with spec version {raw['format_version']}; this robustlogits "
+                f"reads up to {FORMAT_VERSION}: upgrade robustlogits"
+            )
         known = set(cls.__dataclass_fields__)
         return cls(**{k: v for k, v in raw.items() if k in known})
 
@@ -73,8 +75,9 @@ def spec_of(model: nn.Module) -> ArchitectureSpec:
     """The spec of a model about to be stored: factory-built if its arch is one we can rebuild."""
     num_classes = int(model.num_classes)
     if isinstance(model, Normalized) and buildable(model.arch):
-        return ArchitectureSpec(FACTORY, model.arch, num_classes, model.mean.flatten().tolist(),
-                                model.std.flatten().tolist())
+        return ArchitectureSpec(
+            FACTORY, model.arch, num_classes, model.mean.flatten().tolist(), model.std.flatten().tolist()
+        )
     arch = getattr(model, "arch", EXTERNAL_ARCH)
     return ArchitectureSpec(GRAPH, arch, num_classes, [0.0, 0.0, 0.0], [1.0, 1.0, 1.0])
 
@@ -105,15 +108,21 @@ def state_dict_mismatch(model: nn.Module, state: dict[str, torch.Tensor], limit:
     expected = model.state_dict()
     missing = [k for k in expected if k not in state and not k.endswith("num_batches_tracked")]
     unexpected = [k for k in state if k not in expected]
-    shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(expected[k].shape)}" for k in state
-              if k in expected and tuple(state[k].shape) != tuple(expected[k].shape)]
+    shapes = [
+        f"{k} {tuple(state[k].shape)} vs {tuple(expected[k].shape)}"
+        for k in state
+        if k in expected and tuple(state[k].shape) != tuple(expected[k].shape)
+    ]
 
     def listed(what: str, keys: list[str]) -> str:
         more = f" and {len(keys) - limit} more" if len(keys) > limit else ""
         return f"{what} ({len(keys)}): {', '.join(keys[:limit])}{more}"
 
-    parts = [listed(w, k) for w, k in (("missing keys", missing), ("unexpected keys", unexpected),
-                                       ("shape mismatches", shapes)) if k]
+    parts = [
+        listed(w, k)
+        for w, k in (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", shapes))
+        if k
+    ]
     return "; ".join(parts) or None
 
 
@@ -149,8 +158,9 @@ def pickle_free():
             os.environ[key] = previous
 
 
-def load_model_dir(model_dir: Path, device: torch.device | str = "cpu",
-                   load_graph: Callable[[Path], nn.Module] | None = None) -> nn.Module:
+def load_model_dir(
+    model_dir: Path, device: torch.device | str = "cpu", load_graph: Callable[[Path], nn.Module] | None = None
+) -> nn.Module:
     """A downloaded MLflow model folder -> an eval-mode module on `device`, without running stored
     code. `load_graph` reads an exported graph (a model no factory builds); the tracking layer
     passes MLflow's pickle-free loader."""
@@ -187,8 +197,10 @@ def _allowed_global(name: str):
     try:
         obj = getattr(importlib.import_module(module_name), attr)
     except (ImportError, AttributeError):
-        raise UserError(f"legacy pickled model names {name}, which this version of the code no longer has; "
-                        "models stored as weights plus spec do not have this problem") from None
+        raise UserError(
+            f"legacy pickled model names {name}, which this version of the code no longer has; "
+            "models stored as weights plus spec do not have this problem"
+        ) from None
     return obj if isinstance(obj, type) and issubclass(obj, nn.Module) else None
 
 
@@ -200,9 +212,11 @@ def load_legacy_pickle(path: Path) -> nn.Module:
     for name in names:
         obj = _allowed_global(name)
         if obj is None:
-            raise UserError(f"refusing to unpickle {path}: it names {name}, which is not a known module "
-                            "class; if you trust its source, re-import the file with "
-                            "`robustlogits import --checkpoint FILE --trust-pickle`")
+            raise UserError(
+                f"refusing to unpickle {path}: it names {name}, which is not a known module "
+                "class; if you trust its source, re-import the file with "
+                "`robustlogits import --checkpoint FILE --trust-pickle`"
+            )
         allowed.append((obj, name))  # under the name the pickle uses, which may be a moved module's
     with torch.serialization.safe_globals(allowed):
         try:

@@ -73,7 +73,9 @@ class CifarResNet(nn.Module):
         layers, cin = [], widths[0]
         for i, (n, w) in enumerate(zip(blocks, widths)):
             stride = 1 if i == 0 else 2
-            layers.append(nn.Sequential(*[BasicBlock(cin if j == 0 else w, w, stride if j == 0 else 1) for j in range(n)]))
+            layers.append(
+                nn.Sequential(*[BasicBlock(cin if j == 0 else w, w, stride if j == 0 else 1) for j in range(n)])
+            )
             cin = w
         self.layers = nn.ModuleList(layers)
         self.fc = nn.Linear(cin, num_classes)
@@ -89,6 +91,7 @@ def _cifar_resnet(blocks, widths) -> Callable[[int], tuple[nn.Module, dict[str, 
     def build(num_classes: int):
         stages = {"stem": "stem"} | {f"layer{i + 1}": f"layers.{i}" for i in range(len(blocks))}
         return CifarResNet(blocks, widths, num_classes), stages
+
     return build
 
 
@@ -110,6 +113,7 @@ def _cnn(widths: tuple[int, int, int]) -> Callable[[int], tuple[nn.Module, dict[
         net.add_module("flatten", nn.Flatten())
         net.add_module("fc", nn.Linear(c, num_classes))
         return net, {"block1": "block1", "block2": "block2", "block3": "block3"}
+
     return build
 
 
@@ -145,14 +149,15 @@ def buildable(arch: str) -> bool:
 def build_net(arch: str, num_classes: int) -> tuple[nn.Module, dict[str, str]]:
     """The bare network and its stages: ours by name, torchvision's as `torchvision:NAME`."""
     if arch.startswith(TORCHVISION_PREFIX):
-        return _torchvision(arch[len(TORCHVISION_PREFIX):], num_classes)
+        return _torchvision(arch[len(TORCHVISION_PREFIX) :], num_classes)
     if arch not in ARCHS:
         raise UserError(f"unknown arch {arch!r}; choose one of: {', '.join(ARCHS)} (or torchvision:NAME)")
     return ARCHS[arch](num_classes)
 
 
-def build_model(arch: str, num_classes: int, dataset: str = "cifar10",
-                normalization: tuple | None = None) -> Normalized:
+def build_model(
+    arch: str, num_classes: int, dataset: str = "cifar10", normalization: tuple | None = None
+) -> Normalized:
     """An untrained model; normalisation is the dataset's unless given as (mean, std)."""
     net, stages = build_net(arch, num_classes)
     mean, std = normalization or NORMALISATION.get(dataset, NORMALISATION["synthetic"])
@@ -179,8 +184,10 @@ class ExternalModel(nn.Module):
 
     def train(self, mode: bool = True) -> ExternalModel:
         if mode:
-            raise UserError("an imported model without an architecture runs in eval mode only "
-                            "(re-import it with --arch to get a trainable, per-stage model)")
+            raise UserError(
+                "an imported model without an architecture runs in eval mode only "
+                "(re-import it with --arch to get a trainable, per-stage model)"
+            )
         self.training = False
         return self
 
@@ -204,8 +211,11 @@ def extract_stages(model: nn.Module, x: torch.Tensor, names: list[str] | None = 
     modules = dict(model.net.named_modules())
     for name in names:
         if name in model.stages:
-            handles.append(modules[model.stages[name]].register_forward_hook(
-                lambda _m, _i, out, name=name: captured.__setitem__(name, out.flatten(1))))
+            handles.append(
+                modules[model.stages[name]].register_forward_hook(
+                    lambda _m, _i, out, name=name: captured.__setitem__(name, out.flatten(1))
+                )
+            )
     try:
         logits = model(x)
     finally:

@@ -34,8 +34,9 @@ class LinfPGD:
     def fgsm(cls, eps: float, bn_mode: str = "eval", amp: bool = False) -> LinfPGD:
         return cls(eps=eps, step_size=1.25 * eps, steps=1, random_start=True, bn_mode=bn_mode, amp=amp)
 
-    def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
-                 generator: torch.Generator | None = None) -> torch.Tensor:
+    def __call__(
+        self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
         if self.eps == 0:
             return x.detach()
         was_training = model.training

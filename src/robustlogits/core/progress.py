@@ -22,8 +22,9 @@ class Progress:
         if self.mode == "bar":
             from tqdm.auto import tqdm
 
-            self.bar = tqdm(total=self.total, desc=desc, unit=unit, unit_scale=unit == "img", leave=False,
-                            dynamic_ncols=True)
+            self.bar = tqdm(
+                total=self.total, desc=desc, unit=unit, unit_scale=unit == "img", leave=False, dynamic_ncols=True
+            )
 
     def update(self, n: int = 1) -> None:
         self.done += n
@@ -31,8 +32,15 @@ class Progress:
             self.bar.update(n)
         elif self.mode == "lines" and self.total and self.done / self.total >= self._next_line - 1e-9:
             crossed = min(int(self.done / self.total / self.every + 1e-9) * self.every, 1.0)  # one line per jump
-            log.info("%s: %d%% (%d/%d %s)%s", self.desc, round(100 * crossed), self.done, self.total,
-                     self.unit, f" {self.postfix}" if self.postfix else "")
+            log.info(
+                "%s: %d%% (%d/%d %s)%s",
+                self.desc,
+                round(100 * crossed),
+                self.done,
+                self.total,
+                self.unit,
+                f" {self.postfix}" if self.postfix else "",
+            )
             self._next_line = crossed + self.every
 
     def set_postfix(self, refresh: bool = False, **values) -> None:

@@ -81,8 +81,11 @@ class LogitTargetLoss:
         if self.kind == "mse":
             return 0.5 * (z - t).pow(2).sum(1).mean()
         temp = self.temperature
-        return F.kl_div(F.log_softmax(z / temp, 1), F.log_softmax(t / temp, 1), log_target=True,
-                        reduction="batchmean") * temp * temp
+        return (
+            F.kl_div(F.log_softmax(z / temp, 1), F.log_softmax(t / temp, 1), log_target=True, reduction="batchmean")
+            * temp
+            * temp
+        )
 
 
 def distillation_objective(targets: torch.Tensor, kind: str, temperature: float) -> Objective:
@@ -120,11 +123,18 @@ class TrainState:
 
     def to_bytes(self) -> bytes:
         buf = io.BytesIO()
-        torch.save({
-            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(), "generator": self.generator.get_state(),
-            "torch_rng": torch.get_rng_state(), "epoch": self.epoch, "extra": self.extra,
-        }, buf)
+        torch.save(
+            {
+                "model": self.model.state_dict(),
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                "generator": self.generator.get_state(),
+                "torch_rng": torch.get_rng_state(),
+                "epoch": self.epoch,
+                "extra": self.extra,
+            },
+            buf,
+        )
         return buf.getvalue()
 
     def load_bytes(self, blob: bytes) -> None:
@@ -141,8 +151,9 @@ class TrainState:
 
 def make_state(model: nn.Module, optim: OptimConfig, device: torch.device, seed: int) -> TrainState:
     """SGD with momentum and step decay at fractions of training (paper: /10 at 50% and 75%)."""
-    optimizer = torch.optim.SGD(model.parameters(), lr=optim.lr, momentum=optim.momentum,
-                                weight_decay=optim.weight_decay)
+    optimizer = torch.optim.SGD(
+        model.parameters(), lr=optim.lr, momentum=optim.momentum, weight_decay=optim.weight_decay
+    )
     milestones = sorted({max(1, round(f * optim.epochs)) for f in optim.lr_milestones})
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones, gamma=1 / optim.lr_decay)
     generator = torch.Generator(device=device)
@@ -150,9 +161,19 @@ def make_state(model: nn.Module, optim: OptimConfig, device: torch.device, seed:
     return TrainState(model, optimizer, scheduler, generator)
 
 
-def fit(state: TrainState, split: Split, objective: Objective, optim: OptimConfig, *,
-        amp: bool = False, channels_last: bool = False, compile: bool = False, sync_every: int = 50,
-        on_epoch_end: Callable[[EpochResult], None] | None = None, progress: bool | None = None) -> TrainState:
+def fit(
+    state: TrainState,
+    split: Split,
+    objective: Objective,
+    optim: OptimConfig,
+    *,
+    amp: bool = False,
+    channels_last: bool = False,
+    compile: bool = False,
+    sync_every: int = 50,
+    on_epoch_end: Callable[[EpochResult], None] | None = None,
+    progress: bool | None = None,
+) -> TrainState:
     """Train from `state.epoch` to `optim.epochs`, calling `on_epoch_end` after every epoch.
 
     Loss, accuracy and the NaN check accumulate on the device (`EpochTally`) and reach the host
@@ -224,11 +245,14 @@ class EpochTally:
 
     def read(self, name: str, epoch: int, bar=None) -> tuple[float, float, int]:
         """(mean loss, accuracy, images) so far; raises at the first step that diverged."""
-        loss_sum, correct, bad_step, bad_loss = torch.stack([
-            self.loss_sum, self.correct.double(), self.first_bad_step.double(), self.bad_loss]).tolist()
+        loss_sum, correct, bad_step, bad_loss = torch.stack(
+            [self.loss_sum, self.correct.double(), self.first_bad_step.double(), self.bad_loss]
+        ).tolist()
         if bad_step >= 0:
-            raise TrainingDiverged(f"{name} loss became {bad_loss} at epoch {epoch}, step {int(bad_step)}; "
-                                   "lower optim.lr or check the targets")
+            raise TrainingDiverged(
+                f"{name} loss became {bad_loss} at epoch {epoch}, step {int(bad_step)}; "
+                "lower optim.lr or check the targets"
+            )
         seen = max(self.seen, 1)
         if bar is not None:
             bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}", refresh=False)
@@ -242,4 +266,3 @@ COMPILE_BACKEND = "inductor"
 def compiled(model: nn.Module) -> nn.Module:
     """`torch.compile`d view of `model` sharing its parameters (train/eval switch through it)."""
     return torch.compile(model, backend=COMPILE_BACKEND)
-

@@ -37,9 +37,11 @@ TEACHER_LOGITS_ARTIFACT = "teacher_logits/teacher_logits.npz"
 
 # --- teacher logits -------------------------------------------------------------------------
 
+
 @torch.no_grad()
-def averaged_teacher_logits(teacher: torch.nn.Module, split: Split, n_augment: int, bn_mode: str, seed: int,
-                            batch_size: int = 500) -> torch.Tensor:
+def averaged_teacher_logits(
+    teacher: torch.nn.Module, split: Split, n_augment: int, bn_mode: str, seed: int, batch_size: int = 500
+) -> torch.Tensor:
     """One fixed target per image: mean logits over `n_augment` random crop/flip passes.
 
     bn_mode "eval" uses running statistics (targets independent of batch composition);
@@ -53,17 +55,26 @@ def averaged_teacher_logits(teacher: torch.nn.Module, split: Split, n_augment: i
     for _ in range(n_augment):
         order = torch.randperm(len(split), generator=generator, device=device)
         for start in range(0, len(split), batch_size):
-            idx = order[start:start + batch_size]
+            idx = order[start : start + batch_size]
             total[idx] += model(to_float(augment(split.images[idx], generator))).float()
     teacher.eval()
     return total / n_augment
 
 
 def teacher_logits_key(teacher: ResolvedModel, digest: str, split: Split, d: DistillationConfig) -> str:
-    return tracking.job_key({"job": TEACHER_LOGITS_JOB,
-        "teacher": teacher.model_id or teacher.uri, "name": teacher.name, "version": teacher.version, "data": digest,
-        "indices": hashlib.sha256(split.indices.astype(np.int64).tobytes()).hexdigest(),
-        "n_augment": d.n_augment, "bn": d.teacher_bn, "seed": d.teacher_logits_seed})
+    return tracking.job_key(
+        {
+            "job": TEACHER_LOGITS_JOB,
+            "teacher": teacher.model_id or teacher.uri,
+            "name": teacher.name,
+            "version": teacher.version,
+            "data": digest,
+            "indices": hashlib.sha256(split.indices.astype(np.int64).tobytes()).hexdigest(),
+            "n_augment": d.n_augment,
+            "bn": d.teacher_bn,
+            "seed": d.teacher_logits_seed,
+        }
+    )
 
 
 def load_teacher_logits(run_id: str, split: Split, num_classes: int, dataset: str) -> torch.Tensor:
@@ -84,8 +95,14 @@ def load_teacher_logits(run_id: str, split: Split, num_classes: int, dataset: st
     return torch.from_numpy(logits).to(split.labels.device)
 
 
-def obtain_teacher_logits(teacher: ResolvedModel, cfg: DistillConfig, split: Split, digest: str,
-                          num_classes: int, explicit_run: str | None = None) -> tuple[str, torch.Tensor, bool]:
+def obtain_teacher_logits(
+    teacher: ResolvedModel,
+    cfg: DistillConfig,
+    split: Split,
+    digest: str,
+    num_classes: int,
+    explicit_run: str | None = None,
+) -> tuple[str, torch.Tensor, bool]:
     """(run id, [N, C] targets, reused?): an explicit or matching finished run, else a new one."""
     dataset = cfg.data.dataset
     if explicit_run:
@@ -95,25 +112,48 @@ def obtain_teacher_logits(teacher: ResolvedModel, cfg: DistillConfig, split: Spl
 
     def compute() -> str:
         d = cfg.distill
-        logits = averaged_teacher_logits(teacher.model, split, d.n_augment, d.teacher_bn, d.teacher_logits_seed,
-                                         cfg.run.eval_batch_size)
+        logits = averaged_teacher_logits(
+            teacher.model, split, d.n_augment, d.teacher_bn, d.teacher_logits_seed, cfg.run.eval_batch_size
+        )
         computed.append(logits)
-        meta = {"teacher_name": teacher.name, "teacher_version": teacher.version, "teacher_uri": teacher.uri,
-                "teacher_run_id": teacher.source_run_id, "dataset": dataset, "data_digest": digest,
-                "n_augment": d.n_augment, "teacher_bn": d.teacher_bn, "seed": d.teacher_logits_seed,
-                "num_classes": num_classes, "n_images": len(split), "key": key}
-        tags = {"robustlogits.job": TEACHER_LOGITS_JOB,
-                "teacher_name": str(teacher.name), "teacher_version": str(teacher.version)}
+        meta = {
+            "teacher_name": teacher.name,
+            "teacher_version": teacher.version,
+            "teacher_uri": teacher.uri,
+            "teacher_run_id": teacher.source_run_id,
+            "dataset": dataset,
+            "data_digest": digest,
+            "n_augment": d.n_augment,
+            "teacher_bn": d.teacher_bn,
+            "seed": d.teacher_logits_seed,
+            "num_classes": num_classes,
+            "n_images": len(split),
+            "key": key,
+        }
+        tags = {
+            "robustlogits.job": TEACHER_LOGITS_JOB,
+            "teacher_name": str(teacher.name),
+            "teacher_version": str(teacher.version),
+        }
         # Reusable artifacts, not trainings: they get an experiment of their own.
-        with tracking.artifact_run(cfg.run.experiment + TEACHER_LOGITS_EXPERIMENT_SUFFIX,
-                                   f"teacher-logits-{teacher.name}-v{teacher.version}", tags) as run_id:
+        with tracking.artifact_run(
+            cfg.run.experiment + TEACHER_LOGITS_EXPERIMENT_SUFFIX,
+            f"teacher-logits-{teacher.name}-v{teacher.version}",
+            tags,
+        ) as run_id:
             tracking.log_params({f"teacher_logits.{k}": v for k, v in meta.items()})
             tracking.log_model_inputs([teacher.model_id])
             array = logits.cpu().numpy().astype(np.float32)
-            tracking.log_arrays(TEACHER_LOGITS_ARTIFACT, logits=array, indices=split.indices,
-                                labels=split.labels.cpu().numpy(), meta=np.asarray(json.dumps(meta)))
-            tracking.log_json(meta | {"digest": hashlib.sha256(array.tobytes()).hexdigest()},
-                              "teacher_logits/teacher_logits.json")
+            tracking.log_arrays(
+                TEACHER_LOGITS_ARTIFACT,
+                logits=array,
+                indices=split.indices,
+                labels=split.labels.cpu().numpy(),
+                meta=np.asarray(json.dumps(meta)),
+            )
+            tracking.log_json(
+                meta | {"digest": hashlib.sha256(array.tobytes()).hexdigest()}, "teacher_logits/teacher_logits.json"
+            )
             tracking.log_results({"teacher_train_error_rate": float((logits.argmax(1) != split.labels).float().mean())})
         return run_id
 
@@ -125,6 +165,7 @@ def obtain_teacher_logits(teacher: ResolvedModel, cfg: DistillConfig, split: Spl
 
 # --- the job -------------------------------------------------------------------------------------
 
+
 def run_distill(cfg: DistillConfig, progress: bool | None = None) -> str:
     if not cfg.run.checkpoint_epochs:
         cfg.run.checkpoint_epochs = (cfg.optim.epochs,)
@@ -132,8 +173,9 @@ def run_distill(cfg: DistillConfig, progress: bool | None = None) -> str:
     tracking.check_store(cfg.run.experiment)
     device = resolve_device(cfg.run.device)
     d = cfg.distill
-    teacher = tracking.resolve_and_load(cfg.teacher_spec(), stage=d.teacher_stage, alias=d.teacher_alias,
-                               version=d.teacher_version, device=device)
+    teacher = tracking.resolve_and_load(
+        cfg.teacher_spec(), stage=d.teacher_stage, alias=d.teacher_alias, version=d.teacher_version, device=device
+    )
     st_teacher = tracking.resolve_and_load(cfg.st_teacher_spec(), device=device) if d.manipulation == "hybrid" else None
     adopt_teacher_data(cfg, teacher)
     cfg.validate()
@@ -143,33 +185,56 @@ def run_distill(cfg: DistillConfig, progress: bool | None = None) -> str:
     for who in filter(None, (teacher, st_teacher)):
         classes = model_class_count(who.model, device)
         if classes != bundle.num_classes:
-            raise UserError(f"teacher {who.describe()} outputs {classes} classes but {cfg.data.dataset} has {bundle.num_classes}")
+            raise UserError(
+                f"teacher {who.describe()} outputs {classes} classes but {cfg.data.dataset} has {bundle.num_classes}"
+            )
     cfg.check_k(bundle.num_classes)
     if d.attack:
         check_n_examples(d.attack_n_examples, bundle.test)
 
-    logits_run, targets, reused = obtain_teacher_logits(teacher, cfg, bundle.train, bundle.digest, bundle.num_classes,
-                                                        d.teacher_logits_run)
+    logits_run, targets, reused = obtain_teacher_logits(
+        teacher, cfg, bundle.train, bundle.digest, bundle.num_classes, d.teacher_logits_run
+    )
     st_targets = None
     if st_teacher is not None:
         _, st_targets, _ = obtain_teacher_logits(st_teacher, cfg, bundle.train, bundle.digest, bundle.num_classes)
-    manipulated = manipulate(targets, bundle.train.labels, d.manipulation, k=cfg.resolved_k(), fix_mode=d.fix_mode,
-                             st_targets=st_targets, seed=d.manipulation_seed)
+    manipulated = manipulate(
+        targets,
+        bundle.train.labels,
+        d.manipulation,
+        k=cfg.resolved_k(),
+        fix_mode=d.fix_mode,
+        st_targets=st_targets,
+        seed=d.manipulation_seed,
+    )
     report = manipulation_report(targets, manipulated, bundle.train.labels)
 
     amp = resolve_amp(cfg.run.amp, device)
     state = new_state(cfg, bundle.num_classes, device)
     objective = distillation_objective(manipulated, d.loss, d.temperature)
-    lineage = {"teacher_name": teacher.name, "teacher_version": teacher.version,
-               "teacher_run_id": teacher.source_run_id, "teacher_uri": teacher.uri, "manipulation": d.manipulation,
-               "k": cfg.resolved_k(), "fix_mode": d.fix_mode, "loss": d.loss, "temperature": d.temperature,
-               "teacher_logits_run": logits_run, "teacher_logits_artifact": TEACHER_LOGITS_ARTIFACT}
+    lineage = {
+        "teacher_name": teacher.name,
+        "teacher_version": teacher.version,
+        "teacher_run_id": teacher.source_run_id,
+        "teacher_uri": teacher.uri,
+        "manipulation": d.manipulation,
+        "k": cfg.resolved_k(),
+        "fix_mode": d.fix_mode,
+        "loss": d.loss,
+        "temperature": d.temperature,
+        "teacher_logits_run": logits_run,
+        "teacher_logits_artifact": TEACHER_LOGITS_ARTIFACT,
+    }
     if st_teacher is not None:
         lineage |= {"st_teacher_name": st_teacher.name, "st_teacher_version": st_teacher.version}
     lineage = {k: str(v) for k, v in lineage.items() if v is not None}
     name = f"distill-{d.manipulation}" + (f"-k{cfg.resolved_k()}" if cfg.resolved_k() else "") + f"-{d.loss}"
-    tags = {"robustlogits.job": "distill", "dataset": cfg.data.dataset, "arch": cfg.model.arch,
-            "preset": cfg.preset} | lineage
+    tags = {
+        "robustlogits.job": "distill",
+        "dataset": cfg.data.dataset,
+        "arch": cfg.model.arch,
+        "preset": cfg.preset,
+    } | lineage
     with tracking.job_run(cfg.run.experiment, name, tags) as run_id:
         log_run_inputs(cfg, bundle, amp)
         tracking.log_params({"teacher_logits_reused": reused})
@@ -178,18 +243,32 @@ def run_distill(cfg: DistillConfig, progress: bool | None = None) -> str:
         train_tracked(cfg, bundle, state, objective, run_id, amp, version_tags=lineage, progress=progress)
         result = None
         if d.attack:
-            result = attack_split(state.model, bundle.test, bundle.num_classes, n_examples=d.attack_n_examples,
-                                  n_iter=d.attack_n_iter, seed=cfg.run.seed, eps=cfg.adversary.eps, device=device,
-                                  progress=progress)
+            result = attack_split(
+                state.model,
+                bundle.test,
+                bundle.num_classes,
+                n_examples=d.attack_n_examples,
+                n_iter=d.attack_n_iter,
+                seed=cfg.run.seed,
+                eps=cfg.adversary.eps,
+                device=device,
+                progress=progress,
+            )
             model_ids = state.extra.get("model_ids", {})  # the student's logged model: the attack's metrics are its own
             tracking.log_attack_result(result, model_id=model_ids[max(model_ids)] if model_ids else None)
     versions = state.extra.get("versions", {})
     if result is not None and versions:
-        tracking.set_version_tags(cfg.registered_model_name(), versions[max(versions)], {
-            "adversarial_accuracy": f"{result.adversarial_accuracy:.4f}",
-            "attacked_natural_accuracy": f"{result.natural_accuracy:.4f}", "adversarial_accuracy_run": run_id,
-            "adversarial_accuracy_setting": f"apgd-ce-dlr eps={cfg.adversary.eps:.5f} n={result.n_examples} "
-                                            f"n_iter={d.attack_n_iter}"})
+        tracking.set_version_tags(
+            cfg.registered_model_name(),
+            versions[max(versions)],
+            {
+                "adversarial_accuracy": f"{result.adversarial_accuracy:.4f}",
+                "attacked_natural_accuracy": f"{result.natural_accuracy:.4f}",
+                "adversarial_accuracy_run": run_id,
+                "adversarial_accuracy_setting": f"apgd-ce-dlr eps={cfg.adversary.eps:.5f} n={result.n_examples} "
+                f"n_iter={d.attack_n_iter}",
+            },
+        )
     tracking.update_students_tag(teacher.name, teacher.version)
     return run_id
 

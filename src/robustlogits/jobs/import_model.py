@@ -30,10 +30,15 @@ def run_import(cfg: ImportConfig, log=print) -> dict:
     tracking.check_store(cfg.experiment)
     device = resolve_device(cfg.device)
     data = DataConfig(dataset=cfg.dataset, data_dir=cfg.data_dir)
-    synthetic = {"train_per_class": data.synthetic_train_per_class, "test_per_class": data.synthetic_test_per_class,
-                 "num_classes": data.synthetic_classes, "size": data.synthetic_size}
-    test, raw = load_test_split(cfg.dataset, cfg.data_dir, torch.device("cpu"),
-                                synthetic if cfg.dataset == "synthetic" else None)
+    synthetic = {
+        "train_per_class": data.synthetic_train_per_class,
+        "test_per_class": data.synthetic_test_per_class,
+        "num_classes": data.synthetic_classes,
+        "size": data.synthetic_size,
+    }
+    test, raw = load_test_split(
+        cfg.dataset, cfg.data_dir, torch.device("cpu"), synthetic if cfg.dataset == "synthetic" else None
+    )
     n = min(cfg.check_images, len(test))
     check = test.subset(stratified_indices(test.labels.numpy(), n, 0))
     model, source = build_imported(cfg, raw.num_classes)
@@ -43,21 +48,36 @@ def run_import(cfg: ImportConfig, log=print) -> dict:
         check_export(model, check.images, what)
     log(f"{what}: natural accuracy {accuracy:.4f} on {n} {cfg.dataset} test images")
 
-    tags = {"dataset": cfg.dataset, "num_classes": raw.num_classes, "natural_accuracy": f"{accuracy:.4f}",
-            "natural_accuracy_examples": n, "source": "import", **source}
+    tags = {
+        "dataset": cfg.dataset,
+        "num_classes": raw.num_classes,
+        "natural_accuracy": f"{accuracy:.4f}",
+        "natural_accuracy_examples": n,
+        "source": "import",
+        **source,
+    }
     if model.arch != EXTERNAL_ARCH:
         tags["arch"] = model.arch
-    params = {f"import.{k}": v for k, v in asdict(cfg).items()} | {"data.dataset": cfg.dataset,
-                                                                   "data.data_dir": cfg.data_dir}
+    params = {f"import.{k}": v for k, v in asdict(cfg).items()} | {
+        "data.dataset": cfg.dataset,
+        "data.data_dir": cfg.data_dir,
+    }
     if cfg.dataset == "synthetic":  # lets later jobs regenerate the same synthetic data
         params |= {f"data.synthetic_{k if k != 'num_classes' else 'classes'}": v for k, v in synthetic.items()}
-    with tracking.job_run(cfg.experiment, f"import-{cfg.name}",
-                          {"robustlogits.job": "import", **{k: str(v) for k, v in source.items()}}) as run_id:
+    with tracking.job_run(
+        cfg.experiment, f"import-{cfg.name}", {"robustlogits.job": "import", **{k: str(v) for k, v in source.items()}}
+    ) as run_id:
         tracking.log_params(params)
         tracking.log_dataset_input(cfg.dataset, raw.digest, f"test/{raw.source}", "evaluation", n)
         tracking.log_results({"natural_accuracy": accuracy})
         info = tracking.log_torch_model(model.to(device), "model")
         version = tracking.register_version(info.model_uri, cfg.name, tags | {"source_run_id": run_id})
         tracking.promote(cfg.name, version.version, cfg.stage, cfg.alias)
-    return {"run_id": run_id, "name": cfg.name, "version": str(version.version), "natural_accuracy": accuracy,
-            "n_images": n, **source}
+    return {
+        "run_id": run_id,
+        "name": cfg.name,
+        "version": str(version.version),
+        "natural_accuracy": accuracy,
+        "n_images": n,
+        **source,
+    }

@@ -35,10 +35,10 @@ JOB_TAG = "test-logits"
 class ModelLogits:
     """One model's fp32 test-split logits, aligned with `TestModels.test` (same example order)."""
 
-    label: str                 # unique, human-readable ("cifar10-cnn-small-at v3")
+    label: str  # unique, human-readable ("cifar10-cnn-small-at v3")
     model: ResolvedModel
-    logits: np.ndarray         # float32 [N, C]
-    source: str                # "checkpoint" | "cache" | "computed"
+    logits: np.ndarray  # float32 [N, C]
+    source: str  # "checkpoint" | "cache" | "computed"
     run_id: str | None = None  # the run whose artifact holds them
 
     @property
@@ -93,14 +93,23 @@ class TestModels:
         return self._logits
 
 
-def open_models(specs: list[str], *, data_dir: str | None = None, dataset: str | None = None,
-                device: str = "auto", experiment: str = "robustlogits", minimum: int = 1,
-                purpose: str = "this analysis") -> TestModels:
+def open_models(
+    specs: list[str],
+    *,
+    data_dir: str | None = None,
+    dataset: str | None = None,
+    device: str = "auto",
+    experiment: str = "robustlogits",
+    minimum: int = 1,
+    purpose: str = "this analysis",
+) -> TestModels:
     """Resolve and load every model, load the shared test split, and check they fit together."""
     specs = [s for s in specs if s]
     if len(specs) < minimum:
-        raise UserError(f"{purpose} needs at least {minimum} model{'s' if minimum > 1 else ''}, got {len(specs)} "
-                        "(registered names, models:/ or runs:/ URIs)")
+        raise UserError(
+            f"{purpose} needs at least {minimum} model{'s' if minimum > 1 else ''}, got {len(specs)} "
+            "(registered names, models:/ or runs:/ URIs)"
+        )
     dev = resolve_device(device)
     models = [tracking.resolve_and_load(spec, device=dev) for spec in specs]
     names = {dataset or m.dataset for m in models}
@@ -110,8 +119,9 @@ def open_models(specs: list[str], *, data_dir: str | None = None, dataset: str |
     synthetic = tracking.synthetic_params_from_run(models[0].source_run_id) if name == "synthetic" else None
     digests = {m.data_digest for m in models if m.data_digest}
     # The recorded folder is a hint; data are accepted only with the digest the models were trained on.
-    test, raw = load_test_split(name, data_dir, dev, synthetic, hint=models[0].data_dir,
-                                digest=digests.pop() if len(digests) == 1 else None)
+    test, raw = load_test_split(
+        name, data_dir, dev, synthetic, hint=models[0].data_dir, digest=digests.pop() if len(digests) == 1 else None
+    )
     counts = {m.describe(): model_class_count(m.model, dev) for m in models}
     if len(set(counts.values())) != 1:
         raise UserError("models have different class counts: " + ", ".join(f"{k}: {v}" for k, v in counts.items()))
@@ -131,8 +141,9 @@ def unique_labels(labels: list[str]) -> list[str]:
 
 
 def cache_key(model: ResolvedModel, data_digest: str) -> str:
-    return tracking.job_key({"job": JOB_TAG, "model": identity(model), "data_digest": data_digest,
-                             "precision": "fp32", "mode": "eval"})
+    return tracking.job_key(
+        {"job": JOB_TAG, "model": identity(model), "data_digest": data_digest, "precision": "fp32", "mode": "eval"}
+    )
 
 
 def _logits_for(model: ResolvedModel, label: str, ctx: TestModels) -> ModelLogits:
@@ -145,14 +156,20 @@ def _logits_for(model: ResolvedModel, label: str, ctx: TestModels) -> ModelLogit
         log.info("computing test logits of %s (%d images, fp32)", label, len(ctx.test))
         logits = compute_logits(model.model, ctx.test.images).cpu().numpy().astype(np.float32)
         computed.append(logits)
-        tags = {"robustlogits.job": JOB_TAG, "data_digest": ctx.raw.digest, "model_uri": model.uri,
-                **{f"model_{k}": v for k, v in identity(model).items() if k != "uri"}}
+        tags = {
+            "robustlogits.job": JOB_TAG,
+            "data_digest": ctx.raw.digest,
+            "model_uri": model.uri,
+            **{f"model_{k}": v for k, v in identity(model).items() if k != "uri"},
+        }
         with tracking.artifact_run(ctx.experiment, f"test-logits {label}", tags) as run_id:
-            tracking.log_params({"model_uri": model.uri, "dataset": ctx.dataset, "n_examples": len(ctx.test),
-                                 "precision": "fp32"})
+            tracking.log_params(
+                {"model_uri": model.uri, "dataset": ctx.dataset, "n_examples": len(ctx.test), "precision": "fp32"}
+            )
             tracking.log_model_inputs([model.model_id])
-            tracking.log_dataset_input(ctx.dataset, ctx.raw.digest, f"test/{ctx.raw.source}", "evaluation",
-                                       len(ctx.test))
+            tracking.log_dataset_input(
+                ctx.dataset, ctx.raw.digest, f"test/{ctx.raw.source}", "evaluation", len(ctx.test)
+            )
             tracking.log_arrays(ARTIFACT, logits=logits, labels=ctx.y, indices=ctx.indices)
         return run_id
 
@@ -161,8 +178,10 @@ def _logits_for(model: ResolvedModel, label: str, ctx: TestModels) -> ModelLogit
         return ModelLogits(label, model, computed[0], "computed", found.run_id)
     with np.load(tracking.download_artifact(found.run_id, ARTIFACT)) as z:
         if not (np.array_equal(z["indices"], ctx.indices) and np.array_equal(z["labels"], ctx.y)):
-            raise UserError(f"the cached test logits of {label} (run {found.run_id}) are for another split "
-                            "of the same data; delete that run to compute them again")
+            raise UserError(
+                f"the cached test logits of {label} (run {found.run_id}) are for another split "
+                "of the same data; delete that run to compute them again"
+            )
         return ModelLogits(label, model, z["logits"].astype(np.float32), "cache", found.run_id)
 
 

@@ -52,13 +52,31 @@ def log_run_inputs(cfg: TrainConfig, bundle: DataBundle, amp: bool) -> None:
     tracking.log_json(bundle.split_record, "data/split.json")
 
 
-def train_tracked(cfg: TrainConfig, bundle: DataBundle, state: TrainState, objective: Objective, run_id: str,
-                  amp: bool, version_tags: dict | None = None, progress: bool | None = None) -> TrainState:
+def train_tracked(
+    cfg: TrainConfig,
+    bundle: DataBundle,
+    state: TrainState,
+    objective: Objective,
+    run_id: str,
+    amp: bool,
+    version_tags: dict | None = None,
+    progress: bool | None = None,
+) -> TrainState:
     """The one loop, logging every epoch into the active run, then the run's closing artifacts."""
     logger = EpochLogger(cfg, bundle, state, run_id, version_tags, amp)
     try:
-        fit(state, bundle.train, objective, cfg.optim, amp=amp, channels_last=cfg.run.channels_last,
-            compile=cfg.run.compile, sync_every=cfg.run.sync_every, on_epoch_end=logger, progress=progress)
+        fit(
+            state,
+            bundle.train,
+            objective,
+            cfg.optim,
+            amp=amp,
+            channels_last=cfg.run.channels_last,
+            compile=cfg.run.compile,
+            sync_every=cfg.run.sync_every,
+            on_epoch_end=logger,
+            progress=progress,
+        )
     finally:
         logger.close()
     finish(cfg, state, run_id)
@@ -68,14 +86,22 @@ def train_tracked(cfg: TrainConfig, bundle: DataBundle, state: TrainState, objec
 class EpochLogger:
     """What happens after each epoch: evaluation, metrics, artifacts, checkpoints, state."""
 
-    def __init__(self, cfg: TrainConfig, bundle: DataBundle, state: TrainState, run_id: str,
-                 version_tags: dict | None = None, amp: bool = False):
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        bundle: DataBundle,
+        state: TrainState,
+        run_id: str,
+        version_tags: dict | None = None,
+        amp: bool = False,
+    ):
         self.cfg, self.bundle, self.state, self.run_id = cfg, bundle, state, run_id
         self.version_tags = version_tags or {}  # e.g. a student's lineage
         m = cfg.monitor
         n_monitor = min(m.robust_examples, len(bundle.test))
         self.monitor_split = bundle.test.subset(
-            stratified_indices(bundle.test.labels.cpu().numpy(), n_monitor, cfg.data.split_seed + 4))
+            stratified_indices(bundle.test.labels.cpu().numpy(), n_monitor, cfg.data.split_seed + 4)
+        )
         eps = cfg.adversary.eps
         self.monitor_attack = LinfPGD(eps, 2.5 * eps / m.robust_steps, m.robust_steps, True, "eval", amp=amp)
         self.figure: EpochHistograms | None = None
@@ -89,13 +115,19 @@ class EpochLogger:
     def __call__(self, result: EpochResult) -> None:
         cfg, model, e = self.cfg, self.state.model, result.epoch
         ebs, cl = cfg.run.eval_batch_size, cfg.run.channels_last
-        metrics = {"train_loss": result.loss, "train_accuracy": result.accuracy, "lr": result.lr,
-                   "epoch_seconds": result.seconds, "train_images_per_second": result.images_per_second}
+        metrics = {
+            "train_loss": result.loss,
+            "train_accuracy": result.accuracy,
+            "lr": result.lr,
+            "epoch_seconds": result.seconds,
+            "train_images_per_second": result.images_per_second,
+        }
         histograms = {}
         for split, prefix in ((self.bundle.stats, "train"), (self.bundle.heldout, self.bundle.heldout.name)):
             logits = compute_logits(model, split.images, ebs, cl)
             split_metrics, histograms[prefix] = logit_report(
-                logits, split.labels, prefix, cfg.monitor.max_logit_range, cfg.monitor.gap_range, cfg.monitor.bins)
+                logits, split.labels, prefix, cfg.monitor.max_logit_range, cfg.monitor.gap_range, cfg.monitor.bins
+            )
             if prefix == "train":
                 split_metrics["train_clean_accuracy"] = split_metrics.pop("train_accuracy")
             metrics.update(split_metrics)
@@ -111,8 +143,13 @@ class EpochLogger:
         tracking.log_results(metrics, step=e, model_id=model_id)
         # The state goes last: after a kill, resume restarts at the first epoch not fully logged.
         tracking.log_bytes(self.state.to_bytes(), STATE_ARTIFACT)
-        log.info("epoch %d: loss %.4f acc %.4f %s", e, result.loss, result.accuracy,
-                 f"{self.bundle.heldout.name}_accuracy {metrics.get(self.bundle.heldout.name + '_accuracy', 0):.4f}")
+        log.info(
+            "epoch %d: loss %.4f acc %.4f %s",
+            e,
+            result.loss,
+            result.accuracy,
+            f"{self.bundle.heldout.name}_accuracy {metrics.get(self.bundle.heldout.name + '_accuracy', 0):.4f}",
+        )
 
     def close(self) -> None:
         if self.figure is not None:
@@ -126,8 +163,8 @@ class EpochLogger:
         gen = torch.Generator(device=split.labels.device).manual_seed(self.cfg.run.seed)
         try:
             for start in range(0, len(split), self.cfg.run.eval_batch_size):
-                x = to_float(split.images[start:start + self.cfg.run.eval_batch_size])
-                y = split.labels[start:start + self.cfg.run.eval_batch_size]
+                x = to_float(split.images[start : start + self.cfg.run.eval_batch_size])
+                y = split.labels[start : start + self.cfg.run.eval_batch_size]
                 with torch.no_grad():
                     correct_clean += int((model(x).argmax(1) == y).sum())
                 x_adv = self.monitor_attack(model, x, y, gen)
@@ -144,16 +181,28 @@ class EpochLogger:
         cfg, model, test = self.cfg, self.state.model, self.bundle.test
         logits = compute_logits(model, test.images, cfg.run.eval_batch_size, cfg.run.channels_last)
         accuracy = float((logits.argmax(1) == test.labels).float().mean())
-        tracking.log_arrays(f"test_logits/epoch_{epoch:04d}.npz", logits=logits.cpu().numpy(),
-                            labels=test.labels.cpu().numpy(), indices=test.indices)
+        tracking.log_arrays(
+            f"test_logits/epoch_{epoch:04d}.npz",
+            logits=logits.cpu().numpy(),
+            labels=test.labels.cpu().numpy(),
+            indices=test.indices,
+        )
         info = tracking.log_torch_model(model.to(memory_format=torch.contiguous_format), f"epoch-{epoch:04d}")
         if cfg.run.channels_last:
             model.to(memory_format=torch.channels_last)
-        tags = {"epoch": epoch, "training": cfg.run.training, "seed": cfg.run.seed, "dataset": cfg.data.dataset,
-                "arch": cfg.model.arch, "preset": cfg.preset, "test_accuracy": f"{accuracy:.4f}",
-                "test_examples": len(test),
-                "num_classes": self.bundle.num_classes, "source_run_id": self.run_id,
-                "test_logits_artifact": f"test_logits/epoch_{epoch:04d}.npz"} | self.version_tags
+        tags = {
+            "epoch": epoch,
+            "training": cfg.run.training,
+            "seed": cfg.run.seed,
+            "dataset": cfg.data.dataset,
+            "arch": cfg.model.arch,
+            "preset": cfg.preset,
+            "test_accuracy": f"{accuracy:.4f}",
+            "test_examples": len(test),
+            "num_classes": self.bundle.num_classes,
+            "source_run_id": self.run_id,
+            "test_logits_artifact": f"test_logits/epoch_{epoch:04d}.npz",
+        } | self.version_tags
         version = tracking.register_version(info.model_uri, cfg.registered_model_name(), tags)
         self.state.extra.setdefault("versions", {})[epoch] = version.version
         self.state.extra.setdefault("model_ids", {})[epoch] = info.model_id
@@ -164,15 +213,22 @@ def finish(cfg: TrainConfig, state: TrainState, run_id: str) -> None:
     teacher = cfg.resolved_teacher_epoch()
     versions = state.extra.get("versions", {})
     if versions:  # what the run registered, for the closing message and the run page
-        tracking.set_tags({"registered_model": cfg.registered_model_name(),
-                         "registered_versions": ",".join(str(versions[e]) for e in sorted(versions))})
+        tracking.set_tags(
+            {
+                "registered_model": cfg.registered_model_name(),
+                "registered_versions": ",".join(str(versions[e]) for e in sorted(versions)),
+            }
+        )
     if teacher is not None and teacher in versions and (cfg.run.teacher_stage or cfg.run.teacher_alias):
         tracking.promote(cfg.registered_model_name(), versions[teacher], cfg.run.teacher_stage, cfg.run.teacher_alias)
         tracking.set_tags({"teacher_version": versions[teacher]})
     histograms = load_histograms(run_id)
     for quantity in ("max_logit", "gap"):
-        fig = evolution_figure(histograms, quantity, f"{cfg.run.training} {cfg.model.arch} on {cfg.data.dataset}: "
-                               f"{quantity.replace('_', ' ')} per epoch")
+        fig = evolution_figure(
+            histograms,
+            quantity,
+            f"{cfg.run.training} {cfg.model.arch} on {cfg.data.dataset}: {quantity.replace('_', ' ')} per epoch",
+        )
         tracking.log_figure(fig, f"figures/{quantity}_evolution.png")
 
 

@@ -43,8 +43,13 @@ def run_training(cfg: TrainConfig, resume: str | None = None, progress: bool | N
     bundle = load_bundle(cfg, device)
     state = new_state(cfg, bundle.num_classes, device)
     objective: Objective = adversarial_objective(cfg.adversary, amp) if cfg.adversarial else standard_objective()
-    tags = {"robustlogits.job": "train", "training": cfg.run.training, "dataset": cfg.data.dataset,
-            "arch": cfg.model.arch, "preset": cfg.preset}
+    tags = {
+        "robustlogits.job": "train",
+        "training": cfg.run.training,
+        "dataset": cfg.data.dataset,
+        "arch": cfg.model.arch,
+        "preset": cfg.preset,
+    }
     run_name = f"{cfg.preset}-{cfg.run.training}-{cfg.model.arch}"
     if resume:
         state.load_bytes(tracking.download_artifact(resume, STATE_ARTIFACT).read_bytes())

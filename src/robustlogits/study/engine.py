@@ -46,34 +46,39 @@ log = logging.getLogger(__name__)
 TASKS: dict[str, Callable[[dict], dict[str, float]]] = {}
 REPORTS: dict[str, Callable[[optuna.Study, str], None]] = {}
 SAMPLERS = ("grid", "items", "tpe", "random")
-FIXED_SAMPLERS = ("grid", "items")   # every trial is an enqueued item; workers stop when none is left
+FIXED_SAMPLERS = ("grid", "items")  # every trial is an enqueued item; workers stop when none is left
 SPEC_ATTR, PARENT_ATTR = "spec", "mlflow_parent_run_id"
 HEARTBEAT_SECONDS = 10
 
 
 def task(name: str):
     """Register `fn(params: dict) -> dict[str, float]` as the task `name`."""
+
     def register(fn):
         TASKS[name] = fn
         return fn
+
     return register
 
 
 def report(name: str):
     """Register `fn(study, parent_run_id)`: figures refreshed on the parent run as trials finish."""
+
     def register(fn):
         REPORTS[name] = fn
         return fn
+
     return register
 
 
 # --- keyed tasks --------------------------------------------------------------------------------
 
+
 @dataclass
 class _TrialScope:
     trial: optuna.Trial
     run_ids: list[str] = field(default_factory=list)
-    reused_from: str | None = None   # the finished run a keyed task found instead of running
+    reused_from: str | None = None  # the finished run a keyed task found instead of running
 
 
 _SCOPE: list[_TrialScope] = []  # the trial this process is running (one at a time per worker)
@@ -83,8 +88,11 @@ def _record_reuse(source: str) -> None:
     """A trial answered by an earlier run still gets its own child run under this study: the
     source's params, lineage tags and metrics, and a tag naming the source (no job runs twice)."""
     original = tracking.run_record(source)
-    tags = {k: v for k, v in original.tags.items()
-            if not k.startswith("mlflow.") and k not in (tracking.KEY_TAG, "optuna.study", "optuna.trial", "optuna.state")}
+    tags = {
+        k: v
+        for k, v in original.tags.items()
+        if not k.startswith("mlflow.") and k not in (tracking.KEY_TAG, "optuna.study", "optuna.trial", "optuna.state")
+    }
     with tracking.job_run("robustlogits", f"{original.name} (reused)", tags | {"robustlogits.reused_run": source}):
         tracking.log_params(original.params)
         tracking.log_results(original.metrics)
@@ -109,6 +117,7 @@ def keyed(task_name: str, key: str, run: Callable[[], str]) -> dict[str, float]:
 
 
 # --- search spaces ------------------------------------------------------------------------------
+
 
 def active(dimension: dict, values: dict) -> bool:
     """A dimension with `when: {other: [choices...]}` exists only where the other value is listed."""
@@ -136,6 +145,7 @@ def item_key(item: dict) -> str:
 
 # --- storage and studies ------------------------------------------------------------------------
 
+
 def redact(url: str) -> str:
     """A storage URL without its password, for logs and params."""
     try:
@@ -151,7 +161,7 @@ def default_storage() -> str:
     uri = tracking.configure_store()
     folder = Path.cwd()
     if uri.startswith("sqlite:///"):
-        folder = Path(uri[len("sqlite:///"):]).resolve().parent
+        folder = Path(uri[len("sqlite:///") :]).resolve().parent
     elif uri.startswith("file:"):
         from urllib.parse import urlparse
         from urllib.request import url2pathname
@@ -181,9 +191,12 @@ def open_storage(url: str, heartbeat: int | None = HEARTBEAT_SECONDS) -> optuna.
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             return optuna.storages.RDBStorage(
-                url, engine_kwargs=kwargs, heartbeat_interval=heartbeat,
+                url,
+                engine_kwargs=kwargs,
+                heartbeat_interval=heartbeat,
                 grace_period=None if heartbeat is None else 3 * heartbeat,
-                heartbeat_stale_trial_callback=_on_stale_trial if heartbeat else None)
+                heartbeat_stale_trial_callback=_on_stale_trial if heartbeat else None,
+            )
     except Exception as exc:  # noqa: BLE001 - any failure to connect means "cannot use it"
         detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UserError(f"optuna storage {redact(url)} is not reachable: {detail[:300]}") from None
@@ -199,8 +212,9 @@ def spec_difference(stored: dict, given: dict) -> list[str]:
     return lines
 
 
-def open_study(name: str, storage_url: str, directions: list[str], spec: dict,
-               heartbeat: int | None = HEARTBEAT_SECONDS) -> optuna.Study:
+def open_study(
+    name: str, storage_url: str, directions: list[str], spec: dict, heartbeat: int | None = HEARTBEAT_SECONDS
+) -> optuna.Study:
     """Create the study (with its parent MLflow run) or load it; a different spec under the same
     name is refused with the differences listed. Nothing is written when it is refused."""
     spec = json.loads(json.dumps(spec | {"directions": list(directions)}, default=str))
@@ -214,8 +228,9 @@ def open_study(name: str, storage_url: str, directions: list[str], spec: dict,
         stored = _wait_for_spec(study)
         diff = spec_difference(stored, spec)
         if diff:
-            raise UserError(f"study {name!r} already exists in {redact(storage_url)} with a different spec: "
-                            + "; ".join(diff)) from None
+            raise UserError(
+                f"study {name!r} already exists in {redact(storage_url)} with a different spec: " + "; ".join(diff)
+            ) from None
     if PARENT_ATTR not in study.user_attrs:
         study.set_user_attr(PARENT_ATTR, _create_parent_run(study, spec, storage_url))
     return study
@@ -241,7 +256,9 @@ def load(name: str, storage_url: str, heartbeat: int | None = HEARTBEAT_SECONDS)
         study = optuna.load_study(study_name=name, storage=storage)
     except KeyError:
         names = [s.study_name for s in optuna.get_all_study_summaries(storage)]
-        raise UserError(f"no study {name!r} in {redact(storage_url)}; studies there: {', '.join(names) or 'none'}") from None
+        raise UserError(
+            f"no study {name!r} in {redact(storage_url)}; studies there: {', '.join(names) or 'none'}"
+        ) from None
     spec = _wait_for_spec(study)
     if spec.get("module"):
         importlib.import_module(spec["module"])  # registers the spec's task and report
@@ -260,11 +277,18 @@ def make_sampler(spec: dict) -> optuna.samplers.BaseSampler:
 def _create_parent_run(study: optuna.Study, spec: dict, storage_url: str) -> str:
     """The study's parent run; under `mlflow run` the launcher's run becomes it."""
     params = {"study.name": study.study_name, "study.storage": redact(storage_url)}
-    params |= {f"study.{k}": v if isinstance(v, str) else json.dumps(v, default=str)
-               for k, v in spec.items() if k not in ("module",)}
-    return tracking.study_run(spec.get("experiment", "robustlogits"), f"{spec.get('kind', 'study')}-{study.study_name}",
-                              tags={"robustlogits.job": spec.get("kind", "study"), "optuna.study": study.study_name},
-                              params=params, parent=spec.get("parent_run"))
+    params |= {
+        f"study.{k}": v if isinstance(v, str) else json.dumps(v, default=str)
+        for k, v in spec.items()
+        if k not in ("module",)
+    }
+    return tracking.study_run(
+        spec.get("experiment", "robustlogits"),
+        f"{spec.get('kind', 'study')}-{study.study_name}",
+        tags={"robustlogits.job": spec.get("kind", "study"), "optuna.study": study.study_name},
+        params=params,
+        parent=spec.get("parent_run"),
+    )
 
 
 def parent_run_id(study: optuna.Study) -> str:
@@ -283,21 +307,24 @@ def enqueue_items(study: optuna.Study, items: list[dict]) -> int:
     is queued once however many workers join.
     """
     space = study.user_attrs[SPEC_ATTR].get("space", {})
-    present = {t.user_attrs.get("item_key") for t in study.get_trials(deepcopy=False)
-               if t.state in (TrialState.COMPLETE, TrialState.RUNNING, TrialState.WAITING)}
+    present = {
+        t.user_attrs.get("item_key")
+        for t in study.get_trials(deepcopy=False)
+        if t.state in (TrialState.COMPLETE, TrialState.RUNNING, TrialState.WAITING)
+    }
     added = 0
     for item in items:
         key = item_key(item)
         if key in present:
             continue
         present.add(key)
-        study.enqueue_trial({k: v for k, v in item.items() if k in space},
-                            user_attrs={"item": item, "item_key": key})
+        study.enqueue_trial({k: v for k, v in item.items() if k in space}, user_attrs={"item": item, "item_key": key})
         added += 1
     return added
 
 
 # --- the objective ------------------------------------------------------------------------------
+
 
 class _Idle(Exception):
     """A fixed-item study had nothing left for this trial (another worker took the last item)."""
@@ -357,12 +384,17 @@ def _objective(spec: dict, parent: str, experiment_id: str) -> Callable[[optuna.
         if run_id:
             trial.set_user_attr("model_versions", _model_versions(scope.reused_from or run_id))
             with contextlib.suppress(Exception):
-                tracking.log_params_to(run_id, {"optuna.trial_number": trial.number,
-                                                **{f"trial.{k}": v for k, v in params.items()}})
+                tracking.log_params_to(
+                    run_id, {"optuna.trial_number": trial.number, **{f"trial.{k}": v for k, v in params.items()}}
+                )
         values = [float(metrics[o]) for o in spec["objectives"]]
-        log.info("trial %d: %s in %.1f s%s", trial.number,
-                 ", ".join(f"{o} {v:.4f}" for o, v in zip(spec["objectives"], values)), seconds,
-                 f" (reused finished run {scope.reused_from})" if scope.reused_from else "")
+        log.info(
+            "trial %d: %s in %.1f s%s",
+            trial.number,
+            ", ".join(f"{o} {v:.4f}" for o, v in zip(spec["objectives"], values)),
+            seconds,
+            f" (reused finished run {scope.reused_from})" if scope.reused_from else "",
+        )
         return values if len(values) > 1 else values[0]
 
     return objective
@@ -397,14 +429,15 @@ def _after_trial(spec: dict, parent: str, state: dict) -> Callable:
 
 # --- workers ------------------------------------------------------------------------------------
 
+
 @dataclass
 class StudyStatus:
     complete: int
     waiting: int
     running: int
-    failed: list[dict]          # trials that failed and were not retried: number, params, error
-    pending_items: int          # enqueued items without a COMPLETE trial
-    budget_left: int | None     # sampler studies: trials still to propose
+    failed: list[dict]  # trials that failed and were not retried: number, params, error
+    pending_items: int  # enqueued items without a COMPLETE trial
+    budget_left: int | None  # sampler studies: trials still to propose
 
     @property
     def done(self) -> bool:
@@ -421,20 +454,32 @@ class StudyStatus:
 def status(study: optuna.Study) -> StudyStatus:
     spec = study.user_attrs[SPEC_ATTR]
     trials = [t for t in study.get_trials(deepcopy=False) if not t.user_attrs.get("idle")]
-    retried = {t.system_attrs.get("failed_trial") for t in trials} | \
-              {n for t in trials for n in t.system_attrs.get("retry_history", [])}
+    retried = {t.system_attrs.get("failed_trial") for t in trials} | {
+        n for t in trials for n in t.system_attrs.get("retry_history", [])
+    }
     by_state = {s: [t for t in trials if t.state == s] for s in TrialState}
     done_keys = {t.user_attrs.get("item_key") for t in by_state[TrialState.COMPLETE]}
     item_keys = {t.user_attrs.get("item_key") for t in trials if t.user_attrs.get("item_key")}
-    failed = [{"number": t.number, "params": t.user_attrs.get("item") or t.params,
-               "error": t.user_attrs.get("error", "worker lost")}
-              for t in by_state[TrialState.FAIL] if t.number not in retried
-              and t.user_attrs.get("item_key") not in done_keys]
+    failed = [
+        {
+            "number": t.number,
+            "params": t.user_attrs.get("item") or t.params,
+            "error": t.user_attrs.get("error", "worker lost"),
+        }
+        for t in by_state[TrialState.FAIL]
+        if t.number not in retried and t.user_attrs.get("item_key") not in done_keys
+    ]
     budget = None
     if spec.get("sampler") not in FIXED_SAMPLERS and spec.get("n_trials"):
         budget = max(0, int(spec["n_trials"]) - _counted(trials, retried))
-    return StudyStatus(len(by_state[TrialState.COMPLETE]), len(by_state[TrialState.WAITING]),
-                       len(by_state[TrialState.RUNNING]), failed, len(item_keys - done_keys), budget)
+    return StudyStatus(
+        len(by_state[TrialState.COMPLETE]),
+        len(by_state[TrialState.WAITING]),
+        len(by_state[TrialState.RUNNING]),
+        failed,
+        len(item_keys - done_keys),
+        budget,
+    )
 
 
 def _counted(trials, retried) -> int:
@@ -442,8 +487,9 @@ def _counted(trials, retried) -> int:
     return sum(1 for t in trials if t.number not in retried and t.state != TrialState.PRUNED)
 
 
-def run_worker(study_name: str, storage_url: str, n_trials: int | None = None,
-               heartbeat: int | None = HEARTBEAT_SECONDS) -> int:
+def run_worker(
+    study_name: str, storage_url: str, n_trials: int | None = None, heartbeat: int | None = HEARTBEAT_SECONDS
+) -> int:
     """Work on a study until nothing is left; returns how many trials this worker ran.
 
     Fixed-item studies: take queued items until none is waiting and none is running elsewhere
@@ -483,15 +529,25 @@ def worker_environment(index: int, n_workers: int, device: str | None) -> dict[s
     """A local worker's environment: its share of the cores, its device, no launcher run."""
     env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_RUN_ID",)}
     threads = str(max(1, (os.cpu_count() or 1) // n_workers))
-    env |= {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads, "ROBUSTLOGITS_WORKER": str(index),
-            "MLFLOW_TRACKING_URI": tracking.configure_store()}
+    env |= {
+        "OMP_NUM_THREADS": threads,
+        "MKL_NUM_THREADS": threads,
+        "ROBUSTLOGITS_WORKER": str(index),
+        "MLFLOW_TRACKING_URI": tracking.configure_store(),
+    }
     if device:
         env["ROBUSTLOGITS_DEVICE"] = device
     return env
 
 
-def run_workers(study_name: str, storage_url: str, n_workers: int, n_trials: int | None = None,
-                workers_per_device: int = 1, heartbeat: int | None = HEARTBEAT_SECONDS) -> StudyStatus:
+def run_workers(
+    study_name: str,
+    storage_url: str,
+    n_workers: int,
+    n_trials: int | None = None,
+    workers_per_device: int = 1,
+    heartbeat: int | None = HEARTBEAT_SECONDS,
+) -> StudyStatus:
     """N worker processes on this machine (one runs in this process when N = 1), devices
     assigned round-robin, threads = cores / N. Returns the study's status when all have ended."""
     from robustlogits.core.device import worker_devices
@@ -504,12 +560,22 @@ def run_workers(study_name: str, storage_url: str, n_workers: int, n_trials: int
             os.environ["ROBUSTLOGITS_DEVICE"] = devices[0]
         run_worker(study_name, storage_url, n_trials, heartbeat)
         return status(load(study_name, storage_url, heartbeat))
-    command = [sys.executable, "-m", "robustlogits.cli", "sweep", "worker", "--study", study_name,
-               "--storage", storage_url, "--heartbeat", str(heartbeat or 0)]
+    command = [
+        sys.executable,
+        "-m",
+        "robustlogits.cli",
+        "sweep",
+        "worker",
+        "--study",
+        study_name,
+        "--storage",
+        storage_url,
+        "--heartbeat",
+        str(heartbeat or 0),
+    ]
     if n_trials is not None:
         command += ["--n-trials", str(n_trials)]
-    procs = [subprocess.Popen(command, env=worker_environment(i, n_workers, devices[i]))
-             for i in range(n_workers)]
+    procs = [subprocess.Popen(command, env=worker_environment(i, n_workers, devices[i])) for i in range(n_workers)]
     try:
         codes = [p.wait() for p in procs]
     except BaseException:  # Ctrl-C: workers got SIGINT too; give them time to fail their trials
@@ -530,6 +596,7 @@ def run_workers(study_name: str, storage_url: str, n_workers: int, n_trials: int
 
 # --- the parent run's table and report ----------------------------------------------------------
 
+
 def trial_rows(study: optuna.Study) -> list[dict]:
     """One row per trial (idle placeholders left out): state, params, values, runs and models."""
     spec = study.user_attrs[SPEC_ATTR]
@@ -544,10 +611,14 @@ def trial_rows(study: optuna.Study) -> list[dict]:
         metrics = t.user_attrs.get("metrics") or {}
         for name in spec.get("table_metrics", []):
             row.setdefault(name, metrics.get(name, ""))
-        row |= {"mlflow_run_id": t.user_attrs.get("mlflow_run_id", ""),
-                "model_versions": " ".join(t.user_attrs.get("model_versions", [])),
-                "reused": t.user_attrs.get("reused", ""), "retry_of": t.system_attrs.get("failed_trial", ""),
-                "task_seconds": t.user_attrs.get("task_seconds", ""), "error": t.user_attrs.get("error", "")}
+        row |= {
+            "mlflow_run_id": t.user_attrs.get("mlflow_run_id", ""),
+            "model_versions": " ".join(t.user_attrs.get("model_versions", [])),
+            "reused": t.user_attrs.get("reused", ""),
+            "retry_of": t.system_attrs.get("failed_trial", ""),
+            "task_seconds": t.user_attrs.get("task_seconds", ""),
+            "error": t.user_attrs.get("error", ""),
+        }
         rows.append(row)
     return rows
 
@@ -571,9 +642,10 @@ def refresh_report(study: optuna.Study, parent: str | None = None, figures: bool
     try:
         tracking.log_text(trials_csv(trial_rows(study)), "trials.csv", run_id=parent)
         st = status(study)
-        tracking.log_results({"study_complete_trials": st.complete, "study_failed_trials": len(st.failed)}, run_id=parent)
+        tracking.log_results(
+            {"study_complete_trials": st.complete, "study_failed_trials": len(st.failed)}, run_id=parent
+        )
         if figures and spec.get("report") in REPORTS:
             REPORTS[spec["report"]](study, parent)
     except Exception as exc:  # noqa: BLE001
         log.warning("could not refresh the report of study %s: %s", study.study_name, exc)
-

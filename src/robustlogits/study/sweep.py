@@ -56,14 +56,19 @@ class SweepResult:
 
     def message(self) -> str:
         if self.created_only:
-            return (f"study {self.study} ready: {self.status.summary()}; workers join with "
-                    f"`robustlogits sweep worker --study {self.study} --storage {study_engine.redact(self.storage)}`")
+            return (
+                f"study {self.study} ready: {self.status.summary()}; workers join with "
+                f"`robustlogits sweep worker --study {self.study} --storage {study_engine.redact(self.storage)}`"
+            )
         state = "complete" if self.status.done else "not complete (run the same command again to resume)"
-        return (f"study {self.study} {state}: {self.status.summary()}\n"
-                f"parent run {self.parent_run_id}; storage {study_engine.redact(self.storage)}")
+        return (
+            f"study {self.study} {state}: {self.status.summary()}\n"
+            f"parent run {self.parent_run_id}; storage {study_engine.redact(self.storage)}"
+        )
 
 
 # --- the teacher's checkpoints ------------------------------------------------------------------
+
 
 def teacher_checkpoints(teacher: str) -> tuple[str, dict[int, str], dict]:
     """(registered name, {epoch: version} of the teacher's training run, that version's tags).
@@ -71,7 +76,7 @@ def teacher_checkpoints(teacher: str) -> tuple[str, dict[int, str], dict]:
     The run is the one behind the Production version (or the alias/version the reference names),
     else the newest version: its checkpoints are the epochs a sweep can choose from.
     """
-    body = teacher[len("models:/"):] if teacher.startswith("models:/") else teacher
+    body = teacher[len("models:/") :] if teacher.startswith("models:/") else teacher
     name = re.split(r"[@/]", body, maxsplit=1)[0]
     try:
         _, mv = tracking.resolve_model(teacher)
@@ -96,6 +101,7 @@ def _versions(name: str) -> list:
 
 # --- planning: every check before anything is written -------------------------------------------
 
+
 def _numbers(values: list[str], kind, what: str) -> list:
     try:
         return [kind(v) for v in values]
@@ -117,7 +123,9 @@ def plan(s: SweepConfig) -> SweepPlan:
         raise UserError(f"--n-trials must be >= 1, got {s.n_trials}")
     bad = [o for o in s.objectives if o not in OBJECTIVES]
     if bad or not s.objectives or len(set(s.objectives)) != len(s.objectives):
-        raise UserError(f"unknown objective {','.join(bad or s.objectives)!r}; choose adversarial, natural or natural,adversarial")
+        raise UserError(
+            f"unknown objective {','.join(bad or s.objectives)!r}; choose adversarial, natural or natural,adversarial"
+        )
     for loss in s.losses:
         if loss not in DISTILLATION_LOSSES:
             raise UserError(f"unknown loss {loss!r}; choose one of: {', '.join(DISTILLATION_LOSSES)}")
@@ -146,8 +154,10 @@ def plan(s: SweepConfig) -> SweepPlan:
         chosen = _numbers(s.teacher_epochs, int, "teacher-epochs")
         missing = [e for e in chosen if e not in epochs]
         if missing:
-            raise UserError(f"teacher {name} has no registered checkpoint at epoch {', '.join(map(str, missing))}; "
-                            f"registered epochs: {', '.join(map(str, epochs))}")
+            raise UserError(
+                f"teacher {name} has no registered checkpoint at epoch {', '.join(map(str, missing))}; "
+                f"registered epochs: {', '.join(map(str, epochs))}"
+            )
     classes = int(tags.get("num_classes") or 0)
     if classes and ks and any(m in NEEDS_K for m in s.manipulations):
         outside = [k for k in ks if not 1 <= k <= classes]
@@ -175,13 +185,27 @@ def plan(s: SweepConfig) -> SweepPlan:
         space["seed"] = {"choices": seeds}
     if lrs:
         space["lr"] = {"choices": lrs}
-    spec = {"task": "distill", "module": __name__, "kind": "sweep", "report": "sweep", "sampler": s.sampler,
-            "n_trials": s.n_trials, "seed": s.sampler_seed, "space": space,
-            "objectives": [OBJECTIVES[o] for o in s.objectives], "preset": s.preset,
-            "table_metrics": ["natural_accuracy", "adversarial_accuracy"], "report_every_seconds": 30,
-            "experiment": cfg.run.experiment,
-            "base": {"teacher": name, "teacher_versions": {str(e): epochs[e] for e in chosen},
-                     "preset": s.preset, "overrides": list(s.overrides)}}
+    spec = {
+        "task": "distill",
+        "module": __name__,
+        "kind": "sweep",
+        "report": "sweep",
+        "sampler": s.sampler,
+        "n_trials": s.n_trials,
+        "seed": s.sampler_seed,
+        "space": space,
+        "objectives": [OBJECTIVES[o] for o in s.objectives],
+        "preset": s.preset,
+        "table_metrics": ["natural_accuracy", "adversarial_accuracy"],
+        "report_every_seconds": 30,
+        "experiment": cfg.run.experiment,
+        "base": {
+            "teacher": name,
+            "teacher_versions": {str(e): epochs[e] for e in chosen},
+            "preset": s.preset,
+            "overrides": list(s.overrides),
+        },
+    }
     study = s.study or f"sweep-{name}-{tracking.job_key(spec)[:8]}"
     items = study_engine.grid_items(space) if s.sampler == "grid" else []
     return SweepPlan(study, spec, ["maximize"] * len(s.objectives), items)
@@ -196,11 +220,17 @@ def _check_data(teacher: str, version: str, data_dir: str | None) -> None:
     dataset = mv.tags.get("dataset") or run.params.get("data.dataset")
     hint = run.params.get("data.data_dir")
     synthetic = tracking.synthetic_params_from_run(mv.run_id) if dataset == "synthetic" else None
-    load_raw(dataset, data_dir, synthetic=synthetic, hint=None if hint in (None, "", "None") else hint,
-             digest=mv.tags.get("data_digest") or run.tags.get("data_digest"))
+    load_raw(
+        dataset,
+        data_dir,
+        synthetic=synthetic,
+        hint=None if hint in (None, "", "None") else hint,
+        digest=mv.tags.get("data_digest") or run.tags.get("data_digest"),
+    )
 
 
 # --- the task: one distillation ---------------------------------------------------------------
+
 
 def trial_config(params: dict):
     """The distillation a trial runs: the preset and --set values, then the sampled values."""
@@ -228,15 +258,18 @@ def distill_task(params: dict) -> dict[str, float]:
     cfg = trial_config(params)
     _, mv = tracking.resolve_model(cfg.distill.teacher, version=cfg.distill.teacher_version)
     teacher_run = tracking.run_record(mv.run_id)
-    identity = {"config": {k: v for k, v in flatten(cfg).items() if k not in VOLATILE},
-                "teacher": tracking.logged_model_id(mv) or f"{mv.name}/{mv.version}",
-                "data": mv.tags.get("data_digest") or teacher_run.tags.get("data_digest")}
+    identity = {
+        "config": {k: v for k, v in flatten(cfg).items() if k not in VOLATILE},
+        "teacher": tracking.logged_model_id(mv) or f"{mv.name}/{mv.version}",
+        "data": mv.tags.get("data_digest") or teacher_run.tags.get("data_digest"),
+    }
     progress = False if os.environ.get("ROBUSTLOGITS_WORKER") else None  # no interleaved bars
     key = tracking.job_key({"task": "distill", **identity})
     return study_engine.keyed("distill", key, lambda: run_distill(cfg, progress=progress))
 
 
 # --- the sweep --------------------------------------------------------------------------------
+
 
 def run_sweep(s: SweepConfig) -> SweepResult:
     """Plan (every check first), open or resume the study, queue the grid, run the workers."""
@@ -250,32 +283,46 @@ def run_sweep(s: SweepConfig) -> SweepResult:
     if launched and launched != parent:  # `mlflow run` of an existing study: point at its parent
         tracking.set_tags({"robustlogits.study_parent_run": parent}, launched)
     added = study_engine.enqueue_items(study, p.items) if p.items else 0
-    log.info("study %s: %d grid point(s) queued, %d trial(s) already there; parent run %s",
-             p.name, added, len(study.get_trials(deepcopy=False)) - added, parent)
+    log.info(
+        "study %s: %d grid point(s) queued, %d trial(s) already there; parent run %s",
+        p.name,
+        added,
+        len(study.get_trials(deepcopy=False)) - added,
+        parent,
+    )
     if s.create_only:
         log.info("join with: robustlogits sweep worker --study %s --storage %s", p.name, study_engine.redact(url))
         return SweepResult(p.name, url, parent, study_engine.status(study), created_only=True)
     try:
         with study_engine.driving(study):
-            st = study_engine.run_workers(p.name, url, s.workers, workers_per_device=s.workers_per_device,
-                                          heartbeat=s.heartbeat)
+            st = study_engine.run_workers(
+                p.name, url, s.workers, workers_per_device=s.workers_per_device, heartbeat=s.heartbeat
+            )
             study_engine.refresh_report(study, parent)
     except KeyboardInterrupt:
-        log.error("interrupted: study %s keeps its finished trials in %s; run the same command again to resume",
-                  p.name, study_engine.redact(url))
+        log.error(
+            "interrupted: study %s keeps its finished trials in %s; run the same command again to resume",
+            p.name,
+            study_engine.redact(url),
+        )
         raise
     return SweepResult(p.name, url, parent, st)
 
 
 # --- the report: Figures A.6, A.7, importances, Pareto front, best-<study> alias ---------------
 
+
 def _complete_rows(study) -> list[dict]:
     rows = []
     for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
         metrics = t.user_attrs.get("metrics") or {}
         row = (t.user_attrs.get("item") or {}) | t.params
-        row |= {"trial": t.number, "natural": metrics.get("natural_accuracy"),
-                "adversarial": metrics.get("adversarial_accuracy"), "versions": t.user_attrs.get("model_versions", [])}
+        row |= {
+            "trial": t.number,
+            "natural": metrics.get("natural_accuracy"),
+            "adversarial": metrics.get("adversarial_accuracy"),
+            "versions": t.user_attrs.get("model_versions", []),
+        }
         rows.append(row)
     return rows
 
@@ -320,8 +367,9 @@ def _accuracy_figure(table: dict[str, dict], xlabel: str, title: str, categorica
             pos = [xs_all.index(x) for x in xs] if categorical else xs
             mean = [series[x][what][0] for x in xs]
             std = [series[x][what][1] for x in xs]
-            ax.errorbar(pos, mean, yerr=std, marker="o", capsize=3, label=label or "all",
-                        linestyle=":" if categorical else "-")
+            ax.errorbar(
+                pos, mean, yerr=std, marker="o", capsize=3, label=label or "all", linestyle=":" if categorical else "-"
+            )
         ax.set_title(f"student {what} accuracy")
         ax.set_xlabel(xlabel)
         ax.set_ylabel("accuracy (mean ± std over repeats)")
@@ -353,8 +401,13 @@ def _pareto_figure(rows: list[dict], front: set[int]):
     fig, ax = plt.subplots(figsize=(6, 4.5))
     for on in (False, True):
         pts = [r for r in rows if (r["trial"] in front) == on]
-        ax.scatter([r["natural"] for r in pts], [r["adversarial"] for r in pts],
-                   c="C3" if on else "C0", label="Pareto front" if on else "trials", zorder=3 if on else 2)
+        ax.scatter(
+            [r["natural"] for r in pts],
+            [r["adversarial"] for r in pts],
+            c="C3" if on else "C0",
+            label="Pareto front" if on else "trials",
+            zorder=3 if on else 2,
+        )
         for r in pts if on else []:
             ax.annotate(f"e{r.get('teacher_epoch')} {r.get('loss')}", (r["natural"], r["adversarial"]), fontsize=7)
     ax.set_xlabel("student natural accuracy")
@@ -378,7 +431,8 @@ def _importances(study) -> dict[str, dict[str, float]]:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # "too few trials" while a study is young
                 out[name] = optuna.importance.get_param_importances(
-                    study, params=params, target=(lambda t, i=i: t.values[i]) if len(study.directions) > 1 else None)
+                    study, params=params, target=(lambda t, i=i: t.values[i]) if len(study.directions) > 1 else None
+                )
         except Exception as exc:  # noqa: BLE001 - too few or identical trials: nothing to rank yet
             log.debug("no importances for %s yet: %s", name, exc)
     return {k: v for k, v in out.items() if v}
@@ -398,15 +452,22 @@ def sweep_report(study, parent: str) -> None:
     if not rows:
         return
     varying = _varying(rows, ["temperature", "manipulation", "k", "lr"])
-    fig = _accuracy_figure(_grouped(rows, "teacher_epoch", ["loss", *varying]), "teacher checkpoint epoch",
-                           f"Figure A.6: students against teacher epoch ({study.study_name})", categorical=False)
+    fig = _accuracy_figure(
+        _grouped(rows, "teacher_epoch", ["loss", *varying]),
+        "teacher checkpoint epoch",
+        f"Figure A.6: students against teacher epoch ({study.study_name})",
+        categorical=False,
+    )
     tracking.log_figure(fig, "figures/fig_a6_teacher_epoch.png", run_id=parent)
     loss_keys = ["loss"] + [k for k in varying if k == "temperature"]
     for row in rows:
         row["loss_variant"] = _variant(row, loss_keys)
-    fig = _accuracy_figure(_grouped(rows, "loss_variant", ["teacher_epoch", *[k for k in varying if k != "temperature"]]),
-                           "distillation loss", f"Figure A.7: students against loss ({study.study_name})",
-                           categorical=True)
+    fig = _accuracy_figure(
+        _grouped(rows, "loss_variant", ["teacher_epoch", *[k for k in varying if k != "temperature"]]),
+        "distillation loss",
+        f"Figure A.7: students against loss ({study.study_name})",
+        categorical=True,
+    )
     tracking.log_figure(fig, "figures/fig_a7_loss.png", run_id=parent)
     importances = _importances(study)
     if importances:
@@ -419,8 +480,12 @@ def sweep_report(study, parent: str) -> None:
     objective = study.user_attrs["spec"]["objectives"][0]
     key = "adversarial" if objective == "adversarial_accuracy" else "natural"
     best = max((r for r in rows if r["trial"] in front and r[key] is not None), key=lambda r: r[key], default=None)
-    summary = {"best_trial": best and best["trial"], "pareto_front": sorted(front), "importances": importances,
-               "complete_trials": len(rows)}
+    summary = {
+        "best_trial": best and best["trial"],
+        "pareto_front": sorted(front),
+        "importances": importances,
+        "complete_trials": len(rows),
+    }
     if best:
         tracking.log_results({f"best_{objective}": best[key]}, run_id=parent)
         for ref in best["versions"][:1]:

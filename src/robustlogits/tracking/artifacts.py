@@ -25,12 +25,16 @@ def metric_name(text: str) -> str:
     return re.sub(r"[^0-9A-Za-z_\-./ ]", "_", text)
 
 
-def log_results(metrics: dict[str, Any], *, step: int | None = None, model_id: str | None = None,
-                run_id: str | None = None) -> None:
+def log_results(
+    metrics: dict[str, Any], *, step: int | None = None, model_id: str | None = None, run_id: str | None = None
+) -> None:
     """Numbers a run measured (NaN and None measure nothing and are left out). With `model_id` they
     are also the logged model's metrics, which the models table and `search_logged_models` rank."""
-    finite = {metric_name(k): float(v) for k, v in metrics.items()
-              if v is not None and not isinstance(v, bool) and math.isfinite(float(v))}
+    finite = {
+        metric_name(k): float(v)
+        for k, v in metrics.items()
+        if v is not None and not isinstance(v, bool) and math.isfinite(float(v))
+    }
     if not finite:
         return
     if run_id is None:

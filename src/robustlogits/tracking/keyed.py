@@ -31,17 +31,21 @@ def _all_experiments(client: MlflowClient) -> list[str]:
 def find_runs_with_key(key: str, statuses: tuple[str, ...]) -> list:
     """Runs (any experiment, newest first) tagged with this key and in one of these statuses."""
     client = MlflowClient()
-    found = client.search_runs(_all_experiments(client), filter_string=f"tags.`{KEY_TAG}` = '{key}'",
-                               order_by=["attributes.start_time DESC"])
+    found = client.search_runs(
+        _all_experiments(client), filter_string=f"tags.`{KEY_TAG}` = '{key}'", order_by=["attributes.start_time DESC"]
+    )
     return [r for r in found if r.info.status in statuses]
 
 
 def find_finished_run(key: str) -> str | None:
     """The newest FINISHED run (any experiment) tagged with this key, or None."""
     client = MlflowClient()
-    found = client.search_runs(_all_experiments(client),
-                               filter_string=f"tags.`{KEY_TAG}` = '{key}' and attributes.status = 'FINISHED'",
-                               order_by=["attributes.start_time DESC"], max_results=1)
+    found = client.search_runs(
+        _all_experiments(client),
+        filter_string=f"tags.`{KEY_TAG}` = '{key}' and attributes.status = 'FINISHED'",
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
+    )
     return found[0].info.run_id if found else None
 
 
@@ -52,8 +56,13 @@ def finished_runs_by_key() -> dict[str, str]:
     out: dict[str, str] = {}
     token = None
     while True:
-        page = client.search_runs(experiments, filter_string=f"tags.`{KEY_TAG}` LIKE '%' and attributes.status = 'FINISHED'",
-                                  order_by=["attributes.start_time ASC"], max_results=1000, page_token=token)
+        page = client.search_runs(
+            experiments,
+            filter_string=f"tags.`{KEY_TAG}` LIKE '%' and attributes.status = 'FINISHED'",
+            order_by=["attributes.start_time ASC"],
+            max_results=1000,
+            page_token=token,
+        )
         out |= {r.data.tags[KEY_TAG]: r.info.run_id for r in page}
         token = page.token
         if not token:
@@ -75,7 +84,7 @@ def claim_pending_key() -> str | None:
 @dataclass
 class Keyed:
     run_id: str
-    reused: bool   # True: an earlier FINISHED run with the key; False: `produce` just made it
+    reused: bool  # True: an earlier FINISHED run with the key; False: `produce` just made it
 
 
 def find_or_run(key: str, produce: Callable[[], str]) -> Keyed:

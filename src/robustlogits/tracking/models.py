@@ -36,8 +36,10 @@ def log_torch_model(model: torch.nn.Module, name: str, image_shape=(3, 32, 32)):
     model.eval()
     example = np.random.default_rng(0).random((2, *image_shape), dtype=np.float32)
     classes = int(getattr(model, "num_classes", 0) or model(torch.from_numpy(example)).shape[1])
-    signature = ModelSignature(inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, *image_shape))]),
-                               outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, classes))]))
+    signature = ModelSignature(
+        inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, *image_shape))]),
+        outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, classes))]),
+    )
     pytorch_logger = logging.getLogger("mlflow.pytorch")
     level = pytorch_logger.level
     try:
@@ -46,8 +48,13 @@ def log_torch_model(model: torch.nn.Module, name: str, image_shape=(3, 32, 32)):
             warnings.simplefilter("ignore")
             _, files = model_format.write_files(model, Path(tmp))
             info = mlflow.pytorch.log_model(
-                model, name=name, serialization_format="pt2", input_example=example, signature=signature,
-                extra_files=[str(f) for f in files], pip_requirements=PIP_REQUIREMENTS,
+                model,
+                name=name,
+                serialization_format="pt2",
+                input_example=example,
+                signature=signature,
+                extra_files=[str(f) for f in files],
+                pip_requirements=PIP_REQUIREMENTS,
                 validate_serving_input=False,  # our own load is tested; this one re-exports the graph
             )
     finally:
@@ -74,7 +81,8 @@ def load_model(model_uri: str, device: torch.device | str = "cpu") -> torch.nn.M
             if "extra_files" in names:  # spec format: spec and weights suffice, not the pt2 copy
                 folder = Path(repo.download_artifacts("extra_files", dst_path=tmp)).parent
                 spec = model_format.ArchitectureSpec.from_json(
-                    (folder / "extra_files" / model_format.SPEC_FILE).read_text())
+                    (folder / "extra_files" / model_format.SPEC_FILE).read_text()
+                )
                 if spec.builder != model_format.FACTORY:  # an exported graph: MLflow's own folder
                     repo.download_artifacts("data", dst_path=tmp)
                     repo.download_artifacts("MLmodel", dst_path=tmp)
@@ -110,7 +118,7 @@ def resolve_and_load(spec: str, *, stage=None, alias=None, version=None, device=
     """Registry URI, registered name + stage/alias/version, or runs:/ URI -> loaded model and lineage."""
     uri, mv = registry.resolve_model(spec, stage=stage, alias=alias, version=version)
     model = load_model(uri, device)
-    source_run = mv.run_id if mv is not None else uri[len("runs:/"):].split("/", 1)[0]
+    source_run = mv.run_id if mv is not None else uri[len("runs:/") :].split("/", 1)[0]
     params, run_tags = {}, {}
     if source_run:
         try:
@@ -121,10 +129,15 @@ def resolve_and_load(spec: str, *, stage=None, alias=None, version=None, device=
     tags = dict(mv.tags) if mv is not None else {}
     data_dir = params.get("data.data_dir")
     return ResolvedModel(
-        uri=uri, model=model, name=mv.name if mv else None, version=str(mv.version) if mv else None,
-        model_id=registry.logged_model_id(mv), source_run_id=source_run,
+        uri=uri,
+        model=model,
+        name=mv.name if mv else None,
+        version=str(mv.version) if mv else None,
+        model_id=registry.logged_model_id(mv),
+        source_run_id=source_run,
         dataset=tags.get(registry.DATASET_TAG) or params.get("data.dataset"),
-        data_dir=None if data_dir in (None, "None", "") else data_dir, tags=tags,
+        data_dir=None if data_dir in (None, "None", "") else data_dir,
+        tags=tags,
         data_digest=tags.get(registry.DATA_DIGEST_TAG) or run_tags.get(registry.DATA_DIGEST_TAG),
     )
 
@@ -134,6 +147,10 @@ def synthetic_params_from_run(run_id: str | None) -> dict | None:
     if not run_id:
         return None
     params = MlflowClient().get_run(run_id).data.params
-    keys = {"train_per_class": "data.synthetic_train_per_class", "test_per_class": "data.synthetic_test_per_class",
-            "num_classes": "data.synthetic_classes", "size": "data.synthetic_size"}
+    keys = {
+        "train_per_class": "data.synthetic_train_per_class",
+        "test_per_class": "data.synthetic_test_per_class",
+        "num_classes": "data.synthetic_classes",
+        "size": "data.synthetic_size",
+    }
     return {k: int(params[v]) for k, v in keys.items() if v in params} or None

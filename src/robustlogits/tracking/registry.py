@@ -60,8 +60,7 @@ def set_version_tags(name: str, version: str | int, tags: dict[str, Any]) -> Non
         client.set_model_version_tag(name, str(version), key, str(value))
 
 
-def resolve_model(spec: str, *, stage: str | None = None, alias: str | None = None,
-                  version: str | int | None = None):
+def resolve_model(spec: str, *, stage: str | None = None, alias: str | None = None, version: str | int | None = None):
     """Turn a user's model reference into (model URI, registry version or None).
 
     Accepts `models:/NAME@ALIAS`, `models:/NAME/STAGE`, `models:/NAME/VERSION`, `runs:/ID/PATH`,
@@ -71,7 +70,7 @@ def resolve_model(spec: str, *, stage: str | None = None, alias: str | None = No
     if spec.startswith("runs:/"):
         return spec, None
     if spec.startswith("models:/"):
-        body = spec[len("models:/"):]
+        body = spec[len("models:/") :]
         if "@" in body:
             name, alias = body.split("@", 1)
         elif "/" in body:
@@ -118,7 +117,7 @@ def logged_model_id(mv) -> str | None:
         return mv.model_id
     source = getattr(mv, "source", "") or ""
     if source.startswith("models:/m-"):
-        return source[len("models:/"):].split("/", 1)[0]
+        return source[len("models:/") :].split("/", 1)[0]
     return None
 
 
@@ -158,8 +157,13 @@ def students_of(teacher_name: str, teacher_version: str | int | None = None) -> 
     query = f"tags.{TEACHER_NAME_TAG} = '{teacher_name}'"
     if teacher_version is not None:
         query += f" and tags.{TEACHER_VERSION_TAG} = '{teacher_version}'"
-    return _search_versions(query, lambda v: v.tags.get(TEACHER_NAME_TAG) == teacher_name and (
-        teacher_version is None or v.tags.get(TEACHER_VERSION_TAG) == str(teacher_version)))
+    return _search_versions(
+        query,
+        lambda v: (
+            v.tags.get(TEACHER_NAME_TAG) == teacher_name
+            and (teacher_version is None or v.tags.get(TEACHER_VERSION_TAG) == str(teacher_version))
+        ),
+    )
 
 
 def update_students_tag(teacher_name: str | None, teacher_version: str | None) -> None:

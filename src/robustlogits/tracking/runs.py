@@ -36,7 +36,7 @@ from robustlogits.tracking.store import check_store, launched_run_id
 ERROR_TAG = "error"
 PREVIOUS_ERROR_TAG = "previous_error"
 TRACEBACK_ARTIFACT = "error/traceback.txt"
-STUDY_RUN_TAG = "robustlogits.study_run"   # on a launcher's run that only points at an existing study run
+STUDY_RUN_TAG = "robustlogits.study_run"  # on a launcher's run that only points at an existing study run
 
 
 @contextlib.contextmanager
@@ -95,6 +95,7 @@ def end_run_if_running(run_id: str, status: str = "FAILED") -> bool:
 
 # --- study placement: a study's job runs nest under its run -----------------------------------
 
+
 @dataclass
 class ChildRuns:
     """Where job runs opened inside `child_runs` go: under a parent, with extra tags."""
@@ -115,16 +116,23 @@ _CHILD_RUNS: contextvars.ContextVar[ChildRuns | None] = contextvars.ContextVar("
 
 
 @contextlib.contextmanager
-def child_runs(parent_run_id: str | None = None, experiment_id: str | None = None,
-               tags: dict[str, str] | None = None, on_start: Callable[[str], None] | None = None) -> Iterator[ChildRuns]:
+def child_runs(
+    parent_run_id: str | None = None,
+    experiment_id: str | None = None,
+    tags: dict[str, str] | None = None,
+    on_start: Callable[[str], None] | None = None,
+) -> Iterator[ChildRuns]:
     """Job runs opened inside go under `parent_run_id`, in its experiment, with `tags` added;
     `on_start` hears each new run id at once. Nested contexts add to the outer one, so a study
     places its trials and a step adds its name without any job knowing."""
     outer = _CHILD_RUNS.get() or ChildRuns()
     callbacks = [cb for cb in (outer.on_start, on_start) if cb]
-    inner = ChildRuns(parent_run_id or outer.parent_run_id, experiment_id or outer.experiment_id,
-                      outer.tags | {k: str(v) for k, v in (tags or {}).items()},
-                      (lambda rid: [cb(rid) for cb in callbacks]) if callbacks else None)
+    inner = ChildRuns(
+        parent_run_id or outer.parent_run_id,
+        experiment_id or outer.experiment_id,
+        outer.tags | {k: str(v) for k, v in (tags or {}).items()},
+        (lambda rid: [cb(rid) for cb in callbacks]) if callbacks else None,
+    )
     token = _CHILD_RUNS.set(inner)
     try:
         yield inner
@@ -133,6 +141,7 @@ def child_runs(parent_run_id: str | None = None, experiment_id: str | None = Non
 
 
 # --- fluent runs ------------------------------------------------------------------------------
+
 
 @contextlib.contextmanager
 def _launcher_hidden(hide: bool) -> Iterator[None]:
@@ -147,8 +156,13 @@ def _launcher_hidden(hide: bool) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def _fluent_run(start: dict[str, Any], *, existing: str | None = None, hide_launcher: bool = False,
-                on_start: Callable[[str], None] | None = None) -> Iterator[str]:
+def _fluent_run(
+    start: dict[str, Any],
+    *,
+    existing: str | None = None,
+    hide_launcher: bool = False,
+    on_start: Callable[[str], None] | None = None,
+) -> Iterator[str]:
     """Start an active run and end it FINISHED, or FAILED with the reason; `existing` is the run
     that start adopts (the launcher's or a resumed one), closed FAILED even if start fails."""
     run = None
@@ -227,8 +241,16 @@ def nested_run(name: str, tags: dict[str, str] | None = None) -> Iterator[str]:
 
 # --- study runs: held by the process that drives the study, not the active run ----------------
 
-def study_run(experiment: str, name: str, *, key: str | None = None, tags: dict[str, str] | None = None,
-              params: dict[str, Any] | None = None, parent: str | None = None) -> str:
+
+def study_run(
+    experiment: str,
+    name: str,
+    *,
+    key: str | None = None,
+    tags: dict[str, str] | None = None,
+    params: dict[str, Any] | None = None,
+    parent: str | None = None,
+) -> str:
     """A study's run, created once: found again by `key` when one is given (whatever its status);
     else created, under `mlflow run` as the launcher's run. A launcher's run that finds an
     existing study run only points at it (`robustlogits.study_run`) and ends. Left not RUNNING:
@@ -271,6 +293,7 @@ def holding(run_id: str) -> Iterator[str]:
 
 
 # --- params and what a run recorded ------------------------------------------------------------
+
 
 def log_params(params: dict[str, Any]) -> None:
     """Params the active run does not have yet: under `mlflow run` the launcher has already
@@ -330,9 +353,17 @@ def run_record(run_id: str) -> RunRecord:
 
 
 def _record(run) -> RunRecord:
-    return RunRecord(run.info.run_id, run.info.run_name or run.data.tags.get("mlflow.runName", ""), run.info.status,
-                     run.info.experiment_id, dict(run.data.tags), dict(run.data.params), dict(run.data.metrics),
-                     run.info.start_time, run.info.end_time)
+    return RunRecord(
+        run.info.run_id,
+        run.info.run_name or run.data.tags.get("mlflow.runName", ""),
+        run.info.status,
+        run.info.experiment_id,
+        dict(run.data.tags),
+        dict(run.data.params),
+        dict(run.data.metrics),
+        run.info.start_time,
+        run.info.end_time,
+    )
 
 
 def metric_history(run_id: str, key: str) -> dict[int, float]:
@@ -340,12 +371,20 @@ def metric_history(run_id: str, key: str) -> dict[int, float]:
     return {m.step: m.value for m in MlflowClient().get_metric_history(run_id, key)}
 
 
-def finished_runs(*, params: dict[str, str] | None = None, tags: dict[str, str] | None = None,
-                  limit: int = 5) -> list[RunRecord]:
+def finished_runs(
+    *, params: dict[str, str] | None = None, tags: dict[str, str] | None = None, limit: int = 5
+) -> list[RunRecord]:
     """The newest FINISHED runs (any experiment) whose params and tags have these values."""
     client = MlflowClient()
-    query = " and ".join([f"params.`{k}` = '{v}'" for k, v in (params or {}).items()]
-                         + [f"tags.`{k}` = '{v}'" for k, v in (tags or {}).items()] + ["attributes.status = 'FINISHED'"])
-    found = client.search_runs([e.experiment_id for e in client.search_experiments()], filter_string=query,
-                               order_by=["attributes.start_time DESC"], max_results=limit)
+    query = " and ".join(
+        [f"params.`{k}` = '{v}'" for k, v in (params or {}).items()]
+        + [f"tags.`{k}` = '{v}'" for k, v in (tags or {}).items()]
+        + ["attributes.status = 'FINISHED'"]
+    )
+    found = client.search_runs(
+        [e.experiment_id for e in client.search_experiments()],
+        filter_string=query,
+        order_by=["attributes.start_time DESC"],
+        max_results=limit,
+    )
     return [_record(r) for r in found]

@@ -44,8 +44,13 @@ def check_store(experiment: str, adopt_launched: bool = True) -> str:
             chosen = client.get_experiment(exp_id).name
             if chosen != experiment and launched not in _warned_launches:
                 _warned_launches.add(launched)
-                log.warning("mlflow run filed this run under experiment %r, not %r: add `--experiment-name %s` "
-                            "to the mlflow run command to keep runs together", chosen, experiment, experiment)
+                log.warning(
+                    "mlflow run filed this run under experiment %r, not %r: add `--experiment-name %s` "
+                    "to the mlflow run command to keep runs together",
+                    chosen,
+                    experiment,
+                    experiment,
+                )
             mlflow.set_experiment(experiment_id=exp_id)  # an earlier artifact run may have switched it
             return exp_id
         exp = mlflow.get_experiment_by_name(experiment)

@@ -17,9 +17,9 @@ from robustlogits import tracking
 from robustlogits.config import flatten
 from robustlogits.study.reproduce.plan import Step
 
-FORWARD_SHARE = 1 / 3      # a forward pass against a forward + backward pass
-APGD_SURVIVORS = 0.5       # share of examples APGD-DLR still attacks after APGD-CE
-ANALYSIS_SECONDS = 5.0     # reading artifacts, figures, logging
+FORWARD_SHARE = 1 / 3  # a forward pass against a forward + backward pass
+APGD_SURVIVORS = 0.5  # share of examples APGD-DLR still attacks after APGD-CE
+ANALYSIS_SECONDS = 5.0  # reading artifacts, figures, logging
 
 
 def probe_images_per_second(arch: str, num_classes: int = 10, batch: int = 64, repeats: int = 3) -> float:
@@ -50,8 +50,11 @@ def stored_images_per_second(arch: str, training: str = "standard") -> tuple[flo
         runs = tracking.finished_runs(params={"model.arch": arch, "run.training": training}, limit=5)
     except Exception:  # noqa: BLE001 - an estimate never fails the plan
         return None
-    found = [(r.metrics["train_images_per_second"], int(r.params.get("adversary.steps", 0)))
-             for r in runs if "train_images_per_second" in r.metrics]
+    found = [
+        (r.metrics["train_images_per_second"], int(r.params.get("adversary.steps", 0)))
+        for r in runs
+        if "train_images_per_second" in r.metrics
+    ]
     return max(found) if found else None
 
 
@@ -90,13 +93,17 @@ class Estimator:
             rate = self.rate(config["model.arch"])[0]
             n = _n_train(config)
             teacher_logits = config["distill.n_augment"] * n * FORWARD_SHARE / rate
-            return config["optim.epochs"] * (n + _eval_images(config)) / rate + teacher_logits + \
-                self.attack(step.args["n_examples"], step.args["n_iter"], rate)
+            return (
+                config["optim.epochs"] * (n + _eval_images(config)) / rate
+                + teacher_logits
+                + self.attack(step.args["n_examples"], step.args["n_iter"], rate)
+            )
         if step.task == "reproduce-manifold":
             a = step.args
             rate = min((r for r, _ in self.rates.values()), default=1000.0)
-            return ANALYSIS_SECONDS + len(a["labels"]) * (a["n_images"] * a["n_perturbations"] * (a["pgd_steps"] + 1)
-                                                           / rate + 2.0)
+            return ANALYSIS_SECONDS + len(a["labels"]) * (
+                a["n_images"] * a["n_perturbations"] * (a["pgd_steps"] + 1) / rate + 2.0
+            )
         return ANALYSIS_SECONDS
 
     @staticmethod
@@ -108,8 +115,11 @@ class Estimator:
         epochs = config["optim.epochs"]
         monitor = 0.0
         if config["monitor.robust_every"]:
-            monitor = (epochs // config["monitor.robust_every"]) * config["monitor.robust_examples"] * \
-                (config["monitor.robust_steps"] + 1)
+            monitor = (
+                (epochs // config["monitor.robust_every"])
+                * config["monitor.robust_examples"]
+                * (config["monitor.robust_steps"] + 1)
+            )
         checkpoints = len(config["run.checkpoint_epochs"]) * 10000 * FORWARD_SHARE
         return epochs * _n_train(config) * per_image + (epochs * _eval_images(config) + monitor + checkpoints) / rate
 

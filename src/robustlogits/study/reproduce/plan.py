@@ -33,26 +33,34 @@ def teacher_config(preset_name: str, dataset: str, training: str, seed: int, ove
 
 
 # Step groups for --only / --skip, in the order the study runs them.
-CROSS_MODEL = ("ranks", "errors", "overlap", "images")   # Figures 3A-B, 3C, 3D / B.6, B.2-B.3
+CROSS_MODEL = ("ranks", "errors", "overlap", "images")  # Figures 3A-B, 3C, 3D / B.6, B.2-B.3
 GROUPS = ("train", "attack", "distill", "sweeps", "gap", "theory", "manifold", *CROSS_MODEL)
 
 
 @dataclass
 class Step:
-    name: str            # e.g. "distill/cifar10/s0/permute-k3"
-    group: str           # one of GROUPS
-    stage: str           # one of STAGES: a stage runs only when the stages before it are done
-    task: str            # the registered task that runs it
-    args: dict           # JSON-able, everything a worker on another machine needs
-    needs: dict = field(default_factory=dict)   # role -> upstream step name (or list of names)
+    name: str  # e.g. "distill/cifar10/s0/permute-k3"
+    group: str  # one of GROUPS
+    stage: str  # one of STAGES: a stage runs only when the stages before it are done
+    task: str  # the registered task that runs it
+    args: dict  # JSON-able, everything a worker on another machine needs
+    needs: dict = field(default_factory=dict)  # role -> upstream step name (or list of names)
     key: str = ""
     estimate_s: float = 0.0
 
     def item(self, keys: dict[str, str]) -> dict:
         """The work item a worker receives: the step with its upstream steps' keys resolved."""
+
         def resolve(ref):
             return [keys[r] for r in ref] if isinstance(ref, list) else keys[ref]
-        return {"step": self.name, "task": self.task, "key": self.key, "args": self.args, "inputs": {role: resolve(ref) for role, ref in self.needs.items()}}
+
+        return {
+            "step": self.name,
+            "task": self.task,
+            "key": self.key,
+            "args": self.args,
+            "inputs": {role: resolve(ref) for role, ref in self.needs.items()},
+        }
 
 
 def select_groups(only: list[str] | None, skip: list[str] | None) -> tuple[str, ...]:
@@ -83,8 +91,10 @@ def build_plan(scale_: ScaleConfig, seeds: int, datasets: dict[str, str], data_d
         steps += _dataset_steps(scale_, seeds, dataset, digest, data_dir)
     by_name = {s.name: s for s in steps}
     for step in steps:  # upstream first: steps are listed in dependency order
-        upstream = {role: ([by_name[r].key for r in ref] if isinstance(ref, list) else by_name[ref].key)
-                    for role, ref in step.needs.items()}
+        upstream = {
+            role: ([by_name[r].key for r in ref] if isinstance(ref, list) else by_name[ref].key)
+            for role, ref in step.needs.items()
+        }
         payload = {k: v for k, v in step.args.items() if k != "data_dir"}
         step.key = tracking.job_key({"task": step.task, "args": payload, "inputs": upstream})
     return steps
@@ -98,15 +108,37 @@ def _dataset_steps(sc: ScaleConfig, seeds: int, dataset: str, digest: str, data_
     for seed in range(seeds):
         for kind, training in (("st", "standard"), ("at", "adversarial")):
             cfg = teacher_config(sc.preset, dataset, training, seed, sc.train_overrides)
-            config = {k: v for k, v in flatten(cfg).items()
-                      if k not in ("data.data_dir", "run.device", "run.experiment")}
-            steps.append(Step(f"train/{dataset}/{kind}/s{seed}", "train", "train", "reproduce-train",
-                              {"preset": sc.preset, "training": training, "dataset": dataset, "seed": seed,
-                               "overrides": list(sc.train_overrides), "data_dir": data_dir,
-                               "config": config, "data_digest": digest}))
-            steps.append(Step(f"attack/{dataset}/{kind}/s{seed}", "attack", "attack", "reproduce-attack",
-                              {"epoch": teacher_epoch, "seed": 0, **attack, "data_dir": data_dir},
-                              {"model": f"train/{dataset}/{kind}/s{seed}"}))
+            config = {
+                k: v for k, v in flatten(cfg).items() if k not in ("data.data_dir", "run.device", "run.experiment")
+            }
+            steps.append(
+                Step(
+                    f"train/{dataset}/{kind}/s{seed}",
+                    "train",
+                    "train",
+                    "reproduce-train",
+                    {
+                        "preset": sc.preset,
+                        "training": training,
+                        "dataset": dataset,
+                        "seed": seed,
+                        "overrides": list(sc.train_overrides),
+                        "data_dir": data_dir,
+                        "config": config,
+                        "data_digest": digest,
+                    },
+                )
+            )
+            steps.append(
+                Step(
+                    f"attack/{dataset}/{kind}/s{seed}",
+                    "attack",
+                    "attack",
+                    "reproduce-attack",
+                    {"epoch": teacher_epoch, "seed": 0, **attack, "data_dir": data_dir},
+                    {"model": f"train/{dataset}/{kind}/s{seed}"},
+                )
+            )
     classes = class_count(dataset, sc)
     distilled = dataset != "cifar100"  # the paper distils on CIFAR-10 only (section 4.2)
     if distilled:
@@ -116,46 +148,107 @@ def _dataset_steps(sc: ScaleConfig, seeds: int, dataset: str, digest: str, data_
             students += [(f"{mode}-k{k}", mode, k) for mode in sc.fix_modes for k in ks]
             students += [("correct-fix-1", "correct-fix", 1), ("hybrid", "hybrid", None)]
             for label, manipulation, k in students:
-                steps.append(_student(sc, dataset, seed, label, manipulation, k, teacher_epoch, "l1", "distill",
-                                      data_dir))
+                steps.append(
+                    _student(sc, dataset, seed, label, manipulation, k, teacher_epoch, "l1", "distill", data_dir)
+                )
         for epoch in sc.sweep_epochs or checkpoints:
             for loss in sc.sweep_losses:
-                steps.append(_student(sc, dataset, 0, f"e{epoch}-{loss}", "none", None, epoch, loss, "sweeps",
-                                      data_dir))
+                steps.append(
+                    _student(sc, dataset, 0, f"e{epoch}-{loss}", "none", None, epoch, loss, "sweeps", data_dir)
+                )
     teachers = {"at": f"train/{dataset}/at/s0", "st": f"train/{dataset}/st/s0"}
-    steps.append(Step(f"analyze/{dataset}/gap", "gap", "analyze", "reproduce-gap", {"bins": 10},
-                      {"attacks": [f"attack/{dataset}/{kind}/s{seed}" for kind in ("st", "at")
-                                   for seed in range(seeds)]}))
-    steps.append(Step(f"analyze/{dataset}/theory", "theory", "analyze", "reproduce-theory",
-                      {"classes": classes, "epoch": teacher_epoch},
-                      {"runs": [teachers["st"], teachers["at"]]}))
+    steps.append(
+        Step(
+            f"analyze/{dataset}/gap",
+            "gap",
+            "analyze",
+            "reproduce-gap",
+            {"bins": 10},
+            {"attacks": [f"attack/{dataset}/{kind}/s{seed}" for kind in ("st", "at") for seed in range(seeds)]},
+        )
+    )
+    steps.append(
+        Step(
+            f"analyze/{dataset}/theory",
+            "theory",
+            "analyze",
+            "reproduce-theory",
+            {"classes": classes, "epoch": teacher_epoch},
+            {"runs": [teachers["st"], teachers["at"]]},
+        )
+    )
     models = {"ST teacher": teachers["st"], "AT teacher": teachers["at"]}
     if distilled:
-        models |= {"robust student (normal)": f"distill/{dataset}/s0/normal",
-                   "non-robust student (correct-fix-1)": f"distill/{dataset}/s0/correct-fix-1"}
-    steps.append(Step(f"analyze/{dataset}/manifold", "manifold", "analyze", "reproduce-manifold",
-                      {"labels": list(models), "epochs": [teacher_epoch if "teacher" in label else None
-                                                          for label in models], "n_images": sc.manifold_images,
-                       "n_perturbations": sc.manifold_perturbations, "n_features": sc.manifold_features,
-                       "pgd_steps": sc.manifold_pgd_steps, "data_dir": data_dir},
-                      {"models": list(models.values())}))
-    teachers_all = [(f"{kind.upper()} s{seed}", f"train/{dataset}/{kind}/s{seed}") for kind in ("at", "st")
-                    for seed in range(seeds)]
+        models |= {
+            "robust student (normal)": f"distill/{dataset}/s0/normal",
+            "non-robust student (correct-fix-1)": f"distill/{dataset}/s0/correct-fix-1",
+        }
+    steps.append(
+        Step(
+            f"analyze/{dataset}/manifold",
+            "manifold",
+            "analyze",
+            "reproduce-manifold",
+            {
+                "labels": list(models),
+                "epochs": [teacher_epoch if "teacher" in label else None for label in models],
+                "n_images": sc.manifold_images,
+                "n_perturbations": sc.manifold_perturbations,
+                "n_features": sc.manifold_features,
+                "pgd_steps": sc.manifold_pgd_steps,
+                "data_dir": data_dir,
+            },
+            {"models": list(models.values())},
+        )
+    )
+    teachers_all = [
+        (f"{kind.upper()} s{seed}", f"train/{dataset}/{kind}/s{seed}") for kind in ("at", "st") for seed in range(seeds)
+    ]
     for analysis in CROSS_MODEL:
         needs = {"models": [name for _, name in teachers_all]}
         if analysis == "errors":
             needs["attacks"] = [name.replace("train/", "attack/", 1) for _, name in teachers_all]
-        steps.append(Step(f"analyze/{dataset}/{analysis}", analysis, "analyze", "reproduce-cross-model",
-                          {"analysis": analysis, "labels": [label for label, _ in teachers_all],
-                           "epochs": [teacher_epoch] * len(teachers_all), "data_dir": data_dir}, needs))
+        steps.append(
+            Step(
+                f"analyze/{dataset}/{analysis}",
+                analysis,
+                "analyze",
+                "reproduce-cross-model",
+                {
+                    "analysis": analysis,
+                    "labels": [label for label, _ in teachers_all],
+                    "epochs": [teacher_epoch] * len(teachers_all),
+                    "data_dir": data_dir,
+                },
+                needs,
+            )
+        )
     return steps
 
 
-def _student(sc: ScaleConfig, dataset: str, seed: int, label: str, manipulation: str, k: int | None, epoch: int,
-             loss: str, group: str, data_dir: str | None) -> Step:
-    args = {"preset": sc.preset, "manipulation": manipulation, "k": k, "seed": seed, "loss": loss,
-            "teacher_epoch": epoch, "n_examples": sc.attack_n_examples, "n_iter": sc.attack_n_iter,
-            "data_dir": data_dir}
+def _student(
+    sc: ScaleConfig,
+    dataset: str,
+    seed: int,
+    label: str,
+    manipulation: str,
+    k: int | None,
+    epoch: int,
+    loss: str,
+    group: str,
+    data_dir: str | None,
+) -> Step:
+    args = {
+        "preset": sc.preset,
+        "manipulation": manipulation,
+        "k": k,
+        "seed": seed,
+        "loss": loss,
+        "teacher_epoch": epoch,
+        "n_examples": sc.attack_n_examples,
+        "n_iter": sc.attack_n_iter,
+        "data_dir": data_dir,
+    }
     needs = {"teacher": f"train/{dataset}/at/s{seed}"}
     if manipulation == "hybrid":
         needs["st_teacher"] = f"train/{dataset}/st/s{seed}"
@@ -169,4 +262,3 @@ def select(steps: list[Step], groups: tuple[str, ...]) -> list[Step]:
 
 def scale_params(sc: ScaleConfig, seeds: int) -> dict:
     return {f"scale.{k}": v for k, v in dataclasses.asdict(sc).items()} | {"seeds": seeds}
-

@@ -48,6 +48,7 @@ def pct(mean: float | None, std: float | None = None) -> str:
 
 # --- reading the runs back --------------------------------------------------------------------
 
+
 def _heldout_at(run_id: str, epoch: int) -> dict[str, float]:
     """Held-out max-logit / gap mean and skew at `epoch` (val split for CIFAR-10, else test)."""
     metrics = tracking.run_record(run_id).metrics
@@ -66,12 +67,14 @@ def collect(plan, dataset: str) -> dict:
     finished = tracking.finished_runs_by_key()
     runs = {s.name: finished.get(s.key) for s in plan.steps}
     steps = {s.name: s for s in plan.steps}
-    results: dict = {"dataset": dataset, "teachers": {"st": [], "at": []}, "students": {}, "sweeps": {},
-                     "figures": []}
+    results: dict = {"dataset": dataset, "teachers": {"st": [], "at": []}, "students": {}, "sweeps": {}, "figures": []}
     seeds = sorted({int(n.rsplit("/s", 1)[1]) for n in runs if n.startswith(f"train/{dataset}/")})
     for kind in ("st", "at"):
         for seed in seeds:
-            train_run, attack_run = runs.get(f"train/{dataset}/{kind}/s{seed}"), runs.get(f"attack/{dataset}/{kind}/s{seed}")
+            train_run, attack_run = (
+                runs.get(f"train/{dataset}/{kind}/s{seed}"),
+                runs.get(f"attack/{dataset}/{kind}/s{seed}"),
+            )
             row = {"seed": seed, "train_run": train_run, "run": attack_run}
             if train_run:
                 row |= _heldout_at(train_run, steps[f"attack/{dataset}/{kind}/s{seed}"].args["epoch"])
@@ -84,8 +87,12 @@ def collect(plan, dataset: str) -> dict:
         if not run_id or not name.startswith((f"distill/{dataset}/", f"sweep/{dataset}/")):
             continue
         m = tracking.run_record(run_id).metrics
-        row = {"run": run_id, "natural": m.get("natural_accuracy"), "adversarial": m.get("adversarial_accuracy"),
-               "teacher_error": m.get("targets_teacher_error_rate")}
+        row = {
+            "run": run_id,
+            "natural": m.get("natural_accuracy"),
+            "adversarial": m.get("adversarial_accuracy"),
+            "teacher_error": m.get("targets_teacher_error_rate"),
+        }
         label = name.rsplit("/", 1)[1]
         if name.startswith("distill/"):
             results["students"].setdefault(label, []).append(row)
@@ -101,8 +108,11 @@ def collect(plan, dataset: str) -> dict:
             median = np.median(gap)
             below.append(res.robust[gap <= median].mean())
             above.append(res.robust[gap > median].mean() if (gap > median).any() else 0.0)
-        results["gap_split"] = {"at_below_median": float(np.mean(below)), "at_above_median": float(np.mean(above)),
-                                "runs": at_attacks}
+        results["gap_split"] = {
+            "at_below_median": float(np.mean(below)),
+            "at_above_median": float(np.mean(above)),
+            "runs": at_attacks,
+        }
     manifold_step = steps.get(f"analyze/{dataset}/manifold")
     manifold = _artifact_json(runs.get(f"analyze/{dataset}/manifold"), "manifold/manifold.json")
     if manifold and manifold_step:  # the job names models by registry version; the plan by role
@@ -110,8 +120,11 @@ def collect(plan, dataset: str) -> dict:
     results["manifold"] = manifold
     theory = _artifact_json(runs.get(f"analyze/{dataset}/theory"), "theory/theory.json")
     if theory:
-        results["theory"] = {"run": theory["run"], "models": theory.get("empirical", {}).get("models", {}),
-                             "threshold": theory.get("empirical", {}).get("misclassified_threshold")}
+        results["theory"] = {
+            "run": theory["run"],
+            "models": theory.get("empirical", {}).get("models", {}),
+            "threshold": theory.get("empirical", {}).get("misclassified_threshold"),
+        }
     results["cross"] = {}
     for analysis in ("ranks", "errors", "overlap", "images"):
         found = _artifact_json(runs.get(f"analyze/{dataset}/{analysis}"), f"{analysis}/{analysis}.json")
@@ -131,6 +144,7 @@ def _artifact_json(run_id: str | None, path: str) -> dict | None:
 
 
 # --- figures --------------------------------------------------------------------------------------
+
 
 def gather_figures(results: dict, folder: Path) -> list[dict]:
     """The runs' own figures (copied) and the study's across-run plots (drawn here)."""
@@ -152,41 +166,88 @@ def gather_figures(results: dict, folder: Path) -> list[dict]:
     fig1 = "Figure 1" if ds != "cifar100" else "Figure B.4"
     for kind, who in (("st", "ST"), ("at", "AT")):
         train = runs.get(f"train/{ds}/{kind}/s0")
-        copy(fig1, f"{fig1}: max-logit distribution per epoch, {who} (seed 0)", train, "figures/max_logit_evolution.png",
-             who)
-        copy("Figure B.1", f"Figure B.1: logit-gap distribution per epoch, {who} (seed 0)", train,
-             "figures/gap_evolution.png", who)
+        copy(
+            fig1,
+            f"{fig1}: max-logit distribution per epoch, {who} (seed 0)",
+            train,
+            "figures/max_logit_evolution.png",
+            who,
+        )
+        copy(
+            "Figure B.1",
+            f"Figure B.1: logit-gap distribution per epoch, {who} (seed 0)",
+            train,
+            "figures/gap_evolution.png",
+            who,
+        )
     fig2 = "Figure 2" if ds != "cifar100" else "Figure B.5"
-    copy(fig2, f"{fig2}: logit gaps (A) and adversarial accuracy per gap bin (B), every seed",
-         runs.get(f"analyze/{ds}/gap"), "gap/figure2_gap_robustness.png")
+    copy(
+        fig2,
+        f"{fig2}: logit gaps (A) and adversarial accuracy per gap bin (B), every seed",
+        runs.get(f"analyze/{ds}/gap"),
+        "gap/figure2_gap_robustness.png",
+    )
     for analysis, artifact, figure_id, title in (
-            ("ranks", "figure3a_rank_scatter.png", "Figure 3A", "Figure 3A: class-wise confidence ranks, ST against AT"),
-            ("ranks", "figure3b_rank_disagreement.png", "Figure 3B", "Figure 3B: share of images ranked far apart, "
-             "every pair of teachers"),
-            ("errors", "figure3c_error_ranks.png", "Figure 3C", "Figure 3C: rank of the predicted class of errors "
-             "in the true class's mean logit vector"),
-            ("overlap", "figure3d_average_overlap.png", "Figure 3D" if ds != "cifar100" else "Figure B.6",
-             "Average overlap AO@k (solid: same image; dashed: permuted within class)"),
-            ("images", "figure_b2_confidence_quadrants.png", "Figure B.2", "Figure B.2: images by ST and AT confidence"),
-            ("images", "figure_b3_logit_neighbours.png", "Figure B.3", "Figure B.3: nearest images in logit space")):
+        ("ranks", "figure3a_rank_scatter.png", "Figure 3A", "Figure 3A: class-wise confidence ranks, ST against AT"),
+        (
+            "ranks",
+            "figure3b_rank_disagreement.png",
+            "Figure 3B",
+            "Figure 3B: share of images ranked far apart, every pair of teachers",
+        ),
+        (
+            "errors",
+            "figure3c_error_ranks.png",
+            "Figure 3C",
+            "Figure 3C: rank of the predicted class of errors in the true class's mean logit vector",
+        ),
+        (
+            "overlap",
+            "figure3d_average_overlap.png",
+            "Figure 3D" if ds != "cifar100" else "Figure B.6",
+            "Average overlap AO@k (solid: same image; dashed: permuted within class)",
+        ),
+        ("images", "figure_b2_confidence_quadrants.png", "Figure B.2", "Figure B.2: images by ST and AT confidence"),
+        ("images", "figure_b3_logit_neighbours.png", "Figure B.3", "Figure B.3: nearest images in logit space"),
+    ):
         copy(figure_id, title, runs.get(f"analyze/{ds}/{analysis}"), f"{analysis}/{artifact}")
-    copy("Figure 5", "Figure 5: manifold capacity, radius, dimension and centre correlation per stage",
-         runs.get(f"analyze/{ds}/manifold"), "manifold/figure5_manifold.png")
-    for name, title in (("fig_empirical_admissible.png", "Appendix C: the teachers' logits on the admissible axes"),
-                        ("fig_c1_admissible_beta.png", "Figure C.1: admissible max logits")):
+    copy(
+        "Figure 5",
+        "Figure 5: manifold capacity, radius, dimension and centre correlation per stage",
+        runs.get(f"analyze/{ds}/manifold"),
+        "manifold/figure5_manifold.png",
+    )
+    for name, title in (
+        ("fig_empirical_admissible.png", "Appendix C: the teachers' logits on the admissible axes"),
+        ("fig_c1_admissible_beta.png", "Figure C.1: admissible max logits"),
+    ):
         copy("Appendix C", title, runs.get(f"analyze/{ds}/theory"), f"theory/{name}")
     if results["students"]:
         path = folder / f"{ds}-figure4b.png"
         runs_used = _figure_4b(results["students"], path)
         if runs_used:
-            figures.append({"id": "Figure 4B", "title": "Figure 4B: student adversarial accuracy against k (fix-k)",
-                            "file": path.name, "run": runs_used[0], "runs": runs_used})
+            figures.append(
+                {
+                    "id": "Figure 4B",
+                    "title": "Figure 4B: student adversarial accuracy against k (fix-k)",
+                    "file": path.name,
+                    "run": runs_used[0],
+                    "runs": runs_used,
+                }
+            )
     if results["sweeps"]:
         path = folder / f"{ds}-figure-a6-a7.png"
         runs_used = _figure_sweeps(results["sweeps"], path)
-        figures.append({"id": "Figures A.6, A.7", "title": "Figures A.6 and A.7: students against the teacher's epoch, "
-                        "L1 (logits) and KL (softmax) distillation", "file": path.name, "run": runs_used[0],
-                        "runs": runs_used})
+        figures.append(
+            {
+                "id": "Figures A.6, A.7",
+                "title": "Figures A.6 and A.7: students against the teacher's epoch, "
+                "L1 (logits) and KL (softmax) distillation",
+                "file": path.name,
+                "run": runs_used[0],
+                "runs": runs_used,
+            }
+        )
     return figures
 
 
@@ -198,8 +259,14 @@ def _figure_4b(students: dict, path: Path) -> list[str]:
         if not ks:
             continue
         stats = [mean_std([r["adversarial"] for r in students[f"{mode}-k{k}"]]) for k in ks]
-        ax.errorbar(ks, [100 * m for m, _ in stats], yerr=[100 * (s or 0) for _, s in stats], marker=marker,
-                    capsize=3, label=f"fix-k ({mode})")
+        ax.errorbar(
+            ks,
+            [100 * m for m, _ in stats],
+            yerr=[100 * (s or 0) for _, s in stats],
+            marker=marker,
+            capsize=3,
+            label=f"fix-k ({mode})",
+        )
         used += [r["run"] for k in ks for r in students[f"{mode}-k{k}"]]
     if not used:
         plt.close(fig)
@@ -235,6 +302,7 @@ def _figure_sweeps(sweeps: dict, path: Path) -> list[str]:
 
 # --- the report -----------------------------------------------------------------------------------
 
+
 def build_sections(plan, sc, seeds: int, folder: Path) -> dict:
     """The report's content as data; markdown and HTML are two renderings of it."""
     datasets = []
@@ -247,26 +315,68 @@ def build_sections(plan, sc, seeds: int, folder: Path) -> dict:
             paper = TABLE1.get((dataset, kind))
             unread = "illegible in our copy" if paper else "n/a (paper: CIFAR only)"
             paper = paper or (None, None)
-            table1.append({"model": who, "natural": pct(*nat), "adversarial": pct(*adv), "n": len(rows),
-                           "paper_natural": paper[0] or unread, "paper_adversarial": paper[1] or unread,
-                           "runs": [r["run"] for r in rows if r.get("run")], "raw": {"natural": nat, "adversarial": adv}})
+            table1.append(
+                {
+                    "model": who,
+                    "natural": pct(*nat),
+                    "adversarial": pct(*adv),
+                    "n": len(rows),
+                    "paper_natural": paper[0] or unread,
+                    "paper_adversarial": paper[1] or unread,
+                    "runs": [r["run"] for r in rows if r.get("run")],
+                    "raw": {"natural": nat, "adversarial": adv},
+                }
+            )
         table2 = []
         for label, name in TABLE2_LABELS.items():
             rows = results["students"].get(label, [])
             if not rows:
                 continue
             nat, adv = mean_std([r["natural"] for r in rows]), mean_std([r["adversarial"] for r in rows])
-            table2.append({"student": name, "natural": pct(*nat), "adversarial": pct(*adv), "n": len(rows),
-                           "paper_natural": TABLE2[label][0], "paper_adversarial": TABLE2[label][1],
-                           "runs": [r["run"] for r in rows], "raw": {"natural": nat, "adversarial": adv}})
-        errors = [r["teacher_error"] for r in results["students"].get("normal", []) if r.get("teacher_error") is not None]
-        verdicts = [{"id": c.id, "where": c.where, "paper": c.paper, "rule": c.rule, "verdict": o.verdict,
-                     "numbers": o.numbers, "runs": o.runs} for c, o in judge_all(results)]
-        datasets.append({"dataset": dataset, "table1": table1, "table2": table2, "verdicts": verdicts,
-                         "teacher_error": pct(*mean_std(errors)) if errors else None,
-                         "figures": gather_figures(results, folder)})
-    return {"scale": sc.name, "seeds": seeds, "datasets": datasets, "skipped": plan.skipped_datasets,
-            "study_key": plan.study_key}
+            table2.append(
+                {
+                    "student": name,
+                    "natural": pct(*nat),
+                    "adversarial": pct(*adv),
+                    "n": len(rows),
+                    "paper_natural": TABLE2[label][0],
+                    "paper_adversarial": TABLE2[label][1],
+                    "runs": [r["run"] for r in rows],
+                    "raw": {"natural": nat, "adversarial": adv},
+                }
+            )
+        errors = [
+            r["teacher_error"] for r in results["students"].get("normal", []) if r.get("teacher_error") is not None
+        ]
+        verdicts = [
+            {
+                "id": c.id,
+                "where": c.where,
+                "paper": c.paper,
+                "rule": c.rule,
+                "verdict": o.verdict,
+                "numbers": o.numbers,
+                "runs": o.runs,
+            }
+            for c, o in judge_all(results)
+        ]
+        datasets.append(
+            {
+                "dataset": dataset,
+                "table1": table1,
+                "table2": table2,
+                "verdicts": verdicts,
+                "teacher_error": pct(*mean_std(errors)) if errors else None,
+                "figures": gather_figures(results, folder),
+            }
+        )
+    return {
+        "scale": sc.name,
+        "seeds": seeds,
+        "datasets": datasets,
+        "skipped": plan.skipped_datasets,
+        "study_key": plan.study_key,
+    }
 
 
 def write_report(plan, sc, seeds: int, parent_run_id: str, out: Path) -> tuple[Path, list[str]]:
@@ -290,8 +400,13 @@ def write_report(plan, sc, seeds: int, parent_run_id: str, out: Path) -> tuple[P
     os.replace(staging, target)
     tracking.log_folder(target, "report", run_id=parent_run_id)
     verdicts = [v["verdict"] for ds in sections["datasets"] for v in ds["verdicts"]]
-    tracking.log_results({f"claims_{verdict.replace(' ', '_')}": verdicts.count(verdict)
-                          for verdict in ("held", "not held", "not measured")}, run_id=parent_run_id)
+    tracking.log_results(
+        {
+            f"claims_{verdict.replace(' ', '_')}": verdicts.count(verdict)
+            for verdict in ("held", "not held", "not measured")
+        },
+        run_id=parent_run_id,
+    )
     return target, verdicts
 
 
@@ -304,29 +419,59 @@ def _numbers(numbers: dict) -> str:
 
 
 def render_markdown(sections: dict, links: dict) -> str:
-    lines = [f"# Reproduction report: scale `{sections['scale']}`, {sections['seeds']} seed(s)", "",
-             f"Study run: `{sections['parent_run']}` (key `{sections['study_key']}`). Accuracies in percent, "
-             "mean ± sample standard deviation over seeds; every number links to the run that produced it.", ""]
+    lines = [
+        f"# Reproduction report: scale `{sections['scale']}`, {sections['seeds']} seed(s)",
+        "",
+        f"Study run: `{sections['parent_run']}` (key `{sections['study_key']}`). Accuracies in percent, "
+        "mean ± sample standard deviation over seeds; every number links to the run that produced it.",
+        "",
+    ]
     for name, why in sections["skipped"].items():
         lines += [f"*{name} skipped: {why}.*", ""]
     for ds in sections["datasets"]:
-        lines += [f"## {ds['dataset']}", "", "### Table 1: teachers", "",
-                  "| model | natural (ours) | adversarial (ours) | natural (paper) | adversarial (paper) | seeds | runs |",
-                  "| --- | --- | --- | --- | --- | --- | --- |"]
-        lines += [f"| {r['model']} | {r['natural']} | {r['adversarial']} | {r['paper_natural']} | "
-                  f"{r['paper_adversarial']} | {r['n']} | {_run_refs(r['runs'], links)} |" for r in ds["table1"]]
+        lines += [
+            f"## {ds['dataset']}",
+            "",
+            "### Table 1: teachers",
+            "",
+            "| model | natural (ours) | adversarial (ours) | natural (paper) | adversarial (paper) | seeds | runs |",
+            "| --- | --- | --- | --- | --- | --- | --- |",
+        ]
+        lines += [
+            f"| {r['model']} | {r['natural']} | {r['adversarial']} | {r['paper_natural']} | "
+            f"{r['paper_adversarial']} | {r['n']} | {_run_refs(r['runs'], links)} |"
+            for r in ds["table1"]
+        ]
         if ds["table2"]:
-            lines += ["", "### Table 2: students", "",
-                      "| student | natural (ours) | adversarial (ours) | natural (paper) | adversarial (paper) | seeds | runs |",
-                      "| --- | --- | --- | --- | --- | --- | --- |"]
-            lines += [f"| {r['student']} | {r['natural']} | {r['adversarial']} | {r['paper_natural']} | "
-                      f"{r['paper_adversarial']} | {r['n']} | {_run_refs(r['runs'], links)} |" for r in ds["table2"]]
+            lines += [
+                "",
+                "### Table 2: students",
+                "",
+                "| student | natural (ours) | adversarial (ours) | natural (paper) | adversarial (paper) | seeds | runs |",
+                "| --- | --- | --- | --- | --- | --- | --- |",
+            ]
+            lines += [
+                f"| {r['student']} | {r['natural']} | {r['adversarial']} | {r['paper_natural']} | "
+                f"{r['paper_adversarial']} | {r['n']} | {_run_refs(r['runs'], links)} |"
+                for r in ds["table2"]
+            ]
             if ds["teacher_error"]:
-                lines += ["", f"AT teacher's training-set error: {ds['teacher_error']}% (paper: {TEACHER_TRAIN_ERROR}%)."]
-        lines += ["", "### Claims", "", "| claim | where | rule | numbers | verdict | runs |",
-                  "| --- | --- | --- | --- | --- | --- |"]
-        lines += [f"| {v['paper']} | {v['where']} | {v['rule']} | {_numbers(v['numbers'])} | **{v['verdict']}** | "
-                  f"{_run_refs(v['runs'], links)} |" for v in ds["verdicts"]]
+                lines += [
+                    "",
+                    f"AT teacher's training-set error: {ds['teacher_error']}% (paper: {TEACHER_TRAIN_ERROR}%).",
+                ]
+        lines += [
+            "",
+            "### Claims",
+            "",
+            "| claim | where | rule | numbers | verdict | runs |",
+            "| --- | --- | --- | --- | --- | --- |",
+        ]
+        lines += [
+            f"| {v['paper']} | {v['where']} | {v['rule']} | {_numbers(v['numbers'])} | **{v['verdict']}** | "
+            f"{_run_refs(v['runs'], links)} |"
+            for v in ds["verdicts"]
+        ]
         lines += ["", "### Figures", ""]
         for f in ds["figures"]:
             lines += [f"**{f['title']}** ([run]({links[f['run']]}))", "", f"![{f['title']}](figures/{f['file']})", ""]
@@ -358,43 +503,61 @@ def render_html(sections: dict, links: dict) -> str:
     def cell(value, runs):
         return f'<td data-runs="{" ".join(runs)}">{e(value)}</td>'
 
-    out = [HTML_HEAD.format(title=e(f"Reproduction report: {sections['scale']}")),
-           f"<h1>Reproduction report: scale <code>{e(sections['scale'])}</code>, {sections['seeds']} seed(s)</h1>",
-           f"<p>Study run <code>{e(sections['parent_run'])}</code> (key <code>{e(sections['study_key'])}</code>). "
-           "Accuracies in percent, mean ± sample standard deviation over seeds; every number links to its runs.</p>"]
+    out = [
+        HTML_HEAD.format(title=e(f"Reproduction report: {sections['scale']}")),
+        f"<h1>Reproduction report: scale <code>{e(sections['scale'])}</code>, {sections['seeds']} seed(s)</h1>",
+        f"<p>Study run <code>{e(sections['parent_run'])}</code> (key <code>{e(sections['study_key'])}</code>). "
+        "Accuracies in percent, mean ± sample standard deviation over seeds; every number links to its runs.</p>",
+    ]
     for name, why in sections["skipped"].items():
         out.append(f"<p><em>{e(name)} skipped: {e(why)}.</em></p>")
     for ds in sections["datasets"]:
         out.append(f'<h2 id="{e(ds["dataset"])}">{e(ds["dataset"])}</h2><h3>Table 1: teachers</h3>')
-        out.append('<table id="table1"><tr><th>model</th><th>natural (ours)</th><th>adversarial (ours)</th>'
-                   "<th>natural (paper)</th><th>adversarial (paper)</th><th>seeds</th><th>runs</th></tr>")
+        out.append(
+            '<table id="table1"><tr><th>model</th><th>natural (ours)</th><th>adversarial (ours)</th>'
+            "<th>natural (paper)</th><th>adversarial (paper)</th><th>seeds</th><th>runs</th></tr>"
+        )
         for r in ds["table1"]:
-            out.append(f"<tr><td>{e(r['model'])}</td>{cell(r['natural'], r['runs'])}{cell(r['adversarial'], r['runs'])}"
-                       f"<td>{e(r['paper_natural'])}</td><td>{e(r['paper_adversarial'])}</td><td>{r['n']}</td>"
-                       f"<td>{refs(r['runs'])}</td></tr>")
+            out.append(
+                f"<tr><td>{e(r['model'])}</td>{cell(r['natural'], r['runs'])}{cell(r['adversarial'], r['runs'])}"
+                f"<td>{e(r['paper_natural'])}</td><td>{e(r['paper_adversarial'])}</td><td>{r['n']}</td>"
+                f"<td>{refs(r['runs'])}</td></tr>"
+            )
         out.append("</table>")
         if ds["table2"]:
-            out.append('<h3>Table 2: students</h3><table id="table2"><tr><th>student</th><th>natural (ours)</th>'
-                       "<th>adversarial (ours)</th><th>natural (paper)</th><th>adversarial (paper)</th><th>seeds</th>"
-                       "<th>runs</th></tr>")
+            out.append(
+                '<h3>Table 2: students</h3><table id="table2"><tr><th>student</th><th>natural (ours)</th>'
+                "<th>adversarial (ours)</th><th>natural (paper)</th><th>adversarial (paper)</th><th>seeds</th>"
+                "<th>runs</th></tr>"
+            )
             for r in ds["table2"]:
-                out.append(f"<tr><td>{e(r['student'])}</td>{cell(r['natural'], r['runs'])}"
-                           f"{cell(r['adversarial'], r['runs'])}<td>{e(r['paper_natural'])}</td>"
-                           f"<td>{e(r['paper_adversarial'])}</td><td>{r['n']}</td><td>{refs(r['runs'])}</td></tr>")
+                out.append(
+                    f"<tr><td>{e(r['student'])}</td>{cell(r['natural'], r['runs'])}"
+                    f"{cell(r['adversarial'], r['runs'])}<td>{e(r['paper_natural'])}</td>"
+                    f"<td>{e(r['paper_adversarial'])}</td><td>{r['n']}</td><td>{refs(r['runs'])}</td></tr>"
+                )
             out.append("</table>")
             if ds["teacher_error"]:
-                out.append(f"<p>AT teacher's training-set error: {e(ds['teacher_error'])}% "
-                           f"(paper: {TEACHER_TRAIN_ERROR}%).</p>")
-        out.append('<h3>Claims</h3><table id="claims"><tr><th>claim</th><th>where</th><th>rule</th><th>numbers</th>'
-                   "<th>verdict</th><th>runs</th></tr>")
+                out.append(
+                    f"<p>AT teacher's training-set error: {e(ds['teacher_error'])}% "
+                    f"(paper: {TEACHER_TRAIN_ERROR}%).</p>"
+                )
+        out.append(
+            '<h3>Claims</h3><table id="claims"><tr><th>claim</th><th>where</th><th>rule</th><th>numbers</th>'
+            "<th>verdict</th><th>runs</th></tr>"
+        )
         for v in ds["verdicts"]:
             css = v["verdict"].replace(" ", "-")
-            out.append(f'<tr data-claim="{e(v["id"])}"><td>{e(v["paper"])}</td><td>{e(v["where"])}</td>'
-                       f"<td>{e(v['rule'])}</td><td>{e(_numbers(v['numbers']))}</td>"
-                       f'<td class="{css}">{e(v["verdict"])}</td><td>{refs(v["runs"])}</td></tr>')
+            out.append(
+                f'<tr data-claim="{e(v["id"])}"><td>{e(v["paper"])}</td><td>{e(v["where"])}</td>'
+                f"<td>{e(v['rule'])}</td><td>{e(_numbers(v['numbers']))}</td>"
+                f'<td class="{css}">{e(v["verdict"])}</td><td>{refs(v["runs"])}</td></tr>'
+            )
         out.append("</table><h3>Figures</h3>")
         for f in ds["figures"]:
-            out.append(f'<figure><img src="figures/{e(f["file"])}" alt="{e(f["title"])}">'
-                       f'<figcaption>{e(f["title"])} (<a href="{e(links[f["run"]])}">run</a>)</figcaption></figure>')
+            out.append(
+                f'<figure><img src="figures/{e(f["file"])}" alt="{e(f["title"])}">'
+                f'<figcaption>{e(f["title"])} (<a href="{e(links[f["run"]])}">run</a>)</figcaption></figure>'
+            )
     out.append(HTML_SCRIPT + "</body></html>")
     return "\n".join(out)

@@ -35,7 +35,7 @@ class ReproducePlan:
     study_key: str
     steps: list[Step]
     chosen: list[Step]
-    done: dict[str, str | None]       # step name -> FINISHED run id (None: not done)
+    done: dict[str, str | None]  # step name -> FINISHED run id (None: not done)
     datasets: dict[str, str]
     skipped_datasets: dict[str, str]
 
@@ -48,8 +48,12 @@ def dataset_digests(datasets: tuple[str, ...], preset_name: str, data_dir: str |
     found, skipped = {}, {}
     for dataset in datasets:
         d = teacher_config(preset_name, dataset, "standard", 0).data
-        synthetic = dict(train_per_class=d.synthetic_train_per_class, test_per_class=d.synthetic_test_per_class,
-                         num_classes=d.synthetic_classes, size=d.synthetic_size)
+        synthetic = dict(
+            train_per_class=d.synthetic_train_per_class,
+            test_per_class=d.synthetic_test_per_class,
+            num_classes=d.synthetic_classes,
+            size=d.synthetic_size,
+        )
         if dataset == "cifar100":
             previous = os.environ.get("ROBUSTLOGITS_NO_DOWNLOAD")
             os.environ["ROBUSTLOGITS_NO_DOWNLOAD"] = "1"
@@ -95,8 +99,10 @@ def make_plan(opts: ReproduceConfig) -> ReproducePlan:
         for ref in step.needs.values():
             for name in ref if isinstance(ref, list) else [ref]:
                 if name not in chosen_names and not done[name]:
-                    raise UserError(f"step {step.name} needs {name} ({by_name[name].group}), which is neither done "
-                                    f"nor selected; drop --only/--skip {by_name[name].group}")
+                    raise UserError(
+                        f"step {step.name} needs {name} ({by_name[name].group}), which is neither done "
+                        f"nor selected; drop --only/--skip {by_name[name].group}"
+                    )
     study_key = tracking.job_key({"job": STUDY_JOB, **scale_params(sc, seeds), "data": datasets})
     return ReproducePlan(study_key, steps, chosen, done, datasets, skipped)
 
@@ -112,9 +118,13 @@ def run_reproduce(opts: ReproduceConfig) -> dict:
     sc = scale(opts.scale)
     seeds = sc.seeds if opts.seeds is None else opts.seeds
     run_name = f"reproduce-{sc.name}-{seeds}seeds"
-    parent = tracking.study_run(opts.experiment, run_name, key=plan.study_key,
-                                tags={"robustlogits.job": STUDY_JOB, "scale": sc.name},
-                                params=scale_params(sc, seeds) | {f"data_digest.{k}": v for k, v in plan.datasets.items()})
+    parent = tracking.study_run(
+        opts.experiment,
+        run_name,
+        key=plan.study_key,
+        tags={"robustlogits.job": STUDY_JOB, "scale": sc.name},
+        params=scale_params(sc, seeds) | {f"data_digest.{k}": v for k, v in plan.datasets.items()},
+    )
     with tracking.holding(parent):
         keys = {s.name: s.key for s in plan.steps}
         for stage in STAGES:
@@ -142,13 +152,24 @@ def run_stage(study_name: str, items: list[dict], opts: ReproduceConfig, parent:
     storage = opts.storage or study_engine.default_storage()
     # the stage runs live in the study run's experiment (under `mlflow run`: the launcher's), and
     # the stage study's run nests under the study run, so the UI draws one tree
-    spec = {"task": STAGE_TASK, "module": "robustlogits.study.reproduce.steps", "kind": "reproduce-stage",
-            "sampler": "items", "objectives": [DONE_METRIC], "experiment": tracking.experiment_name_of(parent),
-            "parent_run": parent}
+    spec = {
+        "task": STAGE_TASK,
+        "module": "robustlogits.study.reproduce.steps",
+        "kind": "reproduce-stage",
+        "sampler": "items",
+        "objectives": [DONE_METRIC],
+        "experiment": tracking.experiment_name_of(parent),
+        "parent_run": parent,
+    }
     study = study_engine.open_study(study_name, storage, ["maximize"], spec, opts.heartbeat)
     added = study_engine.enqueue_items(study, items)
-    log.info("study %s: %d item(s) queued; other machines join with: robustlogits sweep worker --study %s "
-             "--storage %s", study_name, added, study_name, study_engine.redact(storage))
+    log.info(
+        "study %s: %d item(s) queued; other machines join with: robustlogits sweep worker --study %s --storage %s",
+        study_name,
+        added,
+        study_name,
+        study_engine.redact(storage),
+    )
     with study_engine.driving(study):
         status = study_engine.run_workers(study_name, storage, opts.workers, heartbeat=opts.heartbeat)
     if not status.done:
@@ -189,10 +210,12 @@ def plan_table(plan: ReproducePlan, workers: int, throughput: dict[str, str]) ->
         if times:
             wall += max(sum(times) / workers, max(times))
     todo = sum(1 for r in rows if r[2] == "to do")
-    lines += ["-" * (width + 60),
-              f"{len(rows)} steps, {len(rows) - todo} done or shared, {todo} to run: about {duration(serial)} of work, "
-              f"{duration(wall)} with {workers} worker(s)",
-              "throughput used: " + ", ".join(f"{arch} {text}" for arch, text in throughput.items())]
+    lines += [
+        "-" * (width + 60),
+        f"{len(rows)} steps, {len(rows) - todo} done or shared, {todo} to run: about {duration(serial)} of work, "
+        f"{duration(wall)} with {workers} worker(s)",
+        "throughput used: " + ", ".join(f"{arch} {text}" for arch, text in throughput.items()),
+    ]
     for name, why in plan.skipped_datasets.items():
         lines.append(f"{name}: skipped ({why})")
     return "\n".join(lines)

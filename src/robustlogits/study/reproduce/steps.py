@@ -54,13 +54,18 @@ def train_step(item: dict) -> dict[str, float]:
     args = item["args"]
 
     def job() -> str:
-        cfg = teacher_config(args["preset"], args["dataset"], args["training"], args["seed"], args["overrides"],
-                             args.get("data_dir"))
-        killed = [r.info.run_id for r in tracking.find_runs_with_key(item["key"], ("FAILED", "KILLED"))
-                  if "training_state" in tracking.list_artifacts(r.info.run_id)]
+        cfg = teacher_config(
+            args["preset"], args["dataset"], args["training"], args["seed"], args["overrides"], args.get("data_dir")
+        )
+        killed = [
+            r.info.run_id
+            for r in tracking.find_runs_with_key(item["key"], ("FAILED", "KILLED"))
+            if "training_state" in tracking.list_artifacts(r.info.run_id)
+        ]
         if killed:
             log.info("%s: continuing killed run %s", item["step"], killed[0])
         return run_training(cfg, resume=killed[0] if killed else None, progress=False)
+
     return keyed(item, job)
 
 
@@ -74,9 +79,15 @@ def attack_step(item: dict) -> dict[str, float]:
 
     def job() -> str:
         model = checkpoint_uri(run_of(item["inputs"]["model"]), args["epoch"])
-        cfg = AttackConfig(model=model, n_examples=args["n_examples"], n_iter=args["n_iter"], seed=args["seed"],
-                           data_dir=args.get("data_dir"))
+        cfg = AttackConfig(
+            model=model,
+            n_examples=args["n_examples"],
+            n_iter=args["n_iter"],
+            seed=args["seed"],
+            data_dir=args.get("data_dir"),
+        )
         return run_attack(cfg, progress=False)[0]
+
     return keyed(item, job)
 
 
@@ -99,6 +110,7 @@ def distill_step(item: dict) -> dict[str, float]:
         d.attack_n_examples, d.attack_n_iter = args["n_examples"], args["n_iter"]
         cfg.data.data_dir = args.get("data_dir")
         return run_distill(cfg, progress=False)
+
     return keyed(item, job)
 
 
@@ -110,6 +122,7 @@ def gap_step(item: dict) -> dict[str, float]:
         runs = [run_of(key) for key in item["inputs"]["attacks"]]
         with tempfile.TemporaryDirectory() as out:
             return gaps.run(runs, Path(out), bins=item["args"]["bins"])["run_id"]
+
     return keyed(item, job)
 
 
@@ -123,6 +136,7 @@ def theory_step(item: dict) -> dict[str, float]:
         specs = [f"{run_of(key)}:{args['epoch']}" for key in item["inputs"]["runs"]]
         with tempfile.TemporaryDirectory() as out:
             return theory.run(Path(out), (args["classes"],), logits_runs=specs)["run_id"]
+
     return keyed(item, job)
 
 
@@ -141,11 +155,17 @@ def manifold_step(item: dict) -> dict[str, float]:
     args = item["args"]
 
     def job() -> str:
-        settings = manifolds.ManifoldConfig(n_images=args["n_images"], n_perturbations=args["n_perturbations"],
-                                              n_features=args["n_features"], pgd_steps=args["pgd_steps"])
+        settings = manifolds.ManifoldConfig(
+            n_images=args["n_images"],
+            n_perturbations=args["n_perturbations"],
+            n_features=args["n_features"],
+            pgd_steps=args["pgd_steps"],
+        )
         with tempfile.TemporaryDirectory() as out:
-            return manifolds.run(model_uris(item), settings, Path(out), data_dir=args.get("data_dir"),
-                                 progress=False)["run_id"]
+            return manifolds.run(model_uris(item), settings, Path(out), data_dir=args.get("data_dir"), progress=False)[
+                "run_id"
+            ]
+
     return keyed(item, job)
 
 
@@ -167,4 +187,5 @@ def cross_model_step(item: dict) -> dict[str, float]:
             extra["attack_runs"] = [run_of(key) for key in item["inputs"]["attacks"]]
         with tempfile.TemporaryDirectory() as out:
             return analysis.run(None, groups, out_dir=Path(out), data_dir=args.get("data_dir"), **extra)["run_id"]
+
     return keyed(item, job)
