@@ -178,3 +178,15 @@ def test_a_failed_keyed_run_is_not_reused():
     assert tracking.find_finished_run("failing-key") is None
     failed = tracking.find_runs_with_key("failing-key", ("FAILED",))
     assert len(failed) == 1 and failed[0].data.tags["error"] == "RuntimeError: boom"
+
+
+def test_the_public_api_resolves_lazily():
+    import subprocess
+
+    import robustlogits
+
+    for name in robustlogits.__all__:
+        assert getattr(robustlogits, name) is not None, name
+    # Importing the package alone does not import MLflow (the API loads on first use).
+    code = "import sys, robustlogits; print('mlflow' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "False"

@@ -283,3 +283,28 @@ def test_mismatch_lists_the_keys(tmp_path):
     result = cli("--checkpoint", str(path), "--name", "bad", "--dataset", "synthetic", "--arch", "cnn-tiny")
     assert result.exit_code == 2
     assert "missing keys (1): fc.bias" in result.output and "unexpected keys (1): extra.weight" in result.output
+
+
+def test_mlflow_run_import_entry_point(tmp_path):
+    """`mlflow run . -e import -P checkpoint=... -P name=...`: the entry point declares the command's options."""
+    import os
+    import subprocess
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    path = tmp_path / "weights.pt"
+    torch.save(tiny().net.state_dict(), path)
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_EXPERIMENT_ID", "MLFLOW_RUN_ID")}
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"
+    proc = subprocess.run(
+        [sys.executable, "-m", "mlflow", "run", str(repo), "-e", "import", "--env-manager", "local",
+         "--experiment-name", "robustlogits", "-P", f"checkpoint={path}", "-P", "name=via-mlproject",
+         "-P", "arch=cnn-tiny", "-P", "dataset=synthetic", "-P", "check_images=20"],
+        env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "registered via-mlproject version 1" in proc.stdout
+    mv = MlflowClient().get_model_version("via-mlproject", "1")
+    run = MlflowClient().get_run(mv.run_id)
+    assert run.info.status == "FINISHED" and "mlflow.project.entryPoint" in run.data.tags  # the launcher's run
+    assert run.data.params["import.name"] == "via-mlproject" and run.data.params["name"] == "via-mlproject"

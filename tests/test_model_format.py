@@ -113,6 +113,26 @@ def test_legacy_pickled_model_still_loads():
     torch.testing.assert_close(resolved.model(X), model(X))
 
 
+def test_legacy_pickle_written_before_the_package_had_layers_still_loads(monkeypatch):
+    """Models pickled when the classes lived in `robustlogits.models` (now `robustlogits.core.models`)."""
+    import sys
+    import types
+
+    old_module = types.ModuleType("robustlogits.models")
+    old_class = type("Normalized", (models.Normalized,), {"__module__": "robustlogits.models"})
+    old_module.Normalized = old_class
+    monkeypatch.setitem(sys.modules, "robustlogits.models", old_module)
+    model = trained_like("cnn-tiny")
+    old = old_class(
+        model.net, model.mean.flatten().tolist(), model.std.flatten().tolist(), "cnn-tiny", 10, model.stages
+    )
+    legacy_logged(old, register="before-layers")
+    monkeypatch.delitem(sys.modules, "robustlogits.models")  # the module is gone, as in the new code
+    loaded = resolve_and_load("before-layers", version=1).model
+    assert type(loaded) is models.Normalized
+    torch.testing.assert_close(loaded(X), model(X))
+
+
 class Intruder(nn.Module):
     """A module class outside the allowlist; unpickling it would run its __setstate__."""
 

@@ -27,7 +27,7 @@ from robustlogits.config import SweepConfig, apply_overrides, distill_preset, fl
 from robustlogits.core.errors import UserError
 from robustlogits.core.manipulations import MANIPULATIONS
 from robustlogits.core.training import DISTILLATION_LOSSES
-from robustlogits.study import engine as study_engine
+from robustlogits.study import engine
 
 log = logging.getLogger(__name__)
 
@@ -51,19 +51,19 @@ class SweepResult:
     study: str
     storage: str
     parent_run_id: str
-    status: study_engine.StudyStatus
+    status: engine.StudyStatus
     created_only: bool = False
 
     def message(self) -> str:
         if self.created_only:
             return (
                 f"study {self.study} ready: {self.status.summary()}; workers join with "
-                f"`robustlogits sweep worker --study {self.study} --storage {study_engine.redact(self.storage)}`"
+                f"`robustlogits sweep worker --study {self.study} --storage {engine.redact(self.storage)}`"
             )
         state = "complete" if self.status.done else "not complete (run the same command again to resume)"
         return (
             f"study {self.study} {state}: {self.status.summary()}\n"
-            f"parent run {self.parent_run_id}; storage {study_engine.redact(self.storage)}"
+            f"parent run {self.parent_run_id}; storage {engine.redact(self.storage)}"
         )
 
 
@@ -207,7 +207,7 @@ def plan(s: SweepConfig) -> SweepPlan:
         },
     }
     study = s.study or f"sweep-{name}-{tracking.job_key(spec)[:8]}"
-    items = study_engine.grid_items(space) if s.sampler == "grid" else []
+    items = engine.grid_items(space) if s.sampler == "grid" else []
     return SweepPlan(study, spec, ["maximize"] * len(s.objectives), items)
 
 
@@ -251,7 +251,7 @@ def trial_config(params: dict):
     return cfg
 
 
-@study_engine.task("distill")
+@engine.task("distill")
 def distill_task(params: dict) -> dict[str, float]:
     from robustlogits.jobs.distill import run_distill
 
@@ -265,7 +265,7 @@ def distill_task(params: dict) -> dict[str, float]:
     }
     progress = False if os.environ.get("ROBUSTLOGITS_WORKER") else None  # no interleaved bars
     key = tracking.job_key({"task": "distill", **identity})
-    return study_engine.keyed("distill", key, lambda: run_distill(cfg, progress=progress))
+    return engine.keyed("distill", key, lambda: run_distill(cfg, progress=progress))
 
 
 # --- the sweep --------------------------------------------------------------------------------
@@ -274,15 +274,15 @@ def distill_task(params: dict) -> dict[str, float]:
 def run_sweep(s: SweepConfig) -> SweepResult:
     """Plan (every check first), open or resume the study, queue the grid, run the workers."""
     p = plan(s)
-    url = s.storage or study_engine.default_storage()
+    url = s.storage or engine.default_storage()
     if s.data_dir:  # this machine's workers look here first (digest checked)
         os.environ["ROBUSTLOGITS_DATA"] = str(Path(s.data_dir).expanduser().resolve())
-    study = study_engine.open_study(p.name, url, p.directions, p.spec, s.heartbeat)
-    parent = study_engine.parent_run_id(study)
+    study = engine.open_study(p.name, url, p.directions, p.spec, s.heartbeat)
+    parent = engine.parent_run_id(study)
     launched = tracking.launched_run_id()
     if launched and launched != parent:  # `mlflow run` of an existing study: point at its parent
         tracking.set_tags({"robustlogits.study_parent_run": parent}, launched)
-    added = study_engine.enqueue_items(study, p.items) if p.items else 0
+    added = engine.enqueue_items(study, p.items) if p.items else 0
     log.info(
         "study %s: %d grid point(s) queued, %d trial(s) already there; parent run %s",
         p.name,
@@ -291,19 +291,19 @@ def run_sweep(s: SweepConfig) -> SweepResult:
         parent,
     )
     if s.create_only:
-        log.info("join with: robustlogits sweep worker --study %s --storage %s", p.name, study_engine.redact(url))
-        return SweepResult(p.name, url, parent, study_engine.status(study), created_only=True)
+        log.info("join with: robustlogits sweep worker --study %s --storage %s", p.name, engine.redact(url))
+        return SweepResult(p.name, url, parent, engine.status(study), created_only=True)
     try:
-        with study_engine.driving(study):
-            st = study_engine.run_workers(
+        with engine.driving(study):
+            st = engine.run_workers(
                 p.name, url, s.workers, workers_per_device=s.workers_per_device, heartbeat=s.heartbeat
             )
-            study_engine.refresh_report(study, parent)
+            engine.refresh_report(study, parent)
     except KeyboardInterrupt:
         log.error(
             "interrupted: study %s keeps its finished trials in %s; run the same command again to resume",
             p.name,
-            study_engine.redact(url),
+            engine.redact(url),
         )
         raise
     return SweepResult(p.name, url, parent, st)
@@ -442,7 +442,7 @@ def alias_name(study_name: str) -> str:
     return "best-" + re.sub(r"[^A-Za-z0-9_-]+", "-", study_name).strip("-")
 
 
-@study_engine.report("sweep")
+@engine.report("sweep")
 def sweep_report(study, parent: str) -> None:
     import matplotlib
 

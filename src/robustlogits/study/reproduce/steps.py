@@ -15,7 +15,7 @@ from typing import Callable
 
 from robustlogits import tracking
 from robustlogits.core.errors import UserError
-from robustlogits.study import engine as study_engine
+from robustlogits.study import engine
 
 log = logging.getLogger(__name__)
 STAGE_TASK = "reproduce-step"
@@ -25,10 +25,10 @@ STEP_TAG = "robustlogits.step"
 ANALYSIS_MODULES = {"errors": "error_classes"}
 
 
-@study_engine.task(STAGE_TASK)
+@engine.task(STAGE_TASK)
 def run_item(item: dict) -> dict[str, float]:
     """A stage study's trial: the item's own task, plus the constant every stage study optimises."""
-    return study_engine.TASKS[item["task"]](item) | {DONE_METRIC: 1.0}
+    return engine.TASKS[item["task"]](item) | {DONE_METRIC: 1.0}
 
 
 def run_of(key: str) -> str:
@@ -39,14 +39,14 @@ def run_of(key: str) -> str:
     return run_id
 
 
-def keyed(item: dict, job: Callable[[], str]) -> dict[str, float]:
+def run_step(item: dict, job: Callable[[], str]) -> dict[str, float]:
     """The engine's keyed run under the plan's key for the step (`plan.build_plan` computed it)."""
     log.info("%s: running, or reusing the finished run with key %s", item["step"], item["key"])
     with tracking.child_runs(tags={STEP_TAG: item["step"]}):
-        return study_engine.keyed(item["task"], item["key"], job)
+        return engine.keyed(item["task"], item["key"], job)
 
 
-@study_engine.task("reproduce-train")
+@engine.task("reproduce-train")
 def train_step(item: dict) -> dict[str, float]:
     from robustlogits.jobs.train import run_training
     from robustlogits.study.reproduce.plan import teacher_config
@@ -66,10 +66,10 @@ def train_step(item: dict) -> dict[str, float]:
             log.info("%s: continuing killed run %s", item["step"], killed[0])
         return run_training(cfg, resume=killed[0] if killed else None, progress=False)
 
-    return keyed(item, job)
+    return run_step(item, job)
 
 
-@study_engine.task("reproduce-attack")
+@engine.task("reproduce-attack")
 def attack_step(item: dict) -> dict[str, float]:
     from robustlogits.config import AttackConfig
     from robustlogits.jobs.attack import run_attack
@@ -88,10 +88,10 @@ def attack_step(item: dict) -> dict[str, float]:
         )
         return run_attack(cfg, progress=False)[0]
 
-    return keyed(item, job)
+    return run_step(item, job)
 
 
-@study_engine.task("reproduce-distill")
+@engine.task("reproduce-distill")
 def distill_step(item: dict) -> dict[str, float]:
     from robustlogits.config import distill_preset
     from robustlogits.jobs.distill import run_distill
@@ -111,10 +111,10 @@ def distill_step(item: dict) -> dict[str, float]:
         cfg.data.data_dir = args.get("data_dir")
         return run_distill(cfg, progress=False)
 
-    return keyed(item, job)
+    return run_step(item, job)
 
 
-@study_engine.task("reproduce-gap")
+@engine.task("reproduce-gap")
 def gap_step(item: dict) -> dict[str, float]:
     from analysis import gaps
 
@@ -123,10 +123,10 @@ def gap_step(item: dict) -> dict[str, float]:
         with tempfile.TemporaryDirectory() as out:
             return gaps.run(runs, Path(out), bins=item["args"]["bins"])["run_id"]
 
-    return keyed(item, job)
+    return run_step(item, job)
 
 
-@study_engine.task("reproduce-theory")
+@engine.task("reproduce-theory")
 def theory_step(item: dict) -> dict[str, float]:
     from analysis import theory
 
@@ -137,7 +137,7 @@ def theory_step(item: dict) -> dict[str, float]:
         with tempfile.TemporaryDirectory() as out:
             return theory.run(Path(out), (args["classes"],), logits_runs=specs)["run_id"]
 
-    return keyed(item, job)
+    return run_step(item, job)
 
 
 def model_uris(item: dict, role: str = "models") -> list[str]:
@@ -148,7 +148,7 @@ def model_uris(item: dict, role: str = "models") -> list[str]:
     return [checkpoint_uri(run_of(key), epoch) for key, epoch in zip(item["inputs"][role], item["args"]["epochs"])]
 
 
-@study_engine.task("reproduce-manifold")
+@engine.task("reproduce-manifold")
 def manifold_step(item: dict) -> dict[str, float]:
     from analysis import manifolds
 
@@ -166,10 +166,10 @@ def manifold_step(item: dict) -> dict[str, float]:
                 "run_id"
             ]
 
-    return keyed(item, job)
+    return run_step(item, job)
 
 
-@study_engine.task("reproduce-cross-model")
+@engine.task("reproduce-cross-model")
 def cross_model_step(item: dict) -> dict[str, float]:
     """Figures 3A-D, B.2, B.3, B.6: one of the cross-model analyses over every teacher, grouped ST / AT."""
     import importlib
@@ -188,4 +188,4 @@ def cross_model_step(item: dict) -> dict[str, float]:
         with tempfile.TemporaryDirectory() as out:
             return analysis.run(None, groups, out_dir=Path(out), data_dir=args.get("data_dir"), **extra)["run_id"]
 
-    return keyed(item, job)
+    return run_step(item, job)
