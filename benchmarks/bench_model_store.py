@@ -37,6 +37,7 @@ def main() -> None:
 
     from robustlogits import tracking
     from robustlogits.core.models import build_model
+    from robustlogits.tracking.models import PIP_REQUIREMENTS
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -52,7 +53,7 @@ def main() -> None:
 
     def log_pickle():
         return mlflow.pytorch.log_model(
-            model, name="pickle", serialization_format="pickle", pip_requirements=tracking.PIP_REQUIREMENTS
+            model, name="pickle", serialization_format="pickle", pip_requirements=PIP_REQUIREMENTS
         ).model_uri
 
     results = {}

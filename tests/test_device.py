@@ -82,3 +82,21 @@ def test_auto_trains_exactly_as_the_setting_it_resolves_to(native, forced, monke
         }
         assert run.data.params["run.precision"] == dev.precision_name(native)
     assert histories["auto"] == histories[forced]
+
+
+def test_attacks_resolve_their_device_the_one_way(monkeypatch):
+    """A study worker's device (ROBUSTLOGITS_DEVICE) reaches the attack too: `core.device` is the one
+    place that resolves devices, for training, evaluation and attacks alike."""
+    import numpy as np
+
+    from robustlogits.core.attacks import evaluate_robustness
+    from robustlogits.core.device import resolve_device
+    from robustlogits.core.models import build_model
+
+    monkeypatch.setenv("ROBUSTLOGITS_DEVICE", "cpu")
+    assert resolve_device(None) == resolve_device("auto") == torch.device("cpu")
+    monkeypatch.setenv("ROBUSTLOGITS_DEVICE", "no-such-device")
+    model = build_model("cnn-tiny", 10, "synthetic").eval()
+    x, y = torch.rand(4, 3, 32, 32), torch.arange(4)
+    with pytest.raises(UserError, match="unknown device 'no-such-device'"):
+        evaluate_robustness(model, x, y, np.arange(4), n_iter=1, device=None, progress=False)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from robustlogits.core.attacks import SUITES
 from robustlogits.core.errors import UserError
 
 
@@ -27,6 +26,10 @@ class AttackConfig:
     experiment: str = "robustlogits"
 
     def validate(self) -> None:
+        # core's vocabularies, imported here: importing core (torch) costs seconds, and
+        # commands read these configs' defaults long before anything is validated
+        from robustlogits.core.attacks import SUITES
+
         if not self.model:
             raise UserError(
                 "no model given: pass a registry URI (models:/NAME@ALIAS), a registered name, or runs:/ID/PATH"

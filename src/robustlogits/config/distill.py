@@ -7,8 +7,6 @@ from dataclasses import dataclass, field
 
 from robustlogits.config.train import TrainConfig
 from robustlogits.core.errors import UserError
-from robustlogits.core.manipulations import MANIPULATIONS
-from robustlogits.core.training import DISTILLATION_LOSSES
 
 
 @dataclass
@@ -61,6 +59,11 @@ class DistillConfig(TrainConfig):
         return 1 if d.k is None and d.manipulation == "correct-fix" else d.k
 
     def validate(self) -> None:
+        # core's vocabularies, imported here: importing core (torch) costs seconds, and
+        # commands read these configs' defaults long before anything is validated
+        from robustlogits.core.manipulations import MANIPULATIONS
+        from robustlogits.core.training import DISTILLATION_LOSSES
+
         super().validate()
         d = self.distill
         if d.manipulation not in MANIPULATIONS:

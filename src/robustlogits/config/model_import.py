@@ -6,9 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from robustlogits.config.train import DATASETS
-from robustlogits.core.checkpoints import parse_normalization
 from robustlogits.core.errors import UserError
-from robustlogits.core.models import buildable
 
 
 @dataclass
@@ -32,6 +30,11 @@ class ImportConfig:
     experiment: str = "robustlogits"
 
     def validate(self) -> None:
+        # core's vocabularies, imported here: importing core (torch) costs seconds, and
+        # commands read these configs' defaults long before anything is validated
+        from robustlogits.core.checkpoints import parse_normalization
+        from robustlogits.core.models import buildable
+
         if not self.name or not self.name.strip():
             raise UserError("give the registered model a --name")
         if (self.checkpoint is None) == (self.robustbench is None):

@@ -8,9 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from robustlogits.core.device import normalise_amp
 from robustlogits.core.errors import UserError
-from robustlogits.core.models import ARCHS
 
 DATASETS = ("cifar10", "cifar100", "synthetic")
 TRAININGS = ("standard", "adversarial")
@@ -157,6 +155,11 @@ class TrainConfig:
 
     def validate(self) -> None:
         """Fail before anything is written: every check a user could trip over lives here."""
+        # core's vocabularies, imported here: importing core (torch) costs seconds, and
+        # commands read these configs' defaults long before anything is validated
+        from robustlogits.core.device import normalise_amp
+        from robustlogits.core.models import ARCHS
+
         _choice("run.training", self.run.training, self.allowed_trainings())
         _choice("data.dataset", self.data.dataset, DATASETS)
         _choice("model.arch", self.model.arch, tuple(ARCHS))
