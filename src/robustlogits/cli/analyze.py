@@ -4,13 +4,26 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import List, Optional
+from typing import Annotated, List, Optional
 
 import typer
 
 from robustlogits.cli.app import app, blank, cli_errors, fraction_text, parse_eps
 from robustlogits.config import ManifoldConfig
 from robustlogits.core.errors import UserError
+
+MODELS_HELP = "models to compare (registered names, models:/ or runs:/ URIs); more may follow as arguments"
+GROUP_HELP = "NAME=MODEL,MODEL,... (repeatable), e.g. --group ST=a,b,c --group AT=d,e,f (default: by training, ST/AT)"
+
+# The options every analysis of models shares.
+Models = Annotated[Optional[str], typer.Option("--models", help=MODELS_HELP)]
+MoreModels = Annotated[Optional[List[str]], typer.Argument(help="further models")]
+Groups = Annotated[Optional[List[str]], typer.Option("--group", help=GROUP_HELP)]
+Dataset = Annotated[Optional[str], typer.Option(help="default: the models' dataset")]
+DataDir = Annotated[Optional[str], typer.Option(help="default: the first model's training data directory")]
+Track = Annotated[bool, typer.Option(help="log to MLflow")]
+Device = Annotated[str, typer.Option(help="auto (a study worker's device, else a GPU if any), cpu, cuda, cuda:N")]
+
 
 analyze_app = typer.Typer(
     help="The paper's analyses: Appendix C theory (C.1-C.3), logit gaps (Fig. 2), confidence ranks "
@@ -58,7 +71,7 @@ def analyze_manifold(
     models: Optional[str] = typer.Option(
         None, "--models", help="models to compare (registry URIs or names); more may follow as arguments"
     ),
-    more_models: Optional[List[str]] = typer.Argument(None, help="further models"),
+    more_models: MoreModels = None,
     n_images: int = typer.Option(ManifoldConfig.n_images, help="P: test images (stratified), one manifold each"),
     n_perturbations: int = typer.Option(ManifoldConfig.n_perturbations, help="M: points per manifold in the eps ball"),
     n_features: int = typer.Option(ManifoldConfig.n_features, help="N: random projection width for wider stages"),
@@ -81,11 +94,11 @@ def analyze_manifold(
         ManifoldConfig.center_reps, help="random starts per K of the reference centre-structure optimisation"
     ),
     seed: int = typer.Option(ManifoldConfig.seed),
-    dataset: Optional[str] = typer.Option(None, help="default: the models' dataset"),
-    data_dir: Optional[str] = typer.Option(None, help="default: the first model's training data directory"),
+    dataset: Dataset = None,
+    data_dir: DataDir = None,
     out: str = typer.Option("outputs/manifold", help="folder for the figure and manifold.json"),
     track: bool = typer.Option(True, help="log to MLflow (a parent run plus one nested run per model)"),
-    device: str = typer.Option("auto"),
+    device: Device = "auto",
 ):
     """Figure 5: manifold capacity, radius, dimension and centre correlation per stage (MFTMA)."""
     from analysis.manifolds import run as run_manifold_job
@@ -117,7 +130,7 @@ def analyze_gap(
     bins: int = typer.Option(10, help="logit-gap bins"),
     max_gap: Optional[float] = typer.Option(None, help="upper edge of the last bin (default: 99th percentile)"),
     out: str = typer.Option("outputs/gap", help="folder for the figure and gap_robustness.json"),
-    track: bool = typer.Option(True, help="log to MLflow"),
+    track: Track = True,
 ):
     """Figure 2: logit-gap distributions and adversarial accuracy per gap bin, from attack runs."""
     from analysis.gaps import run as run_gap_job
@@ -131,10 +144,6 @@ def analyze_gap(
     )
 
 
-MODELS_HELP = "models to compare (registered names, models:/ or runs:/ URIs); more may follow as arguments"
-GROUP_HELP = "NAME=MODEL,MODEL,... (repeatable), e.g. --group ST=a,b,c --group AT=d,e,f (default: by training, ST/AT)"
-
-
 def _specs(models: Optional[str], more: Optional[List[str]]) -> list[str]:
     return [s for s in re.split(r"[\s,]+", models or "") if s] + [s for s in more or [] if s]
 
@@ -146,26 +155,26 @@ def _done(summary: dict, out: str, what: str) -> None:
 @analyze_app.command("ranks")
 @cli_errors
 def analyze_ranks(
-    models: Optional[str] = typer.Option(None, "--models", help=MODELS_HELP),
-    more_models: Optional[List[str]] = typer.Argument(None, help="further models"),
-    group: List[str] = typer.Option([], "--group", help=GROUP_HELP),
+    models: Models = None,
+    more_models: MoreModels = None,
+    group: Groups = None,
     class_name: Optional[str] = typer.Option(
         None, "--class", help="class of the Figure 3A scatter, name or index (default: frog, else the first)"
     ),
     score: str = typer.Option("softmax", help="softmax (the paper's) | logit"),
     target: str = typer.Option("label", help="confidence in the true class (label) or the predicted one (top)"),
-    dataset: Optional[str] = typer.Option(None, help="default: the models' dataset"),
-    data_dir: Optional[str] = typer.Option(None, help="default: the first model's training data directory"),
+    dataset: Dataset = None,
+    data_dir: DataDir = None,
     out: str = typer.Option("outputs/ranks", help="folder for the figures and ranks.json"),
-    track: bool = typer.Option(True, help="log to MLflow"),
-    device: str = typer.Option("auto"),
+    track: Track = True,
+    device: Device = "auto",
 ):
     """Figure 3A/B: per-class confidence rank order of every pair of models."""
     from analysis.ranks import run
 
     summary = run(
         _specs(models, more_models),
-        group,
+        group or [],
         class_name=blank(class_name),
         score=score,
         target=target,
@@ -186,24 +195,24 @@ def analyze_ranks(
 @analyze_app.command("errors")
 @cli_errors
 def analyze_errors(
-    models: Optional[str] = typer.Option(None, "--models", help=MODELS_HELP),
-    more_models: Optional[List[str]] = typer.Argument(None, help="further models"),
-    group: List[str] = typer.Option([], "--group", help=GROUP_HELP),
+    models: Models = None,
+    more_models: MoreModels = None,
+    group: Groups = None,
     attack_runs: Optional[str] = typer.Option(
         None, help="attack run ids (default: each model version's newest attack run)"
     ),
-    dataset: Optional[str] = typer.Option(None, help="default: the models' dataset"),
-    data_dir: Optional[str] = typer.Option(None, help="default: the first model's training data directory"),
+    dataset: Dataset = None,
+    data_dir: DataDir = None,
     out: str = typer.Option("outputs/errors", help="folder for the figure and errors.json"),
-    track: bool = typer.Option(True, help="log to MLflow"),
-    device: str = typer.Option("auto"),
+    track: Track = True,
+    device: Device = "auto",
 ):
     """Figure 3C: rank of each error's predicted class in its true class's mean logit vector."""
     from analysis.error_classes import run
 
     summary = run(
         _specs(models, more_models),
-        group,
+        group or [],
         attack_runs=_specs(attack_runs, None),
         out_dir=Path(out),
         data_dir=blank(data_dir),
@@ -222,22 +231,22 @@ def analyze_errors(
 @analyze_app.command("overlap")
 @cli_errors
 def analyze_overlap(
-    models: Optional[str] = typer.Option(None, "--models", help=MODELS_HELP),
-    more_models: Optional[List[str]] = typer.Argument(None, help="further models"),
-    group: List[str] = typer.Option([], "--group", help=GROUP_HELP),
+    models: Models = None,
+    more_models: MoreModels = None,
+    group: Groups = None,
     seed: int = typer.Option(0, help="seed of the within-class permutation (control)"),
-    dataset: Optional[str] = typer.Option(None, help="default: the models' dataset"),
-    data_dir: Optional[str] = typer.Option(None, help="default: the first model's training data directory"),
+    dataset: Dataset = None,
+    data_dir: DataDir = None,
     out: str = typer.Option("outputs/overlap", help="folder for the figure and overlap.json"),
-    track: bool = typer.Option(True, help="log to MLflow"),
-    device: str = typer.Option("auto"),
+    track: Track = True,
+    device: Device = "auto",
 ):
     """Figure 3D / B.6: average overlap AO@k of the models' per-example logit rank orders."""
     from analysis.overlap import run
 
     summary = run(
         _specs(models, more_models),
-        group,
+        group or [],
         seed=seed,
         out_dir=Path(out),
         data_dir=blank(data_dir),
@@ -255,9 +264,9 @@ def analyze_overlap(
 @analyze_app.command("images")
 @cli_errors
 def analyze_images(
-    models: Optional[str] = typer.Option(None, "--models", help=MODELS_HELP),
-    more_models: Optional[List[str]] = typer.Argument(None, help="further models"),
-    group: List[str] = typer.Option([], "--group", help=GROUP_HELP),
+    models: Models = None,
+    more_models: MoreModels = None,
+    group: Groups = None,
     class_name: Optional[str] = typer.Option(
         None, "--class", help="class of the Figure B.2 quadrants (default: frog, else the first)"
     ),
@@ -267,18 +276,18 @@ def analyze_images(
     n_neighbours: int = typer.Option(5, help="nearest images per seed (cosine similarity of logits)"),
     n_random_seeds: int = typer.Option(1000, help="random seeds for the same-class-neighbour fraction"),
     seed: int = typer.Option(0),
-    dataset: Optional[str] = typer.Option(None, help="default: the models' dataset"),
-    data_dir: Optional[str] = typer.Option(None, help="default: the first model's training data directory"),
+    dataset: Dataset = None,
+    data_dir: DataDir = None,
     out: str = typer.Option("outputs/images", help="folder for the figures and images.json"),
-    track: bool = typer.Option(True, help="log to MLflow"),
-    device: str = typer.Option("auto"),
+    track: Track = True,
+    device: Device = "auto",
 ):
     """Figures B.2 (confidence quadrants of one class) and B.3 (nearest images by logit cosine)."""
     from analysis.images import run
 
     summary = run(
         _specs(models, more_models),
-        group,
+        group or [],
         class_name=blank(class_name),
         score=score,
         per_quadrant=per_quadrant,
