@@ -148,6 +148,11 @@ def _specs(models: Optional[str], more: Optional[List[str]]) -> list[str]:
     return [s for s in re.split(r"[\s,]+", models or "") if s] + [s for s in more or [] if s]
 
 
+def _where(out: str, data_dir: str | None, dataset: str | None, device: str, track: bool) -> dict:
+    """Where an analysis of models reads and writes: the arguments every one of them takes."""
+    return dict(out_dir=Path(out), data_dir=blank(data_dir), dataset=blank(dataset), device=device, track=track)
+
+
 def _done(summary: dict, out: str, what: str) -> None:
     typer.echo(f"figures and {what}.json in {out}" + (f"; run {summary['run_id']}" if summary.get("run_id") else ""))
 
@@ -178,11 +183,7 @@ def analyze_ranks(
         class_name=blank(class_name),
         score=score,
         target=target,
-        out_dir=Path(out),
-        data_dir=blank(data_dir),
-        dataset=blank(dataset),
-        device=device,
-        track=track,
+        **_where(out, data_dir, dataset, device, track),
     )
     for name, stats in summary["group_stats"].items():
         typer.echo(
@@ -214,11 +215,7 @@ def analyze_errors(
         _specs(models, more_models),
         group or [],
         attack_runs=_specs(attack_runs, None),
-        out_dir=Path(out),
-        data_dir=blank(data_dir),
-        dataset=blank(dataset),
-        device=device,
-        track=track,
+        **_where(out, data_dir, dataset, device, track),
     )
     for label, entry in summary["models"].items():
         line = f"{label}: natural errors at rank 2..4: " + ", ".join(f"{v:.2f}" for v in entry["natural"][1:4])
@@ -248,11 +245,7 @@ def analyze_overlap(
         _specs(models, more_models),
         group or [],
         seed=seed,
-        out_dir=Path(out),
-        data_dir=blank(data_dir),
-        dataset=blank(dataset),
-        device=device,
-        track=track,
+        **_where(out, data_dir, dataset, device, track),
     )
     for name, entry in summary["group_curves"].items():
         for kind, stats in entry.items():
@@ -295,11 +288,7 @@ def analyze_images(
         n_neighbours=n_neighbours,
         n_random_seeds=n_random_seeds,
         seed=seed,
-        out_dir=Path(out),
-        data_dir=blank(data_dir),
-        dataset=blank(dataset),
-        device=device,
-        track=track,
+        **_where(out, data_dir, dataset, device, track),
     )
     q = summary["quadrants"]
     typer.echo(f"class {q['class']}: Spearman {q['spearman']:.3f} between {q['model_a']} and {q['model_b']}")
