@@ -18,6 +18,7 @@ matplotlib.use("Agg")
 from robustlogits import tracking  # noqa: E402
 from robustlogits.core.errors import UserError  # noqa: E402
 from robustlogits.jobs.test_logits import TestModels, log_inputs, open_models  # noqa: E402
+from robustlogits.tracking import registry  # noqa: E402
 
 TRAINING_GROUP = {"standard": "ST", "adversarial": "AT"}
 
@@ -51,9 +52,9 @@ def assign_groups(ctx: TestModels, groups: dict[str, list[str]] | None) -> dict[
             out[name] = [ctx.labels[ctx.specs.index(s)] for s in specs]
         return out
     for model, label in zip(ctx.models, ctx.labels):
-        name = TRAINING_GROUP.get(model.tags.get("training", ""), None)
-        if model.tags.get("manipulation"):
-            name = f"student-{model.tags['manipulation']}"
+        name = TRAINING_GROUP.get(model.tags.get(registry.TRAINING_TAG, ""), None)
+        if model.tags.get(registry.MANIPULATION_TAG):
+            name = f"student-{model.tags[registry.MANIPULATION_TAG]}"
         out.setdefault(name or label, []).append(label)
     return out
 

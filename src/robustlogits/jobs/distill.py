@@ -28,7 +28,7 @@ from robustlogits.core.manipulations import manipulate, manipulation_report
 from robustlogits.core.models import model_class_count
 from robustlogits.core.training import distillation_objective
 from robustlogits.jobs.tracked_training import log_run_inputs, new_state, train_tracked
-from robustlogits.tracking import ResolvedModel
+from robustlogits.tracking import ResolvedModel, registry
 
 TEACHER_LOGITS_JOB = "teacher-logits"
 TEACHER_LOGITS_EXPERIMENT_SUFFIX = "-teacher-logits"
@@ -213,11 +213,11 @@ def run_distill(cfg: DistillConfig, progress: bool | None = None) -> str:
     state = new_state(cfg, bundle.num_classes, device)
     objective = distillation_objective(manipulated, d.loss, d.temperature)
     lineage = {
-        "teacher_name": teacher.name,
-        "teacher_version": teacher.version,
+        registry.TEACHER_NAME_TAG: teacher.name,
+        registry.TEACHER_VERSION_TAG: teacher.version,
         "teacher_run_id": teacher.source_run_id,
         "teacher_uri": teacher.uri,
-        "manipulation": d.manipulation,
+        registry.MANIPULATION_TAG: d.manipulation,
         "k": cfg.resolved_k(),
         "fix_mode": d.fix_mode,
         "loss": d.loss,

@@ -24,7 +24,7 @@ from robustlogits.core.device import resolve_device
 from robustlogits.core.errors import UserError
 from robustlogits.core.logits import compute_logits
 from robustlogits.core.models import model_class_count
-from robustlogits.tracking import ResolvedModel
+from robustlogits.tracking import ResolvedModel, registry
 
 log = logging.getLogger(__name__)
 ARTIFACT = "test_logits/test_logits.npz"
@@ -187,7 +187,7 @@ def _logits_for(model: ResolvedModel, label: str, ctx: TestModels) -> ModelLogit
 
 def _checkpoint_logits(model: ResolvedModel, ctx: TestModels) -> np.ndarray | None:
     """The logits saved with the checkpoint, if they were computed on exactly this test split."""
-    artifact = model.tags.get("test_logits_artifact")
+    artifact = model.tags.get(registry.TEST_LOGITS_TAG)
     if not artifact or not model.source_run_id or model.data_digest != ctx.raw.digest:
         return None
     try:

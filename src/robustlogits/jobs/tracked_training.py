@@ -25,6 +25,7 @@ from robustlogits.core.logits import compute_logits, logit_report
 from robustlogits.core.models import build_model
 from robustlogits.core.perturb import LinfPGD
 from robustlogits.core.training import EpochResult, Objective, TrainState, fit, make_state
+from robustlogits.tracking import registry
 
 log = logging.getLogger(__name__)
 STATE_ARTIFACT = "training_state/last.pt"
@@ -47,7 +48,7 @@ def log_run_inputs(cfg: TrainConfig, bundle: DataBundle, amp: bool) -> None:
     if bundle.root:
         cfg.data.data_dir = bundle.root
     tracking.log_params(flatten(cfg) | {"run.precision": precision_name(amp)})
-    tracking.set_tags({"data_digest": bundle.digest})
+    tracking.set_tags({registry.DATA_DIGEST_TAG: bundle.digest})
     tracking.log_dataset_input(cfg.data.dataset, bundle.digest, bundle.source, "training", len(bundle.train))
     tracking.log_json(bundle.split_record, "data/split.json")
 
@@ -191,17 +192,17 @@ class EpochLogger:
         if cfg.run.channels_last:
             model.to(memory_format=torch.channels_last)
         tags = {
-            "epoch": epoch,
-            "training": cfg.run.training,
+            registry.EPOCH_TAG: epoch,
+            registry.TRAINING_TAG: cfg.run.training,
             "seed": cfg.run.seed,
-            "dataset": cfg.data.dataset,
+            registry.DATASET_TAG: cfg.data.dataset,
             "arch": cfg.model.arch,
             "preset": cfg.preset,
             "test_accuracy": f"{accuracy:.4f}",
             "test_examples": len(test),
-            "num_classes": self.bundle.num_classes,
-            "source_run_id": self.run_id,
-            "test_logits_artifact": f"test_logits/epoch_{epoch:04d}.npz",
+            registry.NUM_CLASSES_TAG: self.bundle.num_classes,
+            registry.SOURCE_RUN_TAG: self.run_id,
+            registry.TEST_LOGITS_TAG: f"test_logits/epoch_{epoch:04d}.npz",
         } | self.version_tags
         version = tracking.register_version(info.model_uri, cfg.registered_model_name(), tags)
         self.state.extra.setdefault("versions", {})[epoch] = version.version

@@ -28,6 +28,7 @@ from robustlogits.core.errors import UserError
 from robustlogits.core.manipulations import MANIPULATIONS
 from robustlogits.core.training import DISTILLATION_LOSSES
 from robustlogits.study import engine
+from robustlogits.tracking import registry
 
 log = logging.getLogger(__name__)
 
@@ -85,8 +86,8 @@ def teacher_checkpoints(teacher: str) -> tuple[str, dict[int, str], dict]:
         if not versions:
             raise
         mv = max(versions, key=lambda v: int(v.version))
-    same_run = [v for v in _versions(name) if v.run_id == mv.run_id and "epoch" in v.tags]
-    epochs = {int(v.tags["epoch"]): str(v.version) for v in sorted(same_run, key=lambda v: int(v.version))}
+    same_run = [v for v in _versions(name) if v.run_id == mv.run_id and registry.EPOCH_TAG in v.tags]
+    epochs = {int(v.tags[registry.EPOCH_TAG]): str(v.version) for v in sorted(same_run, key=lambda v: int(v.version))}
     if not epochs:
         raise UserError(f"registered model {name!r} has no checkpoint versions with an epoch tag")
     return name, dict(sorted(epochs.items())), dict(mv.tags)
@@ -158,13 +159,13 @@ def plan(s: SweepConfig) -> SweepPlan:
                 f"teacher {name} has no registered checkpoint at epoch {', '.join(map(str, missing))}; "
                 f"registered epochs: {', '.join(map(str, epochs))}"
             )
-    classes = int(tags.get("num_classes") or 0)
+    classes = int(tags.get(registry.NUM_CLASSES_TAG) or 0)
     if classes and ks and any(m in NEEDS_K for m in s.manipulations):
         outside = [k for k in ks if not 1 <= k <= classes]
         if outside:
             raise UserError(f"k must be in 1..{classes} for {tags.get('dataset', 'this dataset')}, got {outside[0]}")
     # The student's config as a trial will build it: the preset's and --set values must be valid.
-    cfg.data.dataset = tags.get("dataset") or cfg.data.dataset
+    cfg.data.dataset = tags.get(registry.DATASET_TAG) or cfg.data.dataset
     cfg.distill.loss, cfg.distill.manipulation = s.losses[0], s.manipulations[0]
     cfg.distill.k = ks[0] if ks and s.manipulations[0] in NEEDS_K else None
     cfg.run.checkpoint_epochs = (cfg.optim.epochs,)
@@ -217,7 +218,7 @@ def _check_data(teacher: str, version: str, data_dir: str | None) -> None:
 
     _, mv = tracking.resolve_model(teacher, version=version)
     run = tracking.run_record(mv.run_id)
-    dataset = mv.tags.get("dataset") or run.params.get("data.dataset")
+    dataset = mv.tags.get(registry.DATASET_TAG) or run.params.get("data.dataset")
     hint = run.params.get("data.data_dir")
     synthetic = tracking.synthetic_params_from_run(mv.run_id) if dataset == "synthetic" else None
     load_raw(
@@ -225,7 +226,7 @@ def _check_data(teacher: str, version: str, data_dir: str | None) -> None:
         data_dir,
         synthetic=synthetic,
         hint=None if hint in (None, "", "None") else hint,
-        digest=mv.tags.get("data_digest") or run.tags.get("data_digest"),
+        digest=mv.tags.get(registry.DATA_DIGEST_TAG) or run.tags.get(registry.DATA_DIGEST_TAG),
     )
 
 
@@ -261,7 +262,7 @@ def distill_task(params: dict) -> dict[str, float]:
     identity = {
         "config": {k: v for k, v in flatten(cfg).items() if k not in VOLATILE},
         "teacher": tracking.logged_model_id(mv) or f"{mv.name}/{mv.version}",
-        "data": mv.tags.get("data_digest") or teacher_run.tags.get("data_digest"),
+        "data": mv.tags.get(registry.DATA_DIGEST_TAG) or teacher_run.tags.get(registry.DATA_DIGEST_TAG),
     }
     progress = False if os.environ.get("ROBUSTLOGITS_WORKER") else None  # no interleaved bars
     key = tracking.job_key({"task": "distill", **identity})

@@ -21,7 +21,8 @@ TRAINING_TAG = "training"
 DATASET_TAG = "dataset"
 SOURCE_RUN_TAG = "source_run_id"
 TEST_LOGITS_TAG = "test_logits_artifact"
-DATA_DIGEST_TAG = "data_digest"
+DATA_DIGEST_TAG = "data_digest"  # also on the run that trained it
+NUM_CLASSES_TAG = "num_classes"
 # On a student's version (distill): its teacher and what was done to the teacher's logits.
 TEACHER_NAME_TAG = "teacher_name"
 TEACHER_VERSION_TAG = "teacher_version"
