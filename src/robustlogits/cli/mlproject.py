@@ -32,6 +32,8 @@ ENTRY_POINTS = {
     "sweep": "sweep",
     "reproduce": "reproduce",
 }
+# entry point -> its script in entrypoints/ (`import` is a Python keyword, so not a module name)
+SCRIPTS = {name: "import_model" if name == "import" else name for name in ENTRY_POINTS}
 SKIPPED = ("set_", "help")  # `--set` is what undeclared dotted parameters become
 MODE_DEFAULT = "theory"
 # Commands whose options are shortcuts for config keys that `-P section.field=value` also sets:
@@ -126,7 +128,7 @@ def render() -> str:
         for p in parameters.values():
             default = "" if p.default is None else f", default: {json.dumps(p.default)}"
             lines.append(f"      {p.name}: {{type: string{default}}}")
-        words = [f"python entrypoints/{entry_point.replace('import', 'import_model')}.py"]
+        words = [f"python entrypoints/{SCRIPTS[entry_point]}.py"]
         words += [f"--{name}\0{{{name}}}" for name in parameters]  # a flag and its value stay on one line
         wrapped = textwrap.wrap(
             " ".join(words), 110, initial_indent=" " * 6, subsequent_indent=" " * 6, break_long_words=False

@@ -30,6 +30,7 @@ import mlflow
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+from robustlogits.core.errors import UserError
 from robustlogits.tracking import keyed
 from robustlogits.tracking.store import check_store, launched_run_id
 
@@ -343,8 +344,6 @@ class RunRecord:
 
 def run_record(run_id: str) -> RunRecord:
     """A run's tags, params and latest metrics; a clear error for a run the store does not have."""
-    from robustlogits.core.errors import UserError
-
     try:
         run = MlflowClient().get_run(run_id)
     except Exception:  # noqa: BLE001
