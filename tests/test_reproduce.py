@@ -287,6 +287,22 @@ def test_report_renders_in_chromium_with_every_image(in_study, tmp_path):
 # ----------------------------------------------------------------------------- killed, then resumed
 
 
+def test_a_record_left_empty_by_a_kill_is_moved_aside_and_the_store_reads_again(tmp_path):
+    import pandas as pd
+
+    with mlflow.start_run() as run:
+        mlflow.log_input(mlflow.data.from_pandas(pd.DataFrame({"x": [1]}), name="d"), context="training")
+    store = tmp_path / "mlruns"
+    inputs = list((store / run.info.experiment_id / run.info.run_id / "inputs").iterdir())
+    assert inputs
+    (inputs[0] / "meta.yaml").write_text("")  # what SIGKILL during MLflow's in-place write leaves
+    with pytest.raises(TypeError):
+        all_runs()
+    assert tracking.configure_store().startswith("file:")
+    assert [r.info.run_id for r in all_runs()] == [run.info.run_id]
+    assert (tmp_path / "mlruns.quarantine" / inputs[0].relative_to(store) / "meta.yaml").exists()
+
+
 def test_killed_between_steps_resumes_without_duplicates(tmp_path):
     env = os.environ | {"PYTHONPATH": os.pathsep.join([str(REPO / "src"), str(REPO)]), "OMP_NUM_THREADS": "1"}
     command = [
@@ -319,6 +335,7 @@ def test_killed_between_steps_resumes_without_duplicates(tmp_path):
     assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
     os.killpg(proc.pid, signal.SIGKILL)  # no chance to clean up: the worst case
     proc.wait()
+    tracking.configure_store()  # as the resumed job will: a record the kill left half-written is moved aside
     killed_state = {r.info.run_id: r.info.status for r in all_runs()}
     assert "FINISHED" in killed_state.values()
     result = subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)

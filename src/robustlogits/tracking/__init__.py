@@ -79,6 +79,7 @@ from robustlogits.tracking.store import (
     configure_store,
     experiment_name_of,
     launched_run_id,
+    repair_file_store,
 )
 
 __all__ = [
@@ -88,6 +89,7 @@ __all__ = [
     "checkpoint_uri",
     "child_runs",
     "configure_store",
+    "repair_file_store",
     "DEFAULT_TRACKING_URI",
     "download_artifact",
     "end_run_if_running",

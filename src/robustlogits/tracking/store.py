@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
+from pathlib import Path
+from urllib.parse import unquote, urlparse
 
 import mlflow
 from mlflow.tracking import MlflowClient
@@ -23,7 +26,34 @@ def configure_store() -> str:
     mlflow.set_tracking_uri(uri)
     if uri.startswith("file:") or "://" not in uri and not uri.startswith("sqlite"):
         os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+        repair_file_store(Path(unquote(urlparse(uri).path)) if uri.startswith("file:") else Path(uri))
     return uri
+
+
+QUARANTINE_SUFFIX = ".quarantine"  # beside the store: MLflow would read a folder inside it as an experiment
+
+
+def repair_file_store(root: Path) -> list[Path]:
+    """Move aside the records a killed process left with an empty `meta.yaml`.
+
+    MLflow's file store writes each meta.yaml in place, so SIGKILL mid-write leaves an empty file, and one
+    empty input record makes every search of its experiment raise. Such a record (a run, a dataset, an
+    input link, a logged model) is moved into `<root>.quarantine/`, never deleted."""
+    moved: list[Path] = []
+    if not root.is_dir():
+        return moved
+    for folder, subfolders, files in os.walk(root):
+        subfolders[:] = [d for d in subfolders if d not in ("artifacts", ".trash")]
+        record = Path(folder)
+        if record == root or "meta.yaml" not in files or (record / "meta.yaml").stat().st_size > 0:
+            continue
+        target = root.with_name(root.name + QUARANTINE_SUFFIX) / record.relative_to(root)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.move(str(record), str(target))
+        subfolders[:] = []
+        log.warning("moved %s aside to %s: its meta.yaml is empty (a process was killed writing it)", record, target)
+        moved.append(target)
+    return moved
 
 
 def launched_run_id() -> str | None:
