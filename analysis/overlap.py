@@ -109,6 +109,7 @@ def run(
         "dataset": ctx.dataset,
         "classes": list(ctx.classes),
         "k": list(range(1, c + 1)),
+        "n_images": int(len(pos[0])),
         "models": labels,
         "groups": assigned,
         "seed": seed,

@@ -128,6 +128,7 @@ def run(
         "score": score,
         "target": target,
         "threshold": "|rank difference| > n_c / 2",
+        "n_images": int(len(y)),
         "models": ctx.labels,
         "logit_sources": {m.label: {"source": m.source, "run_id": m.run_id} for m in ctx.logits()},
         "groups": assigned,

@@ -181,6 +181,7 @@ def reproduce(
     experiment: str = typer.Option(ReproduceConfig.experiment, help="MLflow experiment of the study run"),
 ):
     """The paper's whole study as one resumable command, and a report beside the paper's numbers."""
+    from robustlogits.study.reproduce.evidence import VERDICTS
     from robustlogits.study.reproduce.run import plan_table, run_reproduce
 
     try:
@@ -205,8 +206,7 @@ def reproduce(
         typer.echo(plan_table(result["plan"], workers, result["throughput"]))
         return
     verdicts = result["verdicts"]
+    counts = ", ".join(f"{verdict} {verdicts.count(verdict)}" for verdict in VERDICTS)
     typer.echo(
-        f"study run {result['parent_run_id']}: claims held {verdicts.count('held')}, not held "
-        f"{verdicts.count('not held')}, not measured {verdicts.count('not measured')}; "
-        f"report in {result['report']}/index.html"
+        f"study run {result['parent_run_id']}: {len(verdicts)} claims: {counts}; report in {result['report']}/index.html"
     )

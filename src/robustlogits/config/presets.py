@@ -55,6 +55,8 @@ PRESETS: dict[str, Preset] = {
             "manifold_images": 30,
             "manifold_perturbations": 20,
             "manifold_pgd_steps": 3,
+            "sweep_seeds": 1,
+            "manifold_seeds": 1,
         },
     ),
     "study": Preset(
@@ -73,7 +75,14 @@ PRESETS: dict[str, Preset] = {
             "run.teacher_epoch": 10,
         },
         distill={"n_augment": 8, "attack_n_examples": 1000},
-        scale={"seeds": 3, "ks": (1, 2, 3, 5, 7, 9), "attack_n_examples": 1000, "attack_n_iter": 100},
+        scale={
+            "seeds": 3,
+            "ks": (1, 2, 3, 5, 7, 9),
+            "attack_n_examples": 1000,
+            "attack_n_iter": 100,
+            "sweep_seeds": 1,
+            "manifold_seeds": 1,
+        },
     ),
     "paper": Preset(
         "Appendix A.2 exactly (GPUs): ResNet-18, 200 epochs, PGD-10 at 8/255 step 2/255, teacher epoch 40; "
@@ -85,7 +94,7 @@ PRESETS: dict[str, Preset] = {
             "monitor.robust_examples": 1000,
         },
         distill={"n_augment": 8},
-        scale={"seeds": 3},
+        scale={"seeds": 3, "manifold_simulated": True},
     ),
     "test": Preset(
         "Seconds on synthetic data: for the test suite only",
@@ -117,6 +126,9 @@ PRESETS: dict[str, Preset] = {
             "manifold_perturbations": 4,
             "manifold_features": 50,
             "manifold_pgd_steps": 1,
+            "sweep_seeds": 1,
+            "manifold_simulated": True,
+            "response_images": 40,
         },
     ),
 }

@@ -68,3 +68,7 @@ class ScaleConfig:
     manifold_perturbations: int = 50
     manifold_features: int = 500
     manifold_pgd_steps: int = 5
+    manifold_simulated: bool = False  # also bisect for the simulated capacity (A.4.3, Figure A.8; slow)
+    sweep_seeds: int | None = None  # seeds the A.6/A.7 sweeps run for (None: every seed, as the paper)
+    manifold_seeds: int | None = None  # seeds the Figure 5 analysis runs for (None: every seed)
+    response_images: int = 500  # test images the Appendix C gap-response attack runs on

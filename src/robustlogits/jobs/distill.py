@@ -24,6 +24,7 @@ from robustlogits.core.attacks import attack_split, check_n_examples
 from robustlogits.core.data import Split, augment, load_bundle, to_float
 from robustlogits.core.device import resolve_amp, resolve_device
 from robustlogits.core.errors import UserError
+from robustlogits.core.logits import compute_logits
 from robustlogits.core.manipulations import manipulate, manipulation_report
 from robustlogits.core.models import model_class_count
 from robustlogits.core.training import distillation_objective
@@ -241,6 +242,7 @@ def run_distill(cfg: DistillConfig, progress: bool | None = None) -> str:
         tracking.log_model_inputs([m.model_id for m in (teacher, st_teacher) if m is not None])
         tracking.log_results({f"targets_{k}": float(v) for k, v in report.items()})
         train_tracked(cfg, bundle, state, objective, run_id, amp, version_tags=lineage, progress=progress)
+        tracking.log_results(distance_to_teacher(state.model, bundle.train.images, targets))
         result = None
         if d.attack:
             result = attack_split(
@@ -271,6 +273,17 @@ def run_distill(cfg: DistillConfig, progress: bool | None = None) -> str:
         )
     tracking.update_students_tag(teacher.name, teacher.version)
     return run_id
+
+
+def distance_to_teacher(model: torch.nn.Module, images: torch.Tensor, teacher: torch.Tensor, n: int = 5000) -> dict:
+    """How closely the student matches the *unmanipulated* teacher on its training images (A.3 compares
+    L1 and KL students by both distances), on the first `n` images."""
+    student = compute_logits(model, images[:n]).float()
+    target = teacher[:n].to(student.device).float()
+    kl = torch.nn.functional.kl_div(
+        student.log_softmax(1), target.log_softmax(1), log_target=True, reduction="batchmean"
+    )
+    return {"final_l1_to_teacher": float((student - target).abs().mean()), "final_kl_to_teacher": float(kl)}
 
 
 def adopt_teacher_data(cfg: DistillConfig, teacher: ResolvedModel) -> None:

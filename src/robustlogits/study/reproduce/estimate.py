@@ -104,6 +104,9 @@ class Estimator:
             return ANALYSIS_SECONDS + len(a["labels"]) * (
                 a["n_images"] * a["n_perturbations"] * (a["pgd_steps"] + 1) / rate + 2.0
             )
+        if step.task == "reproduce-gap-response":
+            rate = min((r for r, _ in self.rates.values()), default=1000.0)
+            return ANALYSIS_SECONDS + len(step.args["labels"]) * step.args["n_images"] * 11 / rate  # PGD-10
         return ANALYSIS_SECONDS
 
     @staticmethod

@@ -32,6 +32,14 @@ def teacher_config(preset_name: str, dataset: str, training: str, seed: int, ove
     return cfg
 
 
+# Figure 5's networks besides the two teachers (section 4.2 studies the "fix-1 (avg)" student).
+MANIFOLD_STUDENTS = {
+    "normal student": "normal",
+    "fix-1 (avg) student": "average-k1",
+    "correct-fix-1 student": "correct-fix-1",
+    "hybrid student": "hybrid",
+}
+
 # Step groups for --only / --skip, in the order the study runs them.
 CROSS_MODEL = ("ranks", "errors", "overlap", "images")  # Figures 3A-B, 3C, 3D / B.6, B.2-B.3
 GROUPS = ("train", "attack", "distill", "sweeps", "gap", "theory", "manifold", *CROSS_MODEL)
@@ -141,21 +149,22 @@ def _dataset_steps(sc: ScaleConfig, seeds: int, dataset: str, digest: str, data_
             )
     classes = class_count(dataset, sc)
     distilled = dataset != "cifar100"  # the paper distils on CIFAR-10 only (section 4.2)
+    ks = [k for k in (sc.ks or range(1, classes)) if 1 <= k < classes]
+    students = [("normal", "none", None)]
+    students += [(f"{mode}-k{k}", mode, k) for mode in sc.fix_modes for k in ks]
+    students += [("correct-fix-1", "correct-fix", 1), ("hybrid", "hybrid", None)]
     if distilled:
-        ks = [k for k in (sc.ks or range(1, classes)) if 1 <= k < classes]
         for seed in range(seeds):
-            students = [("normal", "none", None)]
-            students += [(f"{mode}-k{k}", mode, k) for mode in sc.fix_modes for k in ks]
-            students += [("correct-fix-1", "correct-fix", 1), ("hybrid", "hybrid", None)]
             for label, manipulation, k in students:
                 steps.append(
                     _student(sc, dataset, seed, label, manipulation, k, teacher_epoch, "l1", "distill", data_dir)
                 )
-        for epoch in sc.sweep_epochs or checkpoints:
-            for loss in sc.sweep_losses:
-                steps.append(
-                    _student(sc, dataset, 0, f"e{epoch}-{loss}", "none", None, epoch, loss, "sweeps", data_dir)
-                )
+        for seed in range(min(seeds, sc.sweep_seeds or seeds)):
+            for epoch in sc.sweep_epochs or checkpoints:
+                for loss in sc.sweep_losses:
+                    steps.append(
+                        _student(sc, dataset, seed, f"e{epoch}-{loss}", "none", None, epoch, loss, "sweeps", data_dir)
+                    )
     teachers = {"at": f"train/{dataset}/at/s0", "st": f"train/{dataset}/st/s0"}
     steps.append(
         Step(
@@ -177,30 +186,47 @@ def _dataset_steps(sc: ScaleConfig, seeds: int, dataset: str, digest: str, data_
             {"runs": [teachers["st"], teachers["at"]]},
         )
     )
-    models = {"ST teacher": teachers["st"], "AT teacher": teachers["at"]}
-    if distilled:
-        models |= {
-            "robust student (normal)": f"distill/{dataset}/s0/normal",
-            "non-robust student (correct-fix-1)": f"distill/{dataset}/s0/correct-fix-1",
-        }
     steps.append(
         Step(
-            f"analyze/{dataset}/manifold",
-            "manifold",
+            f"analyze/{dataset}/gap-response",
+            "theory",
             "analyze",
-            "reproduce-manifold",
+            "reproduce-gap-response",
             {
-                "labels": list(models),
-                "epochs": [teacher_epoch if "teacher" in label else None for label in models],
-                "n_images": sc.manifold_images,
-                "n_perturbations": sc.manifold_perturbations,
-                "n_features": sc.manifold_features,
-                "pgd_steps": sc.manifold_pgd_steps,
+                "labels": ["ST teacher", "AT teacher"],
+                "epochs": [teacher_epoch, teacher_epoch],
+                "n_images": sc.response_images,
                 "data_dir": data_dir,
             },
-            {"models": list(models.values())},
+            {"models": [teachers["st"], teachers["at"]]},
         )
     )
+    student_labels = [label for label, _, _ in students] if distilled else []
+    for seed in range(min(seeds, sc.manifold_seeds or seeds)):
+        models = {"ST teacher": f"train/{dataset}/st/s{seed}", "AT teacher": f"train/{dataset}/at/s{seed}"}
+        for role, label in MANIFOLD_STUDENTS.items():  # section 4.2: Figure 5 studies these students
+            if label in student_labels:
+                models[role] = f"distill/{dataset}/s{seed}/{label}"
+        steps.append(
+            Step(
+                f"analyze/{dataset}/manifold/s{seed}",
+                "manifold",
+                "analyze",
+                "reproduce-manifold",
+                {
+                    "seed": seed,
+                    "labels": list(models),
+                    "epochs": [teacher_epoch if "teacher" in label else None for label in models],
+                    "n_images": sc.manifold_images,
+                    "n_perturbations": sc.manifold_perturbations,
+                    "n_features": sc.manifold_features,
+                    "pgd_steps": sc.manifold_pgd_steps,
+                    "simulated": sc.manifold_simulated,
+                    "data_dir": data_dir,
+                },
+                {"models": list(models.values())},
+            )
+        )
     teachers_all = [
         (f"{kind.upper()} s{seed}", f"train/{dataset}/{kind}/s{seed}") for kind in ("at", "st") for seed in range(seeds)
     ]

@@ -22,7 +22,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from robustlogits import tracking  # noqa: E402
-from robustlogits.study.reproduce.paper import TABLE1, TABLE2, TABLE2_LABELS, TEACHER_TRAIN_ERROR, judge_all  # noqa: E402
+from robustlogits.study.reproduce.claims import judge_all  # noqa: E402
+from robustlogits.study.reproduce.collect import collect  # noqa: E402
+from robustlogits.study.reproduce.paper import TABLE1, TABLE2, TABLE2_LABELS, TEACHER_TRAIN_ERROR  # noqa: E402
 
 UI_URL = os.environ.get("ROBUSTLOGITS_UI_URL", "http://127.0.0.1:5000")
 
@@ -44,103 +46,6 @@ def pct(mean: float | None, std: float | None = None) -> str:
     if mean is None:
         return "–"
     return f"{100 * mean:.1f}" + (f" ± {100 * std:.1f}" if std is not None else "")
-
-
-# --- reading the runs back --------------------------------------------------------------------
-
-
-def _heldout_at(run_id: str, epoch: int) -> dict[str, float]:
-    """Held-out max-logit / gap mean and skew at `epoch` (val split for CIFAR-10, else test)."""
-    metrics = tracking.run_record(run_id).metrics
-    split = "val" if "val_max_logit_mean" in metrics else "test"
-    out = {}
-    for quantity in ("max_logit_mean", "max_logit_skew", "gap_mean", "gap_skew"):
-        history = tracking.metric_history(run_id, f"{split}_{quantity}")
-        out[quantity] = history.get(epoch, history[max(history)] if history else None)
-    return out
-
-
-def collect(plan, dataset: str) -> dict:
-    """Everything the report shows for one dataset, read from the steps' FINISHED runs."""
-    from robustlogits.core.logits import max_logit_and_gap
-
-    finished = tracking.finished_runs_by_key()
-    runs = {s.name: finished.get(s.key) for s in plan.steps}
-    steps = {s.name: s for s in plan.steps}
-    results: dict = {"dataset": dataset, "teachers": {"st": [], "at": []}, "students": {}, "sweeps": {}, "figures": []}
-    seeds = sorted({int(n.rsplit("/s", 1)[1]) for n in runs if n.startswith(f"train/{dataset}/")})
-    for kind in ("st", "at"):
-        for seed in seeds:
-            train_run, attack_run = (
-                runs.get(f"train/{dataset}/{kind}/s{seed}"),
-                runs.get(f"attack/{dataset}/{kind}/s{seed}"),
-            )
-            row = {"seed": seed, "train_run": train_run, "run": attack_run}
-            if train_run:
-                row |= _heldout_at(train_run, steps[f"attack/{dataset}/{kind}/s{seed}"].args["epoch"])
-            if attack_run:
-                m = tracking.run_record(attack_run).metrics
-                row |= {"natural": m.get("natural_accuracy"), "adversarial": m.get("adversarial_accuracy")}
-            if train_run or attack_run:
-                results["teachers"][kind].append(row)
-    for name, run_id in runs.items():
-        if not run_id or not name.startswith((f"distill/{dataset}/", f"sweep/{dataset}/")):
-            continue
-        m = tracking.run_record(run_id).metrics
-        row = {
-            "run": run_id,
-            "natural": m.get("natural_accuracy"),
-            "adversarial": m.get("adversarial_accuracy"),
-            "teacher_error": m.get("targets_teacher_error_rate"),
-        }
-        label = name.rsplit("/", 1)[1]
-        if name.startswith("distill/"):
-            results["students"].setdefault(label, []).append(row)
-        else:
-            args = steps[name].args
-            results["sweeps"][(args["teacher_epoch"], args["loss"])] = row
-    at_attacks = [r["run"] for r in results["teachers"]["at"] if r.get("run")]
-    if at_attacks:
-        below, above = [], []
-        for run_id in at_attacks:
-            res = tracking.load_attack_result(run_id)
-            _, gap = max_logit_and_gap(res.clean_logits)
-            median = np.median(gap)
-            below.append(res.robust[gap <= median].mean())
-            above.append(res.robust[gap > median].mean() if (gap > median).any() else 0.0)
-        results["gap_split"] = {
-            "at_below_median": float(np.mean(below)),
-            "at_above_median": float(np.mean(above)),
-            "runs": at_attacks,
-        }
-    manifold_step = steps.get(f"analyze/{dataset}/manifold")
-    manifold = _artifact_json(runs.get(f"analyze/{dataset}/manifold"), "manifold/manifold.json")
-    if manifold and manifold_step:  # the job names models by registry version; the plan by role
-        manifold["models"] = dict(zip(manifold_step.args["labels"], manifold["models"].values()))
-    results["manifold"] = manifold
-    theory = _artifact_json(runs.get(f"analyze/{dataset}/theory"), "theory/theory.json")
-    if theory:
-        results["theory"] = {
-            "run": theory["run"],
-            "models": theory.get("empirical", {}).get("models", {}),
-            "threshold": theory.get("empirical", {}).get("misclassified_threshold"),
-        }
-    results["cross"] = {}
-    for analysis in ("ranks", "errors", "overlap", "images"):
-        found = _artifact_json(runs.get(f"analyze/{dataset}/{analysis}"), f"{analysis}/{analysis}.json")
-        if found:
-            results["cross"][analysis] = found
-    results["runs"] = runs
-    return results
-
-
-def _artifact_json(run_id: str | None, path: str) -> dict | None:
-    if not run_id:
-        return None
-    try:
-        return json.loads(tracking.download_artifact(run_id, path).read_text()) | {"run": run_id}
-    except Exception:  # noqa: BLE001 - a missing artifact shows as "not measured"
-        return None
 
 
 # --- figures --------------------------------------------------------------------------------------
@@ -214,8 +119,20 @@ def gather_figures(results: dict, folder: Path) -> list[dict]:
     copy(
         "Figure 5",
         "Figure 5: manifold capacity, radius, dimension and centre correlation per stage",
-        runs.get(f"analyze/{ds}/manifold"),
+        runs.get(f"analyze/{ds}/manifold/s0"),
         "manifold/figure5_manifold.png",
+    )
+    copy(
+        "Figure A.8",
+        "Figure A.8: mean-field against simulated capacity",
+        runs.get(f"analyze/{ds}/manifold/s0"),
+        "manifold/figure_a8_mean_field_vs_simulated.png",
+    )
+    copy(
+        "Appendix C.2.5",
+        "Appendix C.2.5: gap shrinkage of correct predictions under a small attack, against the clean gap",
+        runs.get(f"analyze/{ds}/gap-response"),
+        "gap_response/gap_response.png",
     )
     for name, title in (
         ("fig_empirical_admissible.png", "Appendix C: the teachers' logits on the admissible axes"),
@@ -285,11 +202,22 @@ def _figure_4b(students: dict, path: Path) -> list[str]:
 
 
 def _figure_sweeps(sweeps: dict, path: Path) -> list[str]:
+    """Mean over seeds against the teacher's checkpoint epoch, error bars the spread over seeds."""
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
-    for loss in sorted({loss for _, loss in sweeps}):
-        epochs = sorted(e for e, lo in sweeps if lo == loss)
+    for loss in sorted({loss for _, _, loss in sweeps}):
+        epochs = sorted({e for _, e, lo in sweeps if lo == loss})
         for ax, metric in zip(axes, ("adversarial", "natural")):
-            ax.plot(epochs, [100 * (sweeps[(e, loss)][metric] or 0) for e in epochs], marker="o", label=loss.upper())
+            stats = [
+                mean_std([r[metric] for (_, e, lo), r in sweeps.items() if e == ep and lo == loss]) for ep in epochs
+            ]
+            ax.errorbar(
+                epochs,
+                [100 * (m or 0) for m, _ in stats],
+                yerr=[100 * (sd or 0) for _, sd in stats],
+                marker="o",
+                capsize=3,
+                label=loss.upper(),
+            )
     for ax, metric in zip(axes, ("adversarial", "natural")):
         ax.set_xlabel("teacher checkpoint epoch")
         ax.set_ylabel(f"student {metric} accuracy (%)")
@@ -306,8 +234,9 @@ def _figure_sweeps(sweeps: dict, path: Path) -> list[str]:
 def build_sections(plan, sc, seeds: int, folder: Path) -> dict:
     """The report's content as data; markdown and HTML are two renderings of it."""
     datasets = []
-    for dataset in plan.datasets:
-        results = collect(plan, dataset)
+    studies = {dataset: collect(plan, dataset) for dataset in plan.datasets}
+    judged = judge_all(studies, sc.name)
+    for dataset, results in studies.items():
         table1 = []
         for kind, who in (("st", "ST"), ("at", "AT")):
             rows = results["teachers"][kind]
@@ -348,24 +277,11 @@ def build_sections(plan, sc, seeds: int, folder: Path) -> dict:
         errors = [
             r["teacher_error"] for r in results["students"].get("normal", []) if r.get("teacher_error") is not None
         ]
-        verdicts = [
-            {
-                "id": c.id,
-                "where": c.where,
-                "paper": c.paper,
-                "rule": c.rule,
-                "verdict": o.verdict,
-                "numbers": o.numbers,
-                "runs": o.runs,
-            }
-            for c, o in judge_all(results)
-        ]
         datasets.append(
             {
                 "dataset": dataset,
                 "table1": table1,
                 "table2": table2,
-                "verdicts": verdicts,
                 "teacher_error": pct(*mean_std(errors)) if errors else None,
                 "figures": gather_figures(results, folder),
             }
@@ -373,6 +289,9 @@ def build_sections(plan, sc, seeds: int, folder: Path) -> dict:
     return {
         "scale": sc.name,
         "seeds": seeds,
+        "claims": judged["claims"],
+        "counts": judged["counts"],
+        "regimes": judged["regimes"],
         "datasets": datasets,
         "skipped": plan.skipped_datasets,
         "study_key": plan.study_key,
@@ -388,8 +307,8 @@ def write_report(plan, sc, seeds: int, parent_run_id: str, out: Path) -> tuple[P
     sections = build_sections(plan, sc, seeds, staging / "figures")
     sections["parent_run"] = parent_run_id
     links = {}
-    for ds in sections["datasets"]:
-        for item in [*ds["table1"], *ds["table2"], *ds["verdicts"], *ds["figures"]]:
+    for ds in [*sections["datasets"], {"table1": [], "table2": [], "figures": [], "claims": sections["claims"]}]:
+        for item in [*ds["table1"], *ds["table2"], *ds.get("claims", []), *ds["figures"]]:
             for run_id in item.get("runs", []) + ([item["run"]] if item.get("run") else []):
                 links.setdefault(run_id, run_link(run_id))
     (staging / "report.md").write_text(render_markdown(sections, links))
@@ -399,12 +318,9 @@ def write_report(plan, sc, seeds: int, parent_run_id: str, out: Path) -> tuple[P
     shutil.rmtree(target, ignore_errors=True)
     os.replace(staging, target)
     tracking.log_folder(target, "report", run_id=parent_run_id)
-    verdicts = [v["verdict"] for ds in sections["datasets"] for v in ds["verdicts"]]
+    verdicts = [c["verdict"] for c in sections["claims"]]
     tracking.log_results(
-        {
-            f"claims_{verdict.replace(' ', '_')}": verdicts.count(verdict)
-            for verdict in ("held", "not held", "not measured")
-        },
+        {f"claims_{verdict.replace(' ', '_')}": count for verdict, count in sections["counts"].items()},
         run_id=parent_run_id,
     )
     return target, verdicts
@@ -414,8 +330,61 @@ def _run_refs(runs: list[str], links: dict) -> str:
     return ", ".join(f"[{r[:8]}]({links[r]})" for r in dict.fromkeys(runs))
 
 
-def _numbers(numbers: dict) -> str:
-    return "; ".join(f"{k} = {v:.4g}" for k, v in numbers.items())
+def _g(x: float | None) -> str:
+    return "–" if x is None else f"{x:.3g}"
+
+
+def part_text(part: dict) -> str:
+    """'label: value [lo, hi] (se) vs threshold → verdict'."""
+    se = f", se {_g(part['se'])}" if part.get("se") else ""
+    return (
+        f"{part['label']}: {_g(part['value'])} [{_g(part['lo'])}, {_g(part['hi'])}]{se}; "
+        f"needs {part['threshold']} → {part['verdict']}"
+    )
+
+
+def summary_line(counts: dict) -> str:
+    total = sum(counts.values())
+    return f"{total} claims: " + ", ".join(f"{n} {v}" for v, n in counts.items())
+
+
+def _cell(text: str) -> str:
+    """Text safe inside a markdown table cell ("|skew|" would split it)."""
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def claims_markdown(sections: dict, links: dict) -> list[str]:
+    lines = [
+        "## Claims",
+        "",
+        f"**{summary_line(sections['counts'])}.** Each claim quotes the paper; its threshold is derived from "
+        "the quoted words (see docs/claims.md); intervals are 95% (test-image sampling and seed spread). "
+        "`held`: the whole interval meets the threshold; `not held`: none of it; `inconclusive`: it straddles; "
+        "`out of regime`: a precondition below is unmet (numbers still shown).",
+        "",
+        "| regime | needs | this study | met |",
+        "| --- | --- | --- | --- |",
+    ]
+    lines += [
+        f"| `{name}` | {r['what']} | {r['measured']} | {'yes' if r['met'] else 'no' if r['met'] is False else '–'} |"
+        for name, r in sections["regimes"].items()
+    ]
+    lines += [
+        "",
+        "| id | section | the paper's words | measured: value [95% interval] | threshold (from the words) | verdict | runs |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for c in sections["claims"]:
+        measured = "<br>".join(_cell(part_text(p)) for p in c["parts"]) or _cell(c["measured"])
+        extra = [x for x in (c.get("note"), c.get("paper_values") and f"paper: {c['paper_values']}") if x]
+        if c.get("regimes_unmet"):
+            extra.append("unmet: " + ", ".join(c["regimes_unmet"]))
+        lines.append(
+            f"| `{c['id']}` | {c['section']}, {c['where']} ({c['dataset']}) | {_cell(c['quote'])} | {measured}"
+            f"{'<br>' + _cell('; '.join(extra)) if extra else ''} | {_cell(c['threshold'])} | **{c['verdict']}** | "
+            f"{_run_refs(c['runs'], links)} |"
+        )
+    return lines + [""]
 
 
 def render_markdown(sections: dict, links: dict) -> str:
@@ -428,6 +397,7 @@ def render_markdown(sections: dict, links: dict) -> str:
     ]
     for name, why in sections["skipped"].items():
         lines += [f"*{name} skipped: {why}.*", ""]
+    lines += claims_markdown(sections, links)
     for ds in sections["datasets"]:
         lines += [
             f"## {ds['dataset']}",
@@ -460,18 +430,6 @@ def render_markdown(sections: dict, links: dict) -> str:
                     "",
                     f"AT teacher's training-set error: {ds['teacher_error']}% (paper: {TEACHER_TRAIN_ERROR}%).",
                 ]
-        lines += [
-            "",
-            "### Claims",
-            "",
-            "| claim | where | rule | numbers | verdict | runs |",
-            "| --- | --- | --- | --- | --- | --- |",
-        ]
-        lines += [
-            f"| {v['paper']} | {v['where']} | {v['rule']} | {_numbers(v['numbers'])} | **{v['verdict']}** | "
-            f"{_run_refs(v['runs'], links)} |"
-            for v in ds["verdicts"]
-        ]
         lines += ["", "### Figures", ""]
         for f in ds["figures"]:
             lines += [f"**{f['title']}** ([run]({links[f['run']]}))", "", f"![{f['title']}](figures/{f['file']})", ""]
@@ -482,7 +440,7 @@ HTML_HEAD = """<!doctype html><html lang="en"><head><meta charset="utf-8"><title
 body{{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}}
 table{{border-collapse:collapse;margin:1em 0}}td,th{{border:1px solid #ccc;padding:.3em .6em;vertical-align:top}}
 th{{background:#f3f3f3}}.held{{color:#176f2c;font-weight:bold}}.not-held{{color:#a31515;font-weight:bold}}
-.not-measured{{color:#777}}figure{{margin:1.5em 0}}img{{max-width:100%}}.broken{{outline:3px solid #a31515}}
+.not-measured{{color:#777}}.inconclusive{{color:#8a6d00;font-weight:bold}}.out-of-regime{{color:#555;font-style:italic}}figure{{margin:1.5em 0}}img{{max-width:100%}}.broken{{outline:3px solid #a31515}}
 </style></head><body>"""
 # Marks images that failed to load, so a broken report is visible at a glance (and to the tests).
 HTML_SCRIPT = """<script>
@@ -511,6 +469,29 @@ def render_html(sections: dict, links: dict) -> str:
     ]
     for name, why in sections["skipped"].items():
         out.append(f"<p><em>{e(name)} skipped: {e(why)}.</em></p>")
+    out.append(
+        f'<h2 id="claims">Claims</h2><p id="claim-counts"><strong>{e(summary_line(sections["counts"]))}</strong>. '
+        "Thresholds are derived from the quoted words; intervals are 95%.</p>"
+    )
+    out.append('<table id="regimes"><tr><th>regime</th><th>needs</th><th>this study</th><th>met</th></tr>')
+    for name, r in sections["regimes"].items():
+        met = "yes" if r["met"] else "no" if r["met"] is False else "–"
+        out.append(f"<tr><td>{e(name)}</td><td>{e(r['what'])}</td><td>{e(r['measured'])}</td><td>{met}</td></tr>")
+    out.append(
+        '</table><table id="claims"><tr><th>id</th><th>section</th><th>the paper\'s words</th>'
+        "<th>measured: value [95% interval]</th><th>threshold</th><th>verdict</th><th>runs</th></tr>"
+    )
+    for c in sections["claims"]:
+        css = c["verdict"].replace(" ", "-")
+        measured = "<br>".join(e(part_text(p)) for p in c["parts"]) or e(c["measured"])
+        extra = [x for x in (c.get("note"), c.get("paper_values") and f"paper: {c['paper_values']}") if x]
+        out.append(
+            f'<tr data-claim="{e(c["id"])}"><td>{e(c["id"])}</td><td>{e(c["section"])}, {e(c["where"])} '
+            f"({e(str(c['dataset']))})</td><td>{e(c['quote'])}</td><td>{measured}"
+            f"{'<br><small>' + e('; '.join(extra)) + '</small>' if extra else ''}</td><td>{e(c['threshold'])}</td>"
+            f'<td class="{css}">{e(c["verdict"])}</td><td>{refs(c["runs"])}</td></tr>'
+        )
+    out.append("</table>")
     for ds in sections["datasets"]:
         out.append(f'<h2 id="{e(ds["dataset"])}">{e(ds["dataset"])}</h2><h3>Table 1: teachers</h3>')
         out.append(
@@ -542,18 +523,7 @@ def render_html(sections: dict, links: dict) -> str:
                     f"<p>AT teacher's training-set error: {e(ds['teacher_error'])}% "
                     f"(paper: {TEACHER_TRAIN_ERROR}%).</p>"
                 )
-        out.append(
-            '<h3>Claims</h3><table id="claims"><tr><th>claim</th><th>where</th><th>rule</th><th>numbers</th>'
-            "<th>verdict</th><th>runs</th></tr>"
-        )
-        for v in ds["verdicts"]:
-            css = v["verdict"].replace(" ", "-")
-            out.append(
-                f'<tr data-claim="{e(v["id"])}"><td>{e(v["paper"])}</td><td>{e(v["where"])}</td>'
-                f"<td>{e(v['rule'])}</td><td>{e(_numbers(v['numbers']))}</td>"
-                f'<td class="{css}">{e(v["verdict"])}</td><td>{refs(v["runs"])}</td></tr>'
-            )
-        out.append("</table><h3>Figures</h3>")
+        out.append("<h3>Figures</h3>")
         for f in ds["figures"]:
             out.append(
                 f'<figure><img src="figures/{e(f["file"])}" alt="{e(f["title"])}">'

@@ -140,6 +140,23 @@ def theory_step(item: dict) -> dict[str, float]:
     return run_step(item, job)
 
 
+@engine.task("reproduce-gap-response")
+def gap_response_step(item: dict) -> dict[str, float]:
+    """Appendix C.2.5: how a small attack moves the logit gaps of the teachers' correct predictions."""
+    from analysis import gap_response
+
+    args = item["args"]
+
+    def job() -> str:
+        with tempfile.TemporaryDirectory() as out:
+            found = gap_response.run(
+                model_uris(item), args["labels"], Path(out), n_images=args["n_images"], data_dir=args.get("data_dir")
+            )
+            return found["run_id"]
+
+    return run_step(item, job)
+
+
 def model_uris(item: dict, role: str = "models") -> list[str]:
     """Registry URIs of the models an analysis reads: teachers at the teacher epoch, students at
     their only registered (last) epoch."""
@@ -160,6 +177,7 @@ def manifold_step(item: dict) -> dict[str, float]:
             n_perturbations=args["n_perturbations"],
             n_features=args["n_features"],
             pgd_steps=args["pgd_steps"],
+            simulated=args.get("simulated", False),
         )
         with tempfile.TemporaryDirectory() as out:
             return manifolds.run(model_uris(item), settings, Path(out), data_dir=args.get("data_dir"), progress=False)[
