@@ -368,3 +368,12 @@ def test_killed_between_steps_resumes_without_duplicates(tmp_path):
     per_run_epoch = [(v.run_id, v.tags.get("epoch")) for v in versions]
     assert len(per_run_epoch) == len(set(per_run_epoch)) == 4  # 2 teachers x 2 checkpoints, none twice
     assert "claims" in result.stdout or "report in" in result.stdout
+
+
+def test_average_ks_narrows_the_average_students_only():
+    import dataclasses
+
+    sc = dataclasses.replace(scale("smoke"), ks=(1, 3, 5, 7), average_ks=(1,))
+    names = {s.name for s in build_plan(sc, 1, {"cifar10": "digest-a"}, None)}
+    assert {f"distill/cifar10/s0/permute-k{k}" for k in (1, 3, 5, 7)} <= names
+    assert "distill/cifar10/s0/average-k1" in names and "distill/cifar10/s0/average-k3" not in names

@@ -209,3 +209,36 @@ def test_negative_sync_every_is_one_clear_error():
     with pytest.raises(UserError, match="run.sync_every must be >= 0"):
         cfg.validate()
     assert preset("paper").run.compile is False and preset("paper").run.sync_every == 50
+
+
+def test_onecycle_warms_up_then_decays_to_zero_and_is_set_every_step(split):
+    optim = OptimConfig(epochs=4, batch_size=32, lr=0.4, schedule="onecycle", warmup=0.25)
+    assert training.onecycle_lr(optim, 0) == pytest.approx(0.04)  # starts at lr / 10
+    assert training.onecycle_lr(optim, 1) == pytest.approx(0.4)  # the peak at the end of warm-up
+    assert training.onecycle_lr(optim, 2.5) == pytest.approx(0.2)
+    assert training.onecycle_lr(optim, 4) == 0.0
+    torch.manual_seed(0)
+    model = build_model("cnn-tiny", 10, "synthetic")
+    seen = []
+    state = make_state(model, optim, DEVICE, 0)
+    step = state.optimizer.step
+
+    def record(*args, **kwargs):
+        seen.append(state.optimizer.param_groups[0]["lr"])
+        return step(*args, **kwargs)
+
+    state.optimizer.step = record
+    fit(state, split, standard_objective(), optim, progress=False)
+    per_epoch = len(split) // 32
+    assert len(seen) == 4 * per_epoch and len(set(seen)) == len(seen)  # a new rate at every step
+    assert max(seen) == pytest.approx(0.4, rel=0.05) and seen[-1] < 0.4 / per_epoch
+
+
+def test_label_smoothing_changes_the_loss_and_zero_is_plain_cross_entropy():
+    logits, labels = torch.randn(8, 10), torch.randint(0, 10, (8,))
+    positions = torch.arange(8)
+    plain = standard_objective().loss(logits, labels, positions)
+    assert standard_objective(0.0).loss is cross_entropy
+    smoothed = standard_objective(0.1).loss(logits, labels, positions)
+    assert torch.isclose(smoothed, F.cross_entropy(logits, labels, label_smoothing=0.1))
+    assert not torch.isclose(plain, smoothed)

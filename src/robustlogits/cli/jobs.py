@@ -17,7 +17,7 @@ def train(
     preset: str = typer.Option(DEFAULT_PRESET, help="smoke | study | paper | test (see `robustlogits config`)"),
     dataset: Optional[str] = typer.Option(None, help="cifar10 | cifar100 | synthetic (default: the preset's)"),
     arch: Optional[str] = typer.Option(
-        None, help="resnet18 | resnet18-w32 | resnet18-w16 | resnet20 | cnn-small | cnn-tiny"
+        None, help="resnet18 | resnet18-w32 | resnet18-w16 | resnet20 | vgg-fast | vgg-fast-s | cnn-small | cnn-tiny"
     ),
     data_dir: Optional[str] = typer.Option(
         None, help="where the data is (default: $ROBUSTLOGITS_DATA, else ./data, then ../shared/data)"

@@ -59,6 +59,7 @@ class ScaleConfig:
     datasets: tuple[str, ...] = ("cifar10", "cifar100")
     ks: tuple[int, ...] | None = None  # fix-k values (None: 1..C-1, Figure 4B)
     fix_modes: tuple[str, ...] = ("permute", "average")
+    average_ks: tuple[int, ...] | None = None  # fix-k (average) values when fewer than `ks` (None: the same)
     train_overrides: tuple[str, ...] = ()
     attack_n_examples: int | None = None  # None: the whole test split
     attack_n_iter: int = 100

@@ -41,6 +41,9 @@ class ModelConfig:
     arch: str = "resnet18"
 
 
+SCHEDULES = ("step", "onecycle")
+
+
 @dataclass
 class OptimConfig:
     epochs: int = 200
@@ -51,6 +54,11 @@ class OptimConfig:
     # The learning rate is divided by lr_decay at these fractions of training (paper: 100, 150 of 200).
     lr_milestones: tuple[float, ...] = (0.5, 0.75)
     lr_decay: float = 10.0
+    # "step" (the paper's) or "onecycle": per-step linear warm-up to `lr` over the first `warmup`
+    # share of training, then linear decay to 0 (fast-training baselines; short runs need it).
+    schedule: str = "step"
+    warmup: float = 0.2
+    label_smoothing: float = 0.0  # ST and AT cross-entropy only; distillation matches logits
 
 
 @dataclass
@@ -175,6 +183,9 @@ class TrainConfig:
             raise UserError("batch sizes must be >= 1")
         if o.lr <= 0:
             raise UserError(f"optim.lr must be > 0, got {o.lr}")
+        _choice("optim.schedule", o.schedule, SCHEDULES)
+        if not 0 <= o.warmup < 1 or not 0 <= o.label_smoothing < 1:
+            raise UserError("optim.warmup and optim.label_smoothing must be in [0, 1)")
         if a.eps < 0:
             raise UserError(f"adversary.eps must be >= 0, got {a.eps}")
         if a.step_size < 0 or a.steps < 1:

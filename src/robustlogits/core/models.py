@@ -117,12 +117,45 @@ def _cnn(widths: tuple[int, int, int]) -> Callable[[int], tuple[nn.Module, dict[
     return build
 
 
+def _vgg_fast(widths: tuple[int, int, int]) -> Callable[[int], tuple[nn.Module, dict[str, str]]]:
+    """The shape of the fast CIFAR-training baselines (airbench, ResNet-9-style): a stem and three
+    stages of conv-pool-BN-ReLU then conv-BN-ReLU, widest early; few layers, so CPUs train it fast."""
+
+    def build(num_classes: int):
+        a, b, c = widths
+
+        def stage(cin, cout):
+            return nn.Sequential(
+                nn.Conv2d(cin, cout, 3, padding=1, bias=False),
+                nn.MaxPool2d(2),
+                nn.BatchNorm2d(cout),
+                nn.ReLU(),
+                nn.Conv2d(cout, cout, 3, padding=1, bias=False),
+                nn.BatchNorm2d(cout),
+                nn.ReLU(),
+            )
+
+        net = nn.Sequential()
+        net.add_module("stem", nn.Sequential(nn.Conv2d(3, a, 3, padding=1, bias=False), nn.BatchNorm2d(a), nn.ReLU()))
+        net.add_module("block1", stage(a, a))
+        net.add_module("block2", stage(a, b))
+        net.add_module("block3", stage(b, c))
+        net.add_module("pool", nn.AdaptiveMaxPool2d(1))
+        net.add_module("flatten", nn.Flatten())
+        net.add_module("fc", nn.Linear(c, num_classes))
+        return net, {"stem": "stem", "block1": "block1", "block2": "block2", "block3": "block3"}
+
+    return build
+
+
 ARCHS: dict[str, Callable[[int], tuple[nn.Module, dict[str, str]]]] = {
     "resnet18": _resnet18_torchvision,
     "resnet18-w32": _cifar_resnet((2, 2, 2, 2), (32, 64, 128, 256)),
     "resnet18-w16": _cifar_resnet((2, 2, 2, 2), (16, 32, 64, 128)),
     "resnet20": _cifar_resnet((3, 3, 3), (16, 32, 64)),
     "cnn-small": _cnn((32, 64, 128)),
+    "vgg-fast": _vgg_fast((64, 128, 256)),
+    "vgg-fast-s": _vgg_fast((32, 64, 128)),
     "cnn-tiny": _cnn((8, 16, 32)),
 }
 

@@ -45,16 +45,26 @@ def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, _positions: torch.
     return F.cross_entropy(logits.float(), labels)
 
 
-def standard_objective() -> Objective:
-    return Objective("standard", cross_entropy)
+def smoothed_cross_entropy(smoothing: float) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
+    if not smoothing:
+        return cross_entropy
+
+    def loss(logits: torch.Tensor, labels: torch.Tensor, _positions: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(logits.float(), labels, label_smoothing=smoothing)
+
+    return loss
 
 
-def adversarial_objective(adv: AdversaryConfig, amp: bool) -> Objective:
+def standard_objective(label_smoothing: float = 0.0) -> Objective:
+    return Objective("standard", smoothed_cross_entropy(label_smoothing))
+
+
+def adversarial_objective(adv: AdversaryConfig, amp: bool, label_smoothing: float = 0.0) -> Objective:
     if adv.method == "fgsm":
         attack = LinfPGD.fgsm(adv.eps, bn_mode=adv.bn_mode, amp=amp)
     else:
         attack = LinfPGD(adv.eps, adv.step_size, adv.steps, adv.random_start, adv.bn_mode, amp)
-    return Objective("adversarial", cross_entropy, attack)
+    return Objective("adversarial", smoothed_cross_entropy(label_smoothing), attack)
 
 
 DISTILLATION_LOSSES = ("l1", "kl", "mse")
@@ -155,10 +165,20 @@ def make_state(model: nn.Module, optim: OptimConfig, device: torch.device, seed:
         model.parameters(), lr=optim.lr, momentum=optim.momentum, weight_decay=optim.weight_decay
     )
     milestones = sorted({max(1, round(f * optim.epochs)) for f in optim.lr_milestones})
+    if optim.schedule == "onecycle":
+        milestones = []  # `fit` sets the rate at every step (`onecycle_lr`)
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones, gamma=1 / optim.lr_decay)
     generator = torch.Generator(device=device)
     generator.manual_seed(seed)
     return TrainState(model, optimizer, scheduler, generator)
+
+
+def onecycle_lr(optim: OptimConfig, epochs_done: float) -> float:
+    """Linear warm-up from lr/10 to lr over the first `warmup` share of training, then linear to 0."""
+    t = epochs_done / optim.epochs
+    if optim.warmup and t < optim.warmup:
+        return optim.lr * (0.1 + 0.9 * t / optim.warmup)
+    return optim.lr * max(0.0, (1 - t) / (1 - optim.warmup))
 
 
 def fit(
@@ -186,11 +206,15 @@ def fit(
     forward = compiled(model) if compile else model
     for epoch in range(state.epoch + 1, optim.epochs + 1):
         model.train()
-        lr = state.optimizer.param_groups[0]["lr"]
+        lr = onecycle_lr(optim, epoch - 1) if optim.schedule == "onecycle" else state.optimizer.param_groups[0]["lr"]
         tally = EpochTally(device)
         started = time.perf_counter()
         bar = Progress(len(split), f"{objective.name} epoch {epoch}/{optim.epochs}", "img", progress)
+        steps = max(len(split) // optim.batch_size, 1)
         for step, idx in enumerate(iterate_batches(len(split), optim.batch_size, state.generator, drop_last=True)):
+            if optim.schedule == "onecycle":
+                for group in state.optimizer.param_groups:
+                    group["lr"] = onecycle_lr(optim, epoch - 1 + step / steps)
             idx = idx.to(device)
             x = to_float(augment(split.images[idx], state.generator), channels_last)
             y = split.labels[idx]

@@ -42,7 +42,10 @@ def run_training(cfg: TrainConfig, resume: str | None = None, progress: bool | N
     torch.manual_seed(cfg.run.seed)
     bundle = load_bundle(cfg, device)
     state = new_state(cfg, bundle.num_classes, device)
-    objective: Objective = adversarial_objective(cfg.adversary, amp) if cfg.adversarial else standard_objective()
+    smoothing = cfg.optim.label_smoothing
+    objective: Objective = (
+        adversarial_objective(cfg.adversary, amp, smoothing) if cfg.adversarial else standard_objective(smoothing)
+    )
     tags = {
         "robustlogits.job": "train",
         "training": cfg.run.training,

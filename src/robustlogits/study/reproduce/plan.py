@@ -151,7 +151,11 @@ def _dataset_steps(sc: ScaleConfig, seeds: int, dataset: str, digest: str, data_
     distilled = dataset != "cifar100"  # the paper distils on CIFAR-10 only (section 4.2)
     ks = [k for k in (sc.ks or range(1, classes)) if 1 <= k < classes]
     students = [("normal", "none", None)]
-    students += [(f"{mode}-k{k}", mode, k) for mode in sc.fix_modes for k in ks]
+    students += [
+        (f"{mode}-k{k}", mode, k)
+        for mode in sc.fix_modes
+        for k in (ks if mode != "average" or sc.average_ks is None else [k for k in sc.average_ks if 1 <= k < classes])
+    ]
     students += [("correct-fix-1", "correct-fix", 1), ("hybrid", "hybrid", None)]
     if distilled:
         for seed in range(seeds):
