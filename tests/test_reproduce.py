@@ -261,6 +261,16 @@ def test_report_numbers_equal_the_runs(in_study):
     assert by_id["hybrid-not-robust-to-any"]["verdict"] == "out of regime"
     assert by_id["l1-beats-kl-consistently"]["verdict"] in ("out of regime", "not measured")
     assert sum(report["counts"].values()) == len(CLAIMS)
+    # the new evidence reaches the claims: gap response, Figure 5's students, A.3's distances, histories
+    for claim_id in (
+        "theory-attacks-shrink-gaps",
+        "manifold-fix1-last-block-decrease",
+        "l1-lower-losses",
+        "st-max-logit-symmetric",
+        "overlap-at-at-above-at-st",
+        "mftma-mildly-overestimates",
+    ):
+        assert by_id[claim_id]["parts"], (claim_id, by_id[claim_id]["note"])
 
 
 @pytest.mark.skipif(

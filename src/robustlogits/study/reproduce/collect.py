@@ -27,16 +27,6 @@ def _artifact_json(run_id: str | None, path: str) -> dict | None:
         return None
 
 
-def margins(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
-    """z_y - max_{j != y} z_j: the logit gap of a correct prediction, negative for an error."""
-    z = np.asarray(logits, dtype=np.float64)
-    rows = np.arange(len(z))
-    true = z[rows, labels]
-    others = z.copy()
-    others[rows, labels] = -np.inf
-    return true - others.max(1)
-
-
 def per_example(result) -> dict[str, np.ndarray]:
     max_logit, gap = max_logit_and_gap(result.clean_logits)
     return {

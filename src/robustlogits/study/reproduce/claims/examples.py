@@ -59,14 +59,10 @@ def _curve(s: dict, group: str, kind: str, ks: list[int] | None = None) -> Estim
     if stats is None:
         raise MissingData(f"{group} {kind} overlap curves")
     idx = [k - 1 for k in (ks or range(1, len(stats["mean"]) + 1))]
-    by_pair = [np.mean([p for i, p in enumerate(v) if i in idx]) for v in _pair_curves(s, group, kind)] or None
-    mean = float(np.mean([stats["mean"][i] for i in idx]))
+    by_pair = [float(np.mean([v[i] for i in idx])) for v in _pair_curves(s, group, kind)]
     if by_pair:
-        return (
-            pair_estimate({"n_pairs": len(by_pair)}, s.get("n_images"), by_pair)
-            if len(by_pair) > 1
-            else ev.normal(mean, 0.5 / math.sqrt(s.get("n_images") or 1), "1 model pair, per-image noise bound")
-        )
+        return pair_estimate({"n_pairs": len(by_pair)}, s.get("n_images"), by_pair)
+    mean = float(np.mean([stats["mean"][i] for i in idx]))
     return ev.normal(mean, 0.5 / math.sqrt(s.get("n_images") or 1), "per-image noise bound")
 
 
