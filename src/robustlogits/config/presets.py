@@ -25,6 +25,7 @@ class Preset:
     description: str
     train: dict[str, object] = field(default_factory=dict)  # TrainConfig keys -> values
     distill: dict[str, object] = field(default_factory=dict)  # DistillationConfig fields -> values
+    student: dict[str, object] = field(default_factory=dict)  # TrainConfig keys a student changes
     scale: dict[str, object] = field(default_factory=dict)  # ScaleConfig fields -> values
 
 
@@ -80,6 +81,38 @@ PRESETS: dict[str, Preset] = {
             "ks": (1, 2, 3, 5, 7, 9),
             "attack_n_examples": 1000,
             "attack_n_iter": 100,
+            "sweep_seeds": 1,
+            "manifold_seeds": 1,
+        },
+    ),
+    "laptop": Preset(
+        "The paper's teacher regime on a 2-core CPU (about 2 hours for the study): the whole CIFAR-10 "
+        "training split, vgg-fast-s, a one-cycle schedule, FGSM-RS adversarial training; measured in "
+        "docs/measurements.md",
+        train={
+            "model.arch": "vgg-fast-s",
+            "data.stats_subset": 2000,
+            "optim.epochs": 15,
+            "optim.batch_size": 512,
+            "optim.lr": 0.2,
+            "optim.weight_decay": 5e-4,
+            "optim.schedule": "onecycle",
+            "adversary.method": "fgsm",
+            "monitor.robust_every": 5,
+            "monitor.robust_examples": 500,
+            "run.checkpoint_epochs": (5, 10, 15),
+            "run.eval_batch_size": 1000,
+        },
+        distill={"n_augment": 8, "attack_n_examples": 1000},
+        student={"optim.epochs": 8},
+        scale={
+            "seeds": 1,
+            "datasets": ("cifar10",),
+            "ks": (1, 3, 5, 7),
+            "average_ks": (1,),
+            "attack_n_examples": 1000,
+            "attack_n_iter": 100,
+            "sweep_epochs": (5, 15),
             "sweep_seeds": 1,
             "manifold_seeds": 1,
         },
@@ -159,6 +192,8 @@ def distill_preset(name: str) -> DistillConfig:
     cfg.run.teacher_stage = ""
     cfg.run.teacher_alias = ""
     cfg.distill = DistillationConfig(**preset_row(name).distill)
+    for key, value in preset_row(name).student.items():  # e.g. students converge in fewer epochs
+        set_value(cfg, key, value)
     return cfg
 
 

@@ -51,11 +51,16 @@ def stored_images_per_second(arch: str, training: str = "standard") -> tuple[flo
     except Exception:  # noqa: BLE001 - an estimate never fails the plan
         return None
     found = [
-        (r.metrics["train_images_per_second"], int(r.params.get("adversary.steps", 0)))
+        (r.metrics["train_images_per_second"], attack_steps(r.params))
         for r in runs
         if "train_images_per_second" in r.metrics
     ]
     return max(found) if found else None
+
+
+def attack_steps(config: dict) -> int:
+    """Gradient steps of the training-time attack: FGSM-RS takes one whatever `adversary.steps` says."""
+    return 1 if config.get("adversary.method") == "fgsm" else int(config.get("adversary.steps", 0))
 
 
 class Estimator:
@@ -76,7 +81,7 @@ class Estimator:
         arch, rate = config["model.arch"], self.rate(config["model.arch"])[0]
         if config["run.training"] != "adversarial":
             return 1 / rate
-        steps = config["adversary.steps"]
+        steps = attack_steps(config)
         stored = stored_images_per_second(arch, "adversarial")
         if stored:
             return (steps + 1) / (stored[1] + 1) / stored[0]
