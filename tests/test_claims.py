@@ -15,7 +15,7 @@ import pytest
 
 from robustlogits.study.reproduce import evidence as ev
 from robustlogits.study.reproduce.claims import CLAIMS, judge_all, markdown
-from robustlogits.study.reproduce.claims.base import Measured
+from robustlogits.study.reproduce.claims.base import PAPER_SETUP, Measured
 from robustlogits.study.reproduce.evidence import Estimate, Threshold
 
 REPO = Path(__file__).resolve().parents[1]
@@ -237,3 +237,29 @@ def test_claims_md_generator_runs_as_a_module():
         [sys.executable, "-m", "robustlogits.study.reproduce.claims"], capture_output=True, text=True, check=True
     )
     assert out.stdout == markdown()
+
+
+def test_a_laptop_like_setup_names_its_departures_beside_the_claims_that_depend_on_them():
+    studies = crafted(epochs=15)
+    for row in studies["cifar10"]["teachers"]["at"]:
+        row |= {"arch": "vgg-fast-s", "schedule": "onecycle", "adversary": "fgsm", "adversary_steps": 10, "epoch": 15}
+    for rows in studies["cifar10"]["students"].values():
+        for row in rows:
+            row["epochs"] = 8
+    judged = judge_all(studies, "laptop")
+    assert set(judged["differences"]) == set(PAPER_SETUP)
+    assert judged["differences"]["adversary"]["study"].startswith("FGSM")
+    assert judged["differences"]["teacher epoch"]["study"] == "epoch 15 of 15"
+    v = {c["id"]: c for c in judged["claims"]}
+    assert v["hybrid-not-robust-to-any"]["verdict"] == "held"  # decided in its regime, its departures named
+    assert {"network", "students", "teacher epoch"} <= set(v["hybrid-not-robust-to-any"]["differs"])
+    assert "students" not in v["gap-smaller"]["differs"] and "network" in v["gap-smaller"]["differs"]
+
+
+def test_the_papers_own_setup_departs_in_nothing():
+    studies = crafted(n=10000)
+    for rows in studies["cifar10"]["students"].values():
+        for row in rows:
+            row["epochs"] = 200
+    judged = judge_all(studies)
+    assert judged["differences"] == {} and all(not c["differs"] for c in judged["claims"])

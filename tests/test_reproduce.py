@@ -215,7 +215,7 @@ def test_second_run_does_nothing(in_study):
 
     table = plan_table(plan, 1, estimate(plan.chosen))
     assert "0 to run" in table and "to do" not in table
-    assert "cnn-tiny" in table and "(store)" in table  # throughput measured by the study's own runs
+    assert "cnn-tiny" in table and "over 5 repeats" in table and "at the probe's fastest and slowest" in table
 
 
 def _cells(html: str, table: str) -> dict[str, list[str]]:
@@ -387,3 +387,30 @@ def test_average_ks_narrows_the_average_students_only():
     names = {s.name for s in build_plan(sc, 1, {"cifar10": "digest-a"}, None)}
     assert {f"distill/cifar10/s0/permute-k{k}" for k in (1, 3, 5, 7)} <= names
     assert "distill/cifar10/s0/average-k1" in names and "distill/cifar10/s0/average-k3" not in names
+
+
+def test_the_laptop_plan_builds_and_is_estimated_by_a_probe_with_its_spread():
+    from robustlogits.study.reproduce.estimate import estimate
+    from robustlogits.study.reproduce.run import training_count
+
+    sc = scale("laptop")
+    steps = build_plan(sc, sc.seeds, {"cifar10": "digest-a"}, None)
+    # the teacher regime at CPU cost: both teachers, Table 2's students, fix-k 1..7, a few swept epochs
+    assert training_count(steps)[0] == (
+        "training runs: 2 teachers, 8 students (Table 2, fix-k), 3 sweep students (A.6, A.7) = 13"
+    )
+    teacher = next(s for s in steps if s.name == "train/cifar10/at/s0").args["config"]
+    assert teacher["model.arch"] == "vgg-fast-s" and teacher["data.train_subset"] is None
+    assert teacher["adversary.method"] == "fgsm" and teacher["optim.schedule"] == "onecycle"
+    assert all(s.args["n_examples"] == 1000 for s in steps if s.task in ("reproduce-attack", "reproduce-distill"))
+    sources = estimate(steps)
+    assert list(sources) == ["vgg-fast-s"] and "repeats" in sources["vgg-fast-s"]
+    for step in steps:
+        low, high = step.estimate_spread
+        assert 0 < low <= step.estimate_s <= high, step.name
+    at = next(s for s in steps if s.name == "train/cifar10/at/s0")
+    st = next(s for s in steps if s.name == "train/cifar10/st/s0")
+    assert st.estimate_s < at.estimate_s < 3 * st.estimate_s  # FGSM-RS: one attack step, not adversary.steps
+    from robustlogits.config import distill_preset
+
+    assert distill_preset("laptop").optim.epochs == 8 and teacher["optim.epochs"] == 15  # students converge sooner

@@ -14,7 +14,9 @@ from robustlogits.config import DEFAULT_PRESET, AttackConfig, DistillationConfig
 @cli_errors
 def train(
     training: str = typer.Option(RunConfig.training, help="standard | adversarial"),
-    preset: str = typer.Option(DEFAULT_PRESET, help="smoke | study | paper | test (see `robustlogits config`)"),
+    preset: str = typer.Option(
+        DEFAULT_PRESET, help="smoke | laptop | study | paper | test (see `robustlogits config`)"
+    ),
     dataset: Optional[str] = typer.Option(None, help="cifar10 | cifar100 | synthetic (default: the preset's)"),
     arch: Optional[str] = typer.Option(
         None, help="resnet18 | resnet18-w32 | resnet18-w16 | resnet20 | vgg-fast | vgg-fast-s | cnn-small | cnn-tiny"
@@ -139,7 +141,9 @@ def distill(
     ),
     loss: str = typer.Option(DistillationConfig.loss, help="l1 (paper) | kl | mse"),
     temperature: float = typer.Option(DistillationConfig.temperature, help="softmax temperature for kl"),
-    preset: str = typer.Option(DEFAULT_PRESET, help="student/data/optimiser settings: smoke | study | paper | test"),
+    preset: str = typer.Option(
+        DEFAULT_PRESET, help="student/data/optimiser settings: smoke | laptop | study | paper | test"
+    ),
     data_dir: Optional[str] = typer.Option(None, help="default: the teacher's training data directory"),
     epochs: Optional[int] = typer.Option(None, help="override optim.epochs"),
     attack: bool = typer.Option(DistillationConfig.attack, help="attack the student at the end (APGD-CE + APGD-DLR)"),

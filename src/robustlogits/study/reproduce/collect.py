@@ -85,6 +85,9 @@ def collect(plan, dataset: str) -> dict:
                 record = tracking.run_record(train_run)
                 row["epochs"] = int(float(record.params.get("optim.epochs", 0)) or 0)
                 row["arch"] = record.params.get("model.arch")
+                row["schedule"] = record.params.get("optim.schedule", "step")
+                row["adversary"] = record.params.get("adversary.method", "pgd")
+                row["adversary_steps"] = int(float(record.params.get("adversary.steps", 0)) or 0)
                 row["history"], row["heldout_split"], row["sizes"] = _histories(train_run)
                 accuracy = row["history"]["train_clean_accuracy"]
                 row["train_error"] = 1 - accuracy.get(epoch, accuracy[max(accuracy)]) if accuracy else None
@@ -98,9 +101,11 @@ def collect(plan, dataset: str) -> dict:
     for name, run_id in runs.items():
         if not run_id or not name.startswith((f"distill/{dataset}/", f"sweep/{dataset}/")):
             continue
-        m = tracking.run_record(run_id).metrics
+        record = tracking.run_record(run_id)
+        m = record.metrics
         args = steps[name].args
         row = {
+            "epochs": int(float(record.params.get("optim.epochs", 0)) or 0),
             "run": run_id,
             "seed": args["seed"],
             "natural": m.get("natural_accuracy"),

@@ -1,61 +1,107 @@
-"""Time estimates for a reproduce plan, from this machine's measured throughput.
+"""Time estimates for a reproduce plan, from a short probe of each architecture on this machine.
 
-Throughput comes from the tracking store when it holds a finished standard training run of the
-same architecture (its `train_images_per_second`), else from a short probe (a few forward/backward
-passes of the architecture on random images, as training runs them). Adversarial training uses a
-finished AT run's throughput, rescaled to the PGD step count, where one exists; else a PGD-n step
-counts as n+1 forward/backward passes. Evaluation forwards cost about a third of a pass.
+The probe times what every step is made of, on random CIFAR-sized images at the training batch
+size (capped) and as training runs them (channels-last, bf16 where training uses it): an SGD step
+(forward, backward, update), one gradient step with respect to the input under the training
+precision (what PGD / FGSM-RS training repeats) and in fp32 (what APGD repeats), and an evaluation
+forward. Each is timed `REPEATS` times after a warm-up, and the plan is costed at the fastest,
+median and slowest repeat: the spread says how steady this machine is right now. Finished runs in
+the store are not used: one run on a busy machine would mislead every later estimate.
 """
 
 from __future__ import annotations
 
+import os
+import statistics
 import time
+from dataclasses import dataclass
 
 import torch
 
-from robustlogits import tracking
-from robustlogits.config import flatten
+from robustlogits.config import distill_preset, flatten
 from robustlogits.study.reproduce.plan import Step
 
-FORWARD_SHARE = 1 / 3  # a forward pass against a forward + backward pass
+REPEATS = 5
+PROBE_BATCH_CAP = 256  # per-image cost hardly changes above it on a CPU; the probe stays seconds
 APGD_SURVIVORS = 0.5  # share of examples APGD-DLR still attacks after APGD-CE
 ANALYSIS_SECONDS = 5.0  # reading artifacts, figures, logging
+SPREAD = ("fastest", "median", "slowest")
 
 
-def probe_images_per_second(arch: str, num_classes: int = 10, batch: int = 64, repeats: int = 3) -> float:
-    """Forward + backward images per second of `arch` on random images, on this machine."""
-    from robustlogits.core.device import resolve_amp
+@dataclass(frozen=True)
+class Probe:
+    """Seconds per image of one architecture, each as (fastest, median, slowest) repeat."""
+
+    sgd: tuple[float, float, float]  # forward + backward + update, training precision
+    input_grad: tuple[float, float, float]  # one attack step in training precision
+    input_grad_fp32: tuple[float, float, float]  # one APGD step (attacks run in fp32)
+    forward: tuple[float, float, float]  # evaluation / logits, fp32, no gradient
+    batch: int
+    precision: str
+    load: float  # the machine's 1-minute load average while probing: a busy machine probes slow
+
+    def describe(self) -> str:
+        return (
+            f"{1 / self.sgd[1]:,.0f} img/s per SGD step ({1 / self.sgd[2]:,.0f}-{1 / self.sgd[0]:,.0f} over "
+            f"{REPEATS} repeats, batch {self.batch}, {self.precision}; probed at load {self.load:.1f} on "
+            f"{os.cpu_count()} cores)"
+        )
+
+
+def _timed(fn, batch: int) -> tuple[float, float, float]:
+    fn()  # warm-up: allocation, kernel choice
+    times = []
+    for _ in range(REPEATS):
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) / batch)
+    return min(times), statistics.median(times), max(times)
+
+
+def probe(arch: str, num_classes: int = 10, batch: int = 128) -> Probe:
+    """Time the four operations a study is made of for `arch` on this machine."""
+    from robustlogits.core.device import precision_name, resolve_amp
     from robustlogits.core.models import build_model
 
-    amp = resolve_amp("auto", torch.device("cpu"))  # as training runs it: bf16 where native
+    batch = min(batch, PROBE_BATCH_CAP)
+    amp = resolve_amp("auto", torch.device("cpu"))
     model = build_model(arch, num_classes, "cifar10").to(memory_format=torch.channels_last)
-    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
     x = torch.rand(batch, 3, 32, 32).to(memory_format=torch.channels_last)
     y = torch.randint(0, num_classes, (batch,))
-    times = []
-    for _ in range(repeats + 1):
-        start = time.perf_counter()
-        opt.zero_grad()
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
-            loss = torch.nn.functional.cross_entropy(model(x).float(), y)
-        loss.backward()
+
+    def loss_of(inputs, bf16):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            return torch.nn.functional.cross_entropy(model(inputs).float(), y)
+
+    def sgd():
+        model.train()
+        opt.zero_grad(set_to_none=True)
+        loss_of(x, amp).backward()
         opt.step()
-        times.append(time.perf_counter() - start)
-    return batch / min(times[1:])
 
+    def input_grad(bf16):
+        def step():
+            model.eval()
+            delta = x.clone().requires_grad_(True)
+            torch.autograd.grad(loss_of(delta, bf16), delta)
 
-def stored_images_per_second(arch: str, training: str = "standard") -> tuple[float, int] | None:
-    """(best `train_images_per_second`, PGD steps) of finished training runs of `arch` in the store."""
-    try:
-        runs = tracking.finished_runs(params={"model.arch": arch, "run.training": training}, limit=5)
-    except Exception:  # noqa: BLE001 - an estimate never fails the plan
-        return None
-    found = [
-        (r.metrics["train_images_per_second"], attack_steps(r.params))
-        for r in runs
-        if "train_images_per_second" in r.metrics
-    ]
-    return max(found) if found else None
+        return step
+
+    def forward():
+        model.eval()
+        with torch.no_grad():
+            model(x)
+
+    return Probe(
+        sgd=_timed(sgd, batch),
+        input_grad=_timed(input_grad(amp), batch),
+        input_grad_fp32=_timed(input_grad(False), batch),
+        forward=_timed(forward, batch),
+        batch=batch,
+        precision=precision_name(amp),
+        load=os.getloadavg()[0],
+    )
 
 
 def attack_steps(config: dict) -> int:
@@ -64,72 +110,66 @@ def attack_steps(config: dict) -> int:
 
 
 class Estimator:
-    """Seconds per step, from one clean forward+backward rate per architecture."""
+    """Seconds per step at one point of the probe's spread (0 fastest, 1 median, 2 slowest)."""
 
     def __init__(self):
-        self.rates: dict[str, tuple[float, str]] = {}
+        self.probes: dict[str, Probe] = {}
 
-    def rate(self, arch: str) -> tuple[float, str]:
-        if arch not in self.rates:
-            stored = stored_images_per_second(arch)
-            self.rates[arch] = (stored[0], "store") if stored else (probe_images_per_second(arch), "probe")
-        return self.rates[arch]
+    def probe(self, config: dict) -> Probe:
+        arch = config["model.arch"]
+        if arch not in self.probes:
+            self.probes[arch] = probe(arch, batch=int(config["optim.batch_size"]))
+        return self.probes[arch]
 
-    def train_seconds_per_image(self, config: dict) -> float:
-        """A measured AT run of the architecture (rescaled to this step count) where one exists;
-        else the clean rate times the n+1 passes of PGD-n."""
-        arch, rate = config["model.arch"], self.rate(config["model.arch"])[0]
-        if config["run.training"] != "adversarial":
-            return 1 / rate
-        steps = attack_steps(config)
-        stored = stored_images_per_second(arch, "adversarial")
-        if stored:
-            return (steps + 1) / (stored[1] + 1) / stored[0]
-        return (steps + 1) / rate
-
-    def seconds(self, step: Step) -> float:
+    def seconds(self, step: Step, at: int, train_configs: dict[str, dict]) -> float:
         if step.task == "reproduce-train":
-            config = step.args["config"]
-            return self._train(config, self.rate(config["model.arch"])[0], self.train_seconds_per_image(config))
+            return self._train(step.args["config"], at)
+        if step.task == "reproduce-attack":
+            return self.attack(train_configs[step.needs["model"]], step.args["n_examples"], step.args["n_iter"], at)
         if step.task == "reproduce-distill":
-            from robustlogits.config import distill_preset
-
             config = flatten(distill_preset(step.args["preset"]))
-            rate = self.rate(config["model.arch"])[0]
+            p = self.probe(config)
             n = _n_train(config)
-            teacher_logits = config["distill.n_augment"] * n * FORWARD_SHARE / rate
             return (
-                config["optim.epochs"] * (n + _eval_images(config)) / rate
-                + teacher_logits
-                + self.attack(step.args["n_examples"], step.args["n_iter"], rate)
+                config["optim.epochs"] * n * p.sgd[at]
+                + config["optim.epochs"] * _eval_images(config) * p.forward[at]
+                + config["distill.n_augment"] * n * p.forward[at]  # the teacher's targets
+                + self.attack(config, step.args["n_examples"], step.args["n_iter"], at)
             )
+        slowest = max(self.probes.values(), key=lambda p: p.input_grad_fp32[1], default=None)
+        per_grad = slowest.input_grad_fp32[at] if slowest else 1e-3
         if step.task == "reproduce-manifold":
             a = step.args
-            rate = min((r for r, _ in self.rates.values()), default=1000.0)
-            return ANALYSIS_SECONDS + len(a["labels"]) * (
-                a["n_images"] * a["n_perturbations"] * (a["pgd_steps"] + 1) / rate + 2.0
-            )
+            passes = a["n_images"] * a["n_perturbations"] * (a["pgd_steps"] + 1)
+            return ANALYSIS_SECONDS + len(a["labels"]) * (passes * per_grad + 2.0)
         if step.task == "reproduce-gap-response":
-            rate = min((r for r, _ in self.rates.values()), default=1000.0)
-            return ANALYSIS_SECONDS + len(step.args["labels"]) * step.args["n_images"] * 11 / rate  # PGD-10
+            return ANALYSIS_SECONDS + len(step.args["labels"]) * step.args["n_images"] * 11 * per_grad  # PGD-10
         return ANALYSIS_SECONDS
 
-    @staticmethod
-    def attack(n: int | None, n_iter: int, rate: float) -> float:
-        return (n or 10000) * n_iter * (1 + APGD_SURVIVORS) / rate
+    def attack(self, config: dict, n: int | None, n_iter: int, at: int) -> float:
+        return (n or 10000) * n_iter * (1 + APGD_SURVIVORS) * self.probe(config).input_grad_fp32[at]
 
-    @staticmethod
-    def _train(config: dict, rate: float, per_image: float) -> float:
+    def _train(self, config: dict, at: int) -> float:
+        p = self.probe(config)
         epochs = config["optim.epochs"]
+        per_image = p.sgd[at]
+        if config["run.training"] == "adversarial":
+            per_image += attack_steps(config) * p.input_grad[at]
         monitor = 0.0
         if config["monitor.robust_every"]:
             monitor = (
                 (epochs // config["monitor.robust_every"])
                 * config["monitor.robust_examples"]
-                * (config["monitor.robust_steps"] + 1)
+                * config["monitor.robust_steps"]
+                * p.input_grad_fp32[at]
             )
-        checkpoints = len(config["run.checkpoint_epochs"]) * 10000 * FORWARD_SHARE
-        return epochs * _n_train(config) * per_image + (epochs * _eval_images(config) + monitor + checkpoints) / rate
+        checkpoints = len(config["run.checkpoint_epochs"]) * 10000 * p.forward[at]  # full test logits
+        return (
+            epochs * _n_train(config) * per_image
+            + epochs * _eval_images(config) * p.forward[at]
+            + monitor
+            + checkpoints
+        )
 
 
 def _n_train(config: dict) -> int:
@@ -140,19 +180,16 @@ def _n_train(config: dict) -> int:
     return 45000 if config["data.dataset"] == "cifar10" else 50000
 
 
-def _eval_images(config: dict) -> float:
-    return (config["data.stats_subset"] + (config["data.heldout_subset"] or 10000)) * FORWARD_SHARE
+def _eval_images(config: dict) -> int:
+    return config["data.stats_subset"] + (config["data.heldout_subset"] or 10000)
 
 
 def estimate(steps: list[Step]) -> dict[str, str]:
-    """Fill `estimate_s` of every step; returns where each architecture's throughput came from."""
+    """Fill every step's `estimate_s` (median) and `estimate_spread` (fastest, slowest); returns how
+    each architecture's cost was obtained."""
     est = Estimator()
-    by_name = {s.name: s for s in steps}
-    for step in steps:
-        step.estimate_s = est.seconds(step)
-    for step in steps:
-        if step.task == "reproduce-attack":
-            train = by_name[step.needs["model"]]
-            rate = est.rate(train.args["config"]["model.arch"])[0]
-            step.estimate_s = est.attack(step.args["n_examples"], step.args["n_iter"], rate)
-    return {arch: f"{rate:,.0f} img/s ({source})" for arch, (rate, source) in est.rates.items()}
+    train_configs = {s.name: s.args["config"] for s in steps if s.task == "reproduce-train"}
+    for step in sorted(steps, key=lambda s: s.task != "reproduce-train"):  # probe trained nets first
+        low, mid, high = (est.seconds(step, at, train_configs) for at in range(3))
+        step.estimate_s, step.estimate_spread = mid, (low, high)
+    return {arch: p.describe() for arch, p in est.probes.items()}

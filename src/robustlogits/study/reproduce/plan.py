@@ -54,7 +54,8 @@ class Step:
     args: dict  # JSON-able, everything a worker on another machine needs
     needs: dict = field(default_factory=dict)  # role -> upstream step name (or list of names)
     key: str = ""
-    estimate_s: float = 0.0
+    estimate_s: float = 0.0  # seconds at the probe's median repeat
+    estimate_spread: tuple[float, float] = (0.0, 0.0)  # at its fastest and slowest repeat
 
     def item(self, keys: dict[str, str]) -> dict:
         """The work item a worker receives: the step with its upstream steps' keys resolved."""

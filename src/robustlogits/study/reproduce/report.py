@@ -292,6 +292,7 @@ def build_sections(plan, sc, seeds: int, folder: Path) -> dict:
         "claims": judged["claims"],
         "counts": judged["counts"],
         "regimes": judged["regimes"],
+        "differences": judged["differences"],
         "datasets": datasets,
         "skipped": plan.skipped_datasets,
         "study_key": plan.study_key,
@@ -369,6 +370,16 @@ def claims_markdown(sections: dict, links: dict) -> list[str]:
         f"| `{name}` | {r['what']} | {r['measured']} | {'yes' if r['met'] else 'no' if r['met'] is False else '–'} |"
         for name, r in sections["regimes"].items()
     ]
+    if sections.get("differences"):
+        lines += [
+            "",
+            "Where this study's setup departs from the paper's (appendix A.2); each claim's row names the "
+            "departures its numbers depend on (`differs:`), so a verdict is read as one about this setup:",
+            "",
+            "| aspect | this study | the paper |",
+            "| --- | --- | --- |",
+        ]
+        lines += [f"| {a} | {d['study']} | {d['paper']} |" for a, d in sections["differences"].items()]
     lines += [
         "",
         "| id | section | the paper's words | measured: value [95% interval] | threshold (from the words) | verdict | runs |",
@@ -379,6 +390,8 @@ def claims_markdown(sections: dict, links: dict) -> list[str]:
         extra = [x for x in (c.get("note"), c.get("paper_values") and f"paper: {c['paper_values']}") if x]
         if c.get("regimes_unmet"):
             extra.append("unmet: " + ", ".join(c["regimes_unmet"]))
+        if c.get("differs"):
+            extra.append("differs: " + ", ".join(c["differs"]))
         lines.append(
             f"| `{c['id']}` | {c['section']}, {c['where']} ({c['dataset']}) | {_cell(c['quote'])} | {measured}"
             f"{'<br>' + _cell('; '.join(extra)) if extra else ''} | {_cell(c['threshold'])} | **{c['verdict']}** | "
@@ -477,6 +490,14 @@ def render_html(sections: dict, links: dict) -> str:
     for name, r in sections["regimes"].items():
         met = "yes" if r["met"] else "no" if r["met"] is False else "–"
         out.append(f"<tr><td>{e(name)}</td><td>{e(r['what'])}</td><td>{e(r['measured'])}</td><td>{met}</td></tr>")
+    if sections.get("differences"):
+        out.append(
+            "</table><p>Where this study's setup departs from the paper's (A.2); each claim names the departures "
+            'its numbers depend on.</p><table id="differences"><tr><th>aspect</th><th>this study</th>'
+            "<th>the paper</th></tr>"
+        )
+        for aspect, d in sections["differences"].items():
+            out.append(f"<tr><td>{e(aspect)}</td><td>{e(d['study'])}</td><td>{e(d['paper'])}</td></tr>")
     out.append(
         '</table><table id="claims"><tr><th>id</th><th>section</th><th>the paper\'s words</th>'
         "<th>measured: value [95% interval]</th><th>threshold</th><th>verdict</th><th>runs</th></tr>"
@@ -485,6 +506,8 @@ def render_html(sections: dict, links: dict) -> str:
         css = c["verdict"].replace(" ", "-")
         measured = "<br>".join(e(part_text(p)) for p in c["parts"]) or e(c["measured"])
         extra = [x for x in (c.get("note"), c.get("paper_values") and f"paper: {c['paper_values']}") if x]
+        if c.get("differs"):
+            extra.append("differs: " + ", ".join(c["differs"]))
         out.append(
             f'<tr data-claim="{e(c["id"])}"><td>{e(c["id"])}</td><td>{e(c["section"])}, {e(c["where"])} '
             f"({e(str(c['dataset']))})</td><td>{e(c['quote'])}</td><td>{measured}"

@@ -187,33 +187,39 @@ def duration(seconds: float) -> str:
 
 
 def plan_table(plan: ReproducePlan, workers: int, throughput: dict[str, str]) -> str:
-    """The dry-run's table: step, key, done or not, estimated time; then the totals."""
+    """The dry-run's table: step, key, done or not, estimated time; then the totals with their spread."""
     first_of_key: dict[str, str] = {}
     rows = []
     for step in plan.chosen:
         run = plan.done.get(step.name)
         if run:
-            state, seconds = f"done ({run[:8]})", 0.0
+            state, seconds = f"done ({run[:8]})", (0.0, 0.0, 0.0)
         elif step.key in first_of_key:
-            state, seconds = f"= {first_of_key[step.key]}", 0.0
+            state, seconds = f"= {first_of_key[step.key]}", (0.0, 0.0, 0.0)
         else:
-            state, seconds = "to do", step.estimate_s
+            state, seconds = "to do", (step.estimate_spread[0], step.estimate_s, step.estimate_spread[1])
         first_of_key.setdefault(step.key, step.name)
-        rows.append((step.name, step.key, state, duration(seconds) if seconds else "-", step.stage, seconds))
+        rows.append((step.name, step.key, state, duration(seconds[1]) if seconds[1] else "-", step.stage, seconds))
     width = max(len(r[0]) for r in rows)
     lines = [f"{'step':<{width}}  {'key':<24}  {'status':<22}  estimate", "-" * (width + 60)]
     lines += [f"{name:<{width}}  {key:<24}  {state:<22}  {est}" for name, key, state, est, _, _ in rows]
-    serial = sum(r[5] for r in rows)
-    wall = 0.0
-    for stage in STAGES:  # stages run one after another; a stage's steps share the workers
-        times = [r[5] for r in rows if r[4] == stage and r[5]]
-        if times:
-            wall += max(sum(times) / workers, max(times))
+
+    def totals(at: int) -> tuple[float, float]:
+        serial = sum(r[5][at] for r in rows)
+        wall = 0.0
+        for stage in STAGES:  # stages run one after another; a stage's steps share the workers
+            times = [r[5][at] for r in rows if r[4] == stage and r[5][at]]
+            if times:
+                wall += max(sum(times) / workers, max(times))
+        return serial, wall
+
+    (_, fast), (serial, wall), (_, slow) = totals(0), totals(1), totals(2)
     todo = sum(1 for r in rows if r[2] == "to do")
     lines += [
         "-" * (width + 60),
         f"{len(rows)} steps, {len(rows) - todo} done or shared, {todo} to run: about {duration(serial)} of work, "
-        f"{duration(wall)} with {workers} worker(s)",
+        f"{duration(wall)} with {workers} worker(s) ({duration(fast)} to {duration(slow)} at the probe's "
+        "fastest and slowest repeat)",
         "throughput used: " + ", ".join(f"{arch} {text}" for arch, text in throughput.items()),
     ]
     for name, why in plan.skipped_datasets.items():

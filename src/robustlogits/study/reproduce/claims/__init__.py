@@ -9,7 +9,15 @@ from __future__ import annotations
 from collections import Counter
 
 from robustlogits.study.reproduce.claims import cifar100, distillation, examples, logits, manifold, theory
-from robustlogits.study.reproduce.claims.base import REGIMES, Claim, Evidence, Measured
+from robustlogits.study.reproduce.claims.base import (
+    PAPER_SETUP,
+    REGIMES,
+    STUDENT_ASPECTS,
+    Claim,
+    Evidence,
+    Measured,
+    setup_differences,
+)
 from robustlogits.study.reproduce.evidence import NOT_MEASURED, VERDICTS
 
 CLAIMS: list[Claim] = [
@@ -26,6 +34,7 @@ CLAIMS: list[Claim] = [
 def judge_all(studies: dict[str, dict], scale: str = "") -> dict:
     """Every claim's entry (verdict, quote, section, threshold, interval, runs), the regimes, and the counts."""
     evidence = Evidence(studies, scale)
+    differences = setup_differences(evidence)
     entries = []
     for claim in CLAIMS:
         if claim.dataset == "cifar100" and "cifar100" not in studies:
@@ -36,12 +45,18 @@ def judge_all(studies: dict[str, dict], scale: str = "") -> dict:
             entry = claim.judge(evidence)
         entry["dataset"] = {"cifar10": evidence.main, "both": "cifar10+cifar100"}.get(claim.dataset, claim.dataset)
         entry["regimes"] = list(claim.regimes)
+        entry["differs"] = [
+            aspect for aspect in differences if aspect not in STUDENT_ASPECTS or "teacher" in claim.regimes
+        ]
         entries.append(entry)
     counts = Counter(e["verdict"] for e in entries)
     return {
         "claims": entries,
         "counts": {v: counts.get(v, 0) for v in VERDICTS},
         "regimes": {name: REGIMES[name](evidence) for name in REGIMES},
+        "differences": {
+            aspect: {"study": found, "paper": PAPER_SETUP[aspect]} for aspect, found in differences.items()
+        },
     }
 
 

@@ -316,6 +316,47 @@ def _paper_setup_regime(e: Evidence) -> dict:
     }
 
 
+# Appendix A.2's setup, aspect by aspect, as the report names where a study departs from it.
+PAPER_SETUP = {
+    "network": "ResNet-18",
+    "training": "200 epochs, learning rate divided by 10 at epochs 100 and 150",
+    "adversary": "PGD-10 (8/255, step 2/255)",
+    "teacher epoch": "epoch 40 of 200",
+    "students": "200 epochs",
+    "attacked images": "the whole test split (10,000)",
+}
+STUDENT_ASPECTS = ("teacher epoch", "students")  # only claims about distillation depend on these
+
+
+def setup_differences(e: Evidence) -> dict[str, str]:
+    """{aspect: what this study did} for every aspect of A.2's setup it departs from."""
+    try:
+        teacher = e.teachers("at")[0]
+    except MissingData:
+        return {}
+    found: dict[str, str] = {}
+    arch, epochs = teacher.get("arch"), teacher.get("epochs")
+    if arch and arch != "resnet18":
+        found["network"] = str(arch)
+    schedule = teacher.get("schedule") or "step"
+    if epochs and (epochs != PAPER_EPOCHS or schedule != "step"):
+        found["training"] = f"{epochs} epochs, {'one-cycle' if schedule == 'onecycle' else schedule} schedule"
+    method, steps = teacher.get("adversary"), teacher.get("adversary_steps")
+    if method == "fgsm":
+        found["adversary"] = "FGSM with random start (one step of 1.25 eps)"
+    elif method and steps and steps != 10:
+        found["adversary"] = f"PGD-{steps}"
+    epoch = teacher.get("epoch")
+    if epoch and epochs and (epoch, epochs) != (40, PAPER_EPOCHS):
+        found["teacher epoch"] = f"epoch {epoch} of {epochs}"
+    student_epochs = {r.get("epochs") for rows in e.study()["students"].values() for r in rows if r.get("epochs")}
+    if student_epochs and student_epochs != {PAPER_EPOCHS}:
+        found["students"] = ", ".join(f"{n} epochs" for n in sorted(student_epochs))
+    if teacher.get("n") and teacher["n"] < 10000:
+        found["attacked images"] = f"{teacher['n']:,} stratified test images"
+    return found
+
+
 REGIMES: dict[str, Callable[[Evidence], dict]] = {
     "teacher": _teacher_regime,
     "long": _long_regime,
