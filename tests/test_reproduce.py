@@ -271,6 +271,24 @@ def test_report_numbers_equal_the_runs(in_study):
         "mftma-mildly-overestimates",
     ):
         assert by_id[claim_id]["parts"], (claim_id, by_id[claim_id]["note"])
+    # the setup's departures from A.2 (cnn-tiny on synthetic images, 2 epochs) are named beside the claims
+    assert {"network", "training", "attacked images"} <= set(report["differences"])
+    assert "network" in by_id["gap-smaller"]["differs"] and "differs: network" in markdown
+
+
+def test_the_report_says_where_when_and_from_which_commit_its_numbers_came(in_study):
+    report = json.loads((Path(in_study["opts"].out) / "report" / "report.json").read_text())
+    prov = report["provenance"]
+    plan = in_study["result"]["plan"]
+    runs = set(tracking.finished_runs_by_key()[s.key] for s in plan.steps)
+    assert {r["run"] for r in prov["steps"]} == runs and len(prov["steps"]) == len(runs)  # each run once
+    assert all(r["seconds"] > 0 for r in prov["steps"])
+    assert prov["wall_seconds"] >= max(r["seconds"] for r in prov["steps"]) and prov["step_seconds"] > 0
+    head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True).stdout
+    assert prov["code"]["commit"] == head.strip() and prov["machine"]["cores"] == os.cpu_count()
+    assert prov["precisions"] == ["fp32"]  # the test preset trains in fp32
+    markdown = (Path(in_study["opts"].out) / "report" / "report.md").read_text()
+    assert "## Provenance" in markdown and prov["machine"]["cpu"] in markdown
 
 
 @pytest.mark.skipif(

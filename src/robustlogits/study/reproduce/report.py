@@ -25,6 +25,7 @@ from robustlogits import tracking  # noqa: E402
 from robustlogits.study.reproduce.claims import judge_all  # noqa: E402
 from robustlogits.study.reproduce.collect import collect  # noqa: E402
 from robustlogits.study.reproduce.paper import TABLE1, TABLE2, TABLE2_LABELS, TEACHER_TRAIN_ERROR  # noqa: E402
+from robustlogits.study.reproduce.provenance import html_lines, markdown_lines, provenance  # noqa: E402
 
 UI_URL = os.environ.get("ROBUSTLOGITS_UI_URL", "http://127.0.0.1:5000")
 
@@ -296,6 +297,7 @@ def build_sections(plan, sc, seeds: int, folder: Path) -> dict:
         "datasets": datasets,
         "skipped": plan.skipped_datasets,
         "study_key": plan.study_key,
+        "provenance": provenance(plan.steps, {n: r for res in studies.values() for n, r in res["runs"].items()}),
     }
 
 
@@ -446,6 +448,7 @@ def render_markdown(sections: dict, links: dict) -> str:
         lines += ["", "### Figures", ""]
         for f in ds["figures"]:
             lines += [f"**{f['title']}** ([run]({links[f['run']]}))", "", f"![{f['title']}](figures/{f['file']})", ""]
+    lines += markdown_lines(sections["provenance"])
     return "\n".join(lines) + "\n"
 
 
@@ -552,5 +555,6 @@ def render_html(sections: dict, links: dict) -> str:
                 f'<figure><img src="figures/{e(f["file"])}" alt="{e(f["title"])}">'
                 f'<figcaption>{e(f["title"])} (<a href="{e(links[f["run"]])}">run</a>)</figcaption></figure>'
             )
+    out += html_lines(sections["provenance"], e)
     out.append(HTML_SCRIPT + "</body></html>")
     return "\n".join(out)

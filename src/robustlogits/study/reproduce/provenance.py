@@ -1,0 +1,148 @@
+"""What made a report's numbers: the machine, the code, and the time each step took.
+
+A report kept as data (`results/<scale>/`) is read by people who will not rerun it, so it carries
+its provenance: the CPU (timings differ between machines by integer factors), the precision the
+runs trained in, the commit, and every step's run with its start, end and duration.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+from robustlogits import tracking
+
+
+def cpu_name() -> str:
+    """The CPU's model name as the kernel reports it (platform.processor() is often empty)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine() -> dict:
+    from robustlogits.core.device import bf16_is_native
+
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") if hasattr(os, "sysconf") else 0
+    return {
+        "cpu": cpu_name(),
+        "cores": os.cpu_count(),
+        "memory_gib": round(memory / 2**30, 1),
+        "bf16_native_cpu": bf16_is_native(torch.device("cpu")),
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "system": platform.platform(),
+    }
+
+
+def code() -> dict:
+    """The commit of the checkout the package runs from, and whether it had uncommitted changes."""
+    here = Path(__file__).resolve().parent
+
+    def git(*args: str) -> str | None:
+        try:
+            done = subprocess.run(["git", "-C", str(here), *args], capture_output=True, text=True, timeout=10)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return done.stdout.strip() if done.returncode == 0 else None
+
+    commit = git("rev-parse", "HEAD")
+    status = git("status", "--porcelain", "--untracked-files=no")
+    return {"commit": commit, "uncommitted_changes": bool(status) if commit else None}
+
+
+def _iso(ms: int | None) -> str | None:
+    return datetime.fromtimestamp(ms / 1000, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ") if ms else None
+
+
+def step_times(steps, runs: dict[str, str | None]) -> list[dict]:
+    """Each step's run and how long it took; a step that is another's run (same key) is listed once."""
+    rows, seen = [], set()
+    for step in steps:
+        run_id = runs.get(step.name)
+        if not run_id or run_id in seen:
+            continue
+        seen.add(run_id)
+        record = tracking.run_record(run_id)
+        seconds = (record.end_time - record.start_time) / 1000 if record.end_time and record.start_time else None
+        rows.append(
+            {
+                "step": step.name,
+                "run": run_id,
+                "started": _iso(record.start_time),
+                "ended": _iso(record.end_time),
+                "seconds": seconds,
+                "precision": record.params.get("run.precision"),
+                "_start": record.start_time,
+                "_end": record.end_time,
+            }
+        )
+    return rows
+
+
+def provenance(steps, runs: dict[str, str | None]) -> dict:
+    rows = step_times(steps, runs)
+    starts = [r.pop("_start") for r in rows]
+    ends = [r.pop("_end") for r in rows]
+    starts, ends = [s for s in starts if s], [e for e in ends if e]
+    return {
+        "machine": machine(),
+        "code": code(),
+        "started": _iso(min(starts)) if starts else None,
+        "ended": _iso(max(ends)) if ends else None,
+        # first step's start to last step's end: includes any pause between resumed sessions
+        "wall_seconds": (max(ends) - min(starts)) / 1000 if starts and ends else None,
+        "step_seconds": sum(r["seconds"] or 0 for r in rows),
+        "precisions": sorted({r["precision"] for r in rows if r["precision"]}),
+        "steps": rows,
+    }
+
+
+def _clock(seconds: float | None) -> str:
+    if seconds is None:
+        return "–"
+    minutes, secs = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours} h {minutes:02d} min" if hours else f"{minutes} min {secs:02d} s"
+
+
+def summary(p: dict) -> list[str]:
+    """The provenance in sentences: what ran where, and how long it took."""
+    m, c = p["machine"], p["code"]
+    dirty = " (with uncommitted changes)" if c.get("uncommitted_changes") else ""
+    return [
+        f"Machine: {m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB"
+        + (f", GPU {m['gpu']}" if m.get("gpu") else ", no GPU")
+        + f"; bf16 native on the CPU: {'yes' if m['bf16_native_cpu'] else 'no'}; torch {m['torch']}.",
+        f"Code: commit `{c.get('commit') or 'unknown'}`{dirty}. Trained in: {', '.join(p['precisions']) or '–'}.",
+        f"Time: {p['started'] or '–'} to {p['ended'] or '–'}, {_clock(p['wall_seconds'])} from the first step's "
+        f"start to the last step's end; the steps themselves took {_clock(p['step_seconds'])}.",
+    ]
+
+
+def markdown_lines(p: dict) -> list[str]:
+    lines = ["## Provenance", "", *[f"- {s}" for s in summary(p)], "", "| step | run | started | took |"]
+    lines.append("| --- | --- | --- | --- |")
+    lines += [f"| {r['step']} | `{r['run'][:8]}` | {r['started']} | {_clock(r['seconds'])} |" for r in p["steps"]]
+    return lines + [""]
+
+
+def html_lines(p: dict, escape) -> list[str]:
+    out = ['<h2 id="provenance">Provenance</h2><ul>', *[f"<li>{escape(s)}</li>" for s in summary(p)], "</ul>"]
+    out.append('<table id="step-times"><tr><th>step</th><th>run</th><th>started</th><th>took</th></tr>')
+    out += [
+        f"<tr><td>{escape(r['step'])}</td><td>{r['run'][:8]}</td><td>{escape(r['started'] or '')}</td>"
+        f"<td>{_clock(r['seconds'])}</td></tr>"
+        for r in p["steps"]
+    ]
+    return [*out, "</table>"]
