@@ -272,6 +272,8 @@ def job_run(
 def resume_run(run_id: str, experiment: str) -> Iterator[str]:
     """Reopen a killed or failed run to continue it; its last error moves to `previous_error`."""
     check_store(experiment, adopt_launched=False)
+    # The run stays in its own experiment (a study's step runs live in the study's experiment).
+    mlflow.set_experiment(experiment_id=MlflowClient().get_run(run_id).info.experiment_id)
     key = keyed.claim_pending_key()  # the key is this run's: no inner run may take it
     if key and keyed.KEY_TAG not in MlflowClient().get_run(run_id).data.tags:
         MlflowClient().set_tag(run_id, keyed.KEY_TAG, key)
