@@ -4,7 +4,7 @@
 (`entrypoints/`) run the same commands (`mlproject.run_entry_point`).
 """
 
-from robustlogits.cli import analyze, jobs, study  # noqa: F401 - each module registers its commands
+from robustlogits.cli import analyze, jobs, runs, study  # noqa: F401 - each module registers its commands
 from robustlogits.cli.app import app, cli_errors, main
 
 __all__ = ["app", "cli_errors", "main"]

@@ -6,6 +6,7 @@ unless ROBUSTLOGITS_DEBUG is set. Commands only parse arguments and call the lib
 
 from __future__ import annotations
 
+import errno
 import functools
 import logging
 import os
@@ -30,6 +31,9 @@ def cli_errors(fn):
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        from robustlogits.core.scratch import use_private_tempdir
+
+        use_private_tempdir()  # temporary files in a folder of this process's own (a killed one's are swept)
         logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
         for noisy in ("mlflow", "alembic", "urllib3", "matplotlib", "PIL"):
             logging.getLogger(noisy).setLevel(logging.WARNING)
@@ -40,6 +44,11 @@ def cli_errors(fn):
                 raise
             typer.echo(f"error: {exc}", err=True)
             raise typer.Exit(2) from None
+        except OSError as exc:
+            if exc.errno not in (errno.ENOSPC, errno.EDQUOT) or os.environ.get("ROBUSTLOGITS_DEBUG"):
+                raise
+            typer.echo(f"error: {exc}; the run was marked FAILED and nothing was registered after it", err=True)
+            raise typer.Exit(1) from None
         except KeyboardInterrupt:
             typer.echo("interrupted; the run was marked FAILED and can be continued with --resume RUN_ID", err=True)
             raise typer.Exit(130) from None

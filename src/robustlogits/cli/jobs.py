@@ -257,8 +257,9 @@ def import_model(
         experiment=experiment,
     )
     result = run_import(cfg, log=lambda msg: typer.echo(msg, err=True))
+    verb = "already registered as" if result.get("reused") else "registered"
     typer.echo(
-        f"registered {result['name']} version {result['version']} (run {result['run_id']}): natural accuracy "
+        f"{verb} {result['name']} version {result['version']} (run {result['run_id']}): natural accuracy "
         f"{result['natural_accuracy']:.4f} on {result['n_images']} test images; format {result['source_format']}, "
         f"normalisation {result['normalization']}, sha256 {result['source_sha256'][:16]}"
     )

@@ -168,7 +168,7 @@ def model_from_state_dict(
             normalization = (state["mean"].flatten().tolist(), state["std"].flatten().tolist())
         state = {k[len("net.") :]: v for k, v in state.items() if k.startswith("net.")}
     model = build_model(arch, num_classes, dataset, normalization or ([0.0] * 3, [1.0] * 3))
-    load_state(model.net, state, what)
+    load_state(model.net, state, what, arch)
     return model
 
 
@@ -200,7 +200,7 @@ def build_imported(cfg: ImportConfig, num_classes: int) -> tuple[Normalized, dic
             cfg.dataset,
             normalization or (content.mean.flatten().tolist(), content.std.flatten().tolist()),
         )
-        load_state(model.net, content.net.state_dict(), what)
+        load_state(model.net, content.net.state_dict(), what, content.arch)
     else:
         mean, std = normalization or ([0.0] * 3, [1.0] * 3)
         model = Normalized(_as_exportable(content, what), mean, std, EXTERNAL_ARCH, num_classes, {})

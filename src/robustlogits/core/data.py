@@ -176,7 +176,15 @@ def _load_from_dir(directory: Path, dataset: str, looked: list[str]) -> RawDatas
             )
     looked.append(f"pickle layout {pickles}")
     if (directory / "train").is_dir() and (directory / "test").is_dir():
-        files = sorted(p for p in directory.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+        n_classes = sum(1 for p in (directory / "train").iterdir() if p.is_dir())
+        expected = 10 if dataset == "cifar10" else 100
+        files = (
+            []
+            if n_classes != expected
+            else sorted(  # another dataset's folder: not decoded as this one
+                p for p in directory.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES
+            )
+        )
         if files:
             return _cached(
                 dataset, "imagefolder", directory, files, lambda bar: _decode_image_folder(directory, dataset, bar)

@@ -88,6 +88,11 @@ def weights_bytes(model: nn.Module) -> bytes:
     return buf.getvalue()
 
 
+def weights_digest(model: nn.Module) -> str:
+    """SHA-256 of a model's weights as stored: equal weights, equal digest."""
+    return hashlib.sha256(weights_bytes(model)).hexdigest()
+
+
 def write_files(model: nn.Module, folder: Path) -> tuple[ArchitectureSpec, list[Path]]:
     """Spec (and, for factory models, weights) as files to log inside the MLflow model."""
     folder = Path(folder)
@@ -126,17 +131,25 @@ def state_dict_mismatch(model: nn.Module, state: dict[str, torch.Tensor], limit:
     return "; ".join(parts) or None
 
 
-def load_state(model: nn.Module, state: dict[str, torch.Tensor], what: str) -> None:
+def load_state(model: nn.Module, state: dict[str, torch.Tensor], what: str, arch: str | None = None) -> None:
     problem = state_dict_mismatch(model, state)
     if problem:
-        raise UserError(f"{what} does not match architecture {getattr(model, 'arch', '?')}: {problem}")
+        name = arch or getattr(model, "arch", None) or type(model).__name__
+        raise UserError(f"{what} does not match architecture {name}: {problem}")
     model.load_state_dict(state, strict=False)
 
 
-def rebuild(spec: ArchitectureSpec, weights: bytes, what: str = "stored weights") -> Normalized:
-    """The factory's network for `spec` with `weights` loaded (weights_only: tensors and containers)."""
-    if spec.weights_sha256 and hashlib.sha256(weights).hexdigest() != spec.weights_sha256:
-        raise UserError(f"{what}: weights file does not match its recorded SHA-256 (corrupt or altered)")
+def rebuild(
+    spec: ArchitectureSpec, weights: bytes, what: str = "stored weights", expected_sha256: str | None = None
+) -> Normalized:
+    """The factory's network for `spec` with `weights` loaded (weights_only: tensors and containers).
+    The weights must hash to `expected_sha256` (kept by the registry, out of the artifact store's
+    reach) when given, else to the spec's own record."""
+    actual = hashlib.sha256(weights).hexdigest()
+    if expected_sha256 and actual != expected_sha256:
+        raise UserError(f"{what}: its weights do not match the SHA-256 the registry recorded (corrupt or altered)")
+    if spec.weights_sha256 and actual != spec.weights_sha256:
+        raise UserError(f"{what}: its weights file does not match its recorded SHA-256 (corrupt or altered)")
     model = build_model(spec.arch, spec.num_classes, normalization=(spec.mean, spec.std))
     state = torch.load(io.BytesIO(weights), map_location="cpu", weights_only=True)
     load_state(model, state, what)
@@ -159,7 +172,11 @@ def pickle_free():
 
 
 def load_model_dir(
-    model_dir: Path, device: torch.device | str = "cpu", load_graph: Callable[[Path], nn.Module] | None = None
+    model_dir: Path,
+    device: torch.device | str = "cpu",
+    load_graph: Callable[[Path], nn.Module] | None = None,
+    expected_sha256: str | None = None,
+    what: str | None = None,
 ) -> nn.Module:
     """A downloaded MLflow model folder -> an eval-mode module on `device`, without running stored
     code. `load_graph` reads an exported graph (a model no factory builds); the tracking layer
@@ -169,7 +186,8 @@ def load_model_dir(
     if spec_path.is_file():
         spec = ArchitectureSpec.from_json(spec_path.read_text())
         if spec.builder == FACTORY:
-            model = rebuild(spec, (model_dir / "extra_files" / WEIGHTS_FILE).read_bytes(), str(model_dir))
+            weights = (model_dir / "extra_files" / WEIGHTS_FILE).read_bytes()
+            model = rebuild(spec, weights, what or str(model_dir), expected_sha256)
         elif spec.builder == GRAPH and load_graph is not None:
             model = ExternalModel(load_graph(model_dir), spec.num_classes, spec.arch)
         else:

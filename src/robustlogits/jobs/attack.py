@@ -52,7 +52,22 @@ def run_attack(cfg: AttackConfig, progress: bool | None = None) -> tuple[str, At
         if v
     }
     name = f"attack-{resolved.name}-v{resolved.version}" if resolved.name else "attack"
-    with tracking.job_run(cfg.experiment, name, tags) as run_id:
+    # The same attack again after its process was killed continues (and finishes) the killed run.
+    identity = tracking.job_key(
+        {
+            "job": "attack",
+            **{k: v for k, v in vars(cfg).items() if k != "device"},
+            "model": resolved.model_id or resolved.uri,
+            "data": raw.digest,
+        }
+    )
+    reclaimed = tracking.reclaim(identity)
+    opened = (
+        tracking.resume_run(reclaimed, cfg.experiment)
+        if reclaimed
+        else tracking.job_run(cfg.experiment, name, tags, identity=identity)
+    )
+    with opened as run_id:
         tracking.log_params({f"attack.{k}": v for k, v in vars(cfg).items()})
         tracking.log_model_inputs([resolved.model_id])
         tracking.log_dataset_input(dataset, raw.digest, f"test/{raw.source}", "evaluation", len(test))

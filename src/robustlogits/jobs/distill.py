@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from robustlogits import tracking
-from robustlogits.config import DistillationConfig, DistillConfig
+from robustlogits.config import DistillationConfig, DistillConfig, flatten
 from robustlogits.core.attacks import attack_split, check_n_examples
 from robustlogits.core.data import Split, augment, load_bundle, to_float
 from robustlogits.core.device import resolve_amp, resolve_device
@@ -28,7 +28,7 @@ from robustlogits.core.logits import compute_logits
 from robustlogits.core.manipulations import manipulate, manipulation_report
 from robustlogits.core.models import model_class_count
 from robustlogits.core.training import distillation_objective
-from robustlogits.jobs.tracked_training import log_run_inputs, new_state, train_tracked
+from robustlogits.jobs.tracked_training import STATE_ARTIFACT, log_run_inputs, new_state, train_tracked
 from robustlogits.tracking import ResolvedModel, registry
 
 TEACHER_LOGITS_JOB = "teacher-logits"
@@ -80,8 +80,7 @@ def teacher_logits_key(teacher: ResolvedModel, digest: str, split: Split, d: Dis
 
 def load_teacher_logits(run_id: str, split: Split, num_classes: int, dataset: str) -> torch.Tensor:
     """Read an artifact back, refusing one made for other data, another split or class count."""
-    path = tracking.download_artifact(run_id, TEACHER_LOGITS_ARTIFACT)
-    with np.load(path) as z:
+    with tracking.downloaded(run_id, TEACHER_LOGITS_ARTIFACT) as path, np.load(path) as z:
         logits, indices, labels = z["logits"], z["indices"], z["labels"]
         meta = json.loads(str(z["meta"]))
     problems = []
@@ -168,9 +167,12 @@ def obtain_teacher_logits(
 
 
 def run_distill(cfg: DistillConfig, progress: bool | None = None) -> str:
+    """Distil, register the student (idempotent by weights and run), attack it. The same
+    distillation again after its process was killed continues the killed run."""
     if not cfg.run.checkpoint_epochs:
         cfg.run.checkpoint_epochs = (cfg.optim.epochs,)
     cfg.validate()
+    tracking.check_registration(cfg.registered_model_name())
     tracking.check_store(cfg.run.experiment)
     device = resolve_device(cfg.run.device)
     d = cfg.distill
@@ -236,7 +238,18 @@ def run_distill(cfg: DistillConfig, progress: bool | None = None) -> str:
         "arch": cfg.model.arch,
         "preset": cfg.preset,
     } | lineage
-    with tracking.job_run(cfg.run.experiment, name, tags) as run_id:
+    identity = tracking.job_key(
+        {"job": "distill", **flatten(cfg), "teacher": teacher.model_id or teacher.uri, "data": bundle.digest}
+    )
+    reclaimed = tracking.reclaim(identity)
+    if reclaimed and STATE_ARTIFACT in tracking.list_artifacts(reclaimed, "training_state"):
+        state.load_bytes(tracking.read_artifact(reclaimed, STATE_ARTIFACT))
+    opened = (
+        tracking.resume_run(reclaimed, cfg.run.experiment)
+        if reclaimed
+        else tracking.job_run(cfg.run.experiment, name, tags, identity=identity)
+    )
+    with opened as run_id:
         log_run_inputs(cfg, bundle, amp)
         tracking.log_params({"teacher_logits_reused": reused})
         tracking.log_model_inputs([m.model_id for m in (teacher, st_teacher) if m is not None])

@@ -21,12 +21,20 @@ from robustlogits.config import DataConfig, ImportConfig
 from robustlogits.core.checkpoints import build_imported, check_export, check_model
 from robustlogits.core.data import load_test_split, stratified_indices
 from robustlogits.core.device import resolve_device
+from robustlogits.core.model_format import weights_digest
 from robustlogits.core.models import EXTERNAL_ARCH
+from robustlogits.tracking import registry
 
 
 def run_import(cfg: ImportConfig, log=print) -> dict:
-    """Check, then log and register; returns the run id, version and natural accuracy."""
+    """Check, then log and register; returns the run id, version and natural accuracy.
+
+    Everything that can be refused is checked before anything is written: the options, what the
+    registry will accept (name, stage, alias), the checkpoint (read and fitted to its architecture
+    before any test image is decoded), then the model on test images. The same weights already
+    registered under the name are that version, not a second one."""
     cfg.validate()
+    tracking.check_registration(cfg.name, cfg.stage, cfg.alias)
     tracking.check_store(cfg.experiment)
     device = resolve_device(cfg.device)
     data = DataConfig(dataset=cfg.dataset, data_dir=cfg.data_dir)
@@ -36,17 +44,26 @@ def run_import(cfg: ImportConfig, log=print) -> dict:
         "num_classes": data.synthetic_classes,
         "size": data.synthetic_size,
     }
+    classes = {"cifar10": 10, "cifar100": 100}.get(cfg.dataset, data.synthetic_classes)
+    model, source = build_imported(cfg, classes)
     test, raw = load_test_split(
         cfg.dataset, cfg.data_dir, torch.device("cpu"), synthetic if cfg.dataset == "synthetic" else None
     )
     n = min(cfg.check_images, len(test))
     check = test.subset(stratified_indices(test.labels.numpy(), n, 0))
-    model, source = build_imported(cfg, raw.num_classes)
     what = cfg.robustbench or cfg.checkpoint
     accuracy = check_model(model, check.images, check.labels, raw.num_classes, what)
     if model.arch == EXTERNAL_ARCH:
         check_export(model, check.images, what)
     log(f"{what}: natural accuracy {accuracy:.4f} on {n} {cfg.dataset} test images")
+    result = {"name": cfg.name, "natural_accuracy": accuracy, "n_images": n, **source}
+
+    digest = weights_digest(model)
+    existing = registry.find_version(cfg.name, digest)
+    if existing is not None and tracking.run_record(existing.run_id).status == "FINISHED":
+        tracking.promote(cfg.name, existing.version, cfg.stage, cfg.alias)
+        log(f"{cfg.name} version {existing.version} already holds these weights (sha256 {digest[:16]}): reused")
+        return result | {"run_id": existing.run_id, "version": str(existing.version), "reused": True}
 
     tags = {
         "dataset": cfg.dataset,
@@ -64,20 +81,26 @@ def run_import(cfg: ImportConfig, log=print) -> dict:
     }
     if cfg.dataset == "synthetic":  # lets later jobs regenerate the same synthetic data
         params |= {f"data.synthetic_{k if k != 'num_classes' else 'classes'}": v for k, v in synthetic.items()}
-    with tracking.job_run(
-        cfg.experiment, f"import-{cfg.name}", {"robustlogits.job": "import", **{k: str(v) for k, v in source.items()}}
-    ) as run_id:
+    identity = tracking.job_key({"job": "import", **params, "weights": digest})
+    reclaimed = tracking.reclaim(identity)  # a killed import of the same weights: finish that run
+    opened = (
+        tracking.resume_run(reclaimed, cfg.experiment)
+        if reclaimed
+        else tracking.job_run(
+            cfg.experiment,
+            f"import-{cfg.name}",
+            {"robustlogits.job": "import", **{k: str(v) for k, v in source.items()}},
+            identity=identity,
+        )
+    )
+    with opened as run_id:
         tracking.log_params(params)
-        tracking.log_dataset_input(cfg.dataset, raw.digest, f"test/{raw.source}", "evaluation", n)
+        if not reclaimed:
+            tracking.log_dataset_input(cfg.dataset, raw.digest, f"test/{raw.source}", "evaluation", n)
         tracking.log_results({"natural_accuracy": accuracy})
-        info = tracking.log_torch_model(model.to(device), "model")
-        version = tracking.register_version(info.model_uri, cfg.name, tags | {"source_run_id": run_id})
-        tracking.promote(cfg.name, version.version, cfg.stage, cfg.alias)
-    return {
-        "run_id": run_id,
-        "name": cfg.name,
-        "version": str(version.version),
-        "natural_accuracy": accuracy,
-        "n_images": n,
-        **source,
-    }
+        tags[registry.SOURCE_RUN_TAG] = run_id
+        registered = tracking.register_model(
+            model.to(device), "model", cfg.name, tags, {registry.SOURCE_RUN_TAG: run_id}
+        )
+        tracking.promote(cfg.name, registered.version.version, cfg.stage, cfg.alias)
+    return result | {"run_id": run_id, "version": str(registered.version.version), "reused": False}

@@ -176,7 +176,7 @@ def _logits_for(model: ResolvedModel, label: str, ctx: TestModels) -> ModelLogit
     found = tracking.find_or_run(cache_key(model, ctx.raw.digest), compute)
     if not found.reused:
         return ModelLogits(label, model, computed[0], "computed", found.run_id)
-    with np.load(tracking.download_artifact(found.run_id, ARTIFACT)) as z:
+    with tracking.downloaded(found.run_id, ARTIFACT) as path, np.load(path) as z:
         if not (np.array_equal(z["indices"], ctx.indices) and np.array_equal(z["labels"], ctx.y)):
             raise UserError(
                 f"the cached test logits of {label} (run {found.run_id}) are for another split "
@@ -191,13 +191,12 @@ def _checkpoint_logits(model: ResolvedModel, ctx: TestModels) -> np.ndarray | No
     if not artifact or not model.source_run_id or model.data_digest != ctx.raw.digest:
         return None
     try:
-        path = tracking.download_artifact(model.source_run_id, artifact)
+        with tracking.downloaded(model.source_run_id, artifact) as path, np.load(path) as z:
+            if not (np.array_equal(z["indices"], ctx.indices) and np.array_equal(z["labels"], ctx.y)):
+                return None
+            return z["logits"].astype(np.float32)
     except UserError:
         return None
-    with np.load(path) as z:
-        if not (np.array_equal(z["indices"], ctx.indices) and np.array_equal(z["labels"], ctx.y)):
-            return None
-        return z["logits"].astype(np.float32)
 
 
 def logits_of_run(spec: str) -> tuple[np.ndarray, np.ndarray, str]:
@@ -216,8 +215,7 @@ def logits_of_run(spec: str) -> tuple[np.ndarray, np.ndarray, str]:
     chosen = int(epoch) if epoch else epochs[-1]
     if chosen not in epochs:
         raise UserError(f"run {run_id} has test logits for epochs {epochs}, not {chosen}")
-    path = tracking.download_artifact(run_id, f"test_logits/epoch_{chosen:04d}.npz")
-    with np.load(path) as z:
+    with tracking.downloaded(run_id, f"test_logits/epoch_{chosen:04d}.npz") as path, np.load(path) as z:
         return z["logits"], z["labels"], f"{label} (epoch {chosen})"
 
 

@@ -188,9 +188,7 @@ class EpochLogger:
             labels=test.labels.cpu().numpy(),
             indices=test.indices,
         )
-        info = tracking.log_torch_model(model.to(memory_format=torch.contiguous_format), f"epoch-{epoch:04d}")
-        if cfg.run.channels_last:
-            model.to(memory_format=torch.channels_last)
+        model.to(memory_format=torch.contiguous_format)
         tags = {
             registry.EPOCH_TAG: epoch,
             registry.TRAINING_TAG: cfg.run.training,
@@ -204,10 +202,14 @@ class EpochLogger:
             registry.SOURCE_RUN_TAG: self.run_id,
             registry.TEST_LOGITS_TAG: f"test_logits/epoch_{epoch:04d}.npz",
         } | self.version_tags
-        version = tracking.register_version(info.model_uri, cfg.registered_model_name(), tags)
-        self.state.extra.setdefault("versions", {})[epoch] = version.version
-        self.state.extra.setdefault("model_ids", {})[epoch] = info.model_id
-        return accuracy, info.model_id
+        # Idempotent: an epoch re-run after a kill finds the version it registered before.
+        same = {registry.SOURCE_RUN_TAG: self.run_id, registry.EPOCH_TAG: epoch}
+        found = tracking.register_model(model, f"epoch-{epoch:04d}", cfg.registered_model_name(), tags, same)
+        if cfg.run.channels_last:
+            model.to(memory_format=torch.channels_last)
+        self.state.extra.setdefault("versions", {})[epoch] = found.version.version
+        self.state.extra.setdefault("model_ids", {})[epoch] = found.model_id
+        return accuracy, found.model_id
 
 
 def finish(cfg: TrainConfig, state: TrainState, run_id: str) -> None:
@@ -221,8 +223,11 @@ def finish(cfg: TrainConfig, state: TrainState, run_id: str) -> None:
             }
         )
     if teacher is not None and teacher in versions and (cfg.run.teacher_stage or cfg.run.teacher_alias):
-        tracking.promote(cfg.registered_model_name(), versions[teacher], cfg.run.teacher_stage, cfg.run.teacher_alias)
-        tracking.set_tags({"teacher_version": versions[teacher]})
+        name, stage, alias = cfg.registered_model_name(), cfg.run.teacher_stage, cfg.run.teacher_alias
+        if hasattr(cfg, "distill"):  # a student: its run's `teacher_version` names the teacher it learned from
+            tracking.promote(name, versions[teacher], stage, alias)
+        else:
+            registry.promote_teacher(name, versions[teacher], stage, alias, run_id)
     histograms = load_histograms(run_id)
     for quantity in ("max_logit", "gap"):
         fig = evolution_figure(
@@ -235,15 +240,14 @@ def finish(cfg: TrainConfig, state: TrainState, run_id: str) -> None:
 
 def load_histograms(run_id: str) -> dict[int, dict]:
     """Every epoch's histograms of a run, read back from its artifacts (works across resumes)."""
-    folder = tracking.download_artifact(run_id, "histograms")
     out = {}
-    for path in sorted(Path(folder).glob("epoch_*.json")):
-        payload = json.loads(path.read_text())
-        out[int(payload["epoch"])] = payload["splits"]
+    with tracking.downloaded(run_id, "histograms") as folder:
+        for path in sorted(Path(folder).glob("epoch_*.json")):
+            payload = json.loads(path.read_text())
+            out[int(payload["epoch"])] = payload["splits"]
     return out
 
 
 def checkpoint_test_logits(run_id: str, epoch: int) -> dict[str, np.ndarray]:
-    path = tracking.download_artifact(run_id, f"test_logits/epoch_{epoch:04d}.npz")
-    with np.load(path) as z:
+    with tracking.downloaded(run_id, f"test_logits/epoch_{epoch:04d}.npz") as path, np.load(path) as z:
         return {k: z[k] for k in z.files}

@@ -26,11 +26,26 @@ def config_from_run(run_id: str) -> TrainConfig:
     return cfg
 
 
+def training_identity(cfg: TrainConfig) -> str:
+    """The same training (config as given, before data are found): a killed run is found again by it."""
+    return tracking.job_key({"job": "train", **flatten(cfg)})
+
+
 def run_training(cfg: TrainConfig, resume: str | None = None, progress: bool | None = None) -> str:
-    """Train as configured (or continue run `resume`) and return the MLflow run id."""
+    """Train as configured (or continue run `resume`) and return the MLflow run id. The same
+    training again after its process was killed continues the killed run (ended FAILED, with the
+    reason, first) instead of starting a second one."""
+    identity = None
+    if not resume:
+        cfg.validate()
+        tracking.check_registration(cfg.registered_model_name(), cfg.run.teacher_stage, cfg.run.teacher_alias)
+        tracking.check_store(cfg.run.experiment)
+        identity = training_identity(cfg)
+        resume = tracking.reclaim(identity)
+    unlogged = bool(resume) and identity is not None and "run.training" not in tracking.run_record(resume).params
     if resume:
         tracking.check_store(cfg.run.experiment)
-        cfg = config_from_run(resume)
+        cfg = cfg if unlogged else config_from_run(resume)  # a run killed before its params: the config given
         if tracking.run_record(resume).status == "FINISHED":
             raise UserError(f"run {resume} already FINISHED; nothing to resume")
     cfg.validate()
@@ -54,14 +69,16 @@ def run_training(cfg: TrainConfig, resume: str | None = None, progress: bool | N
         "preset": cfg.preset,
     }
     run_name = f"{cfg.preset}-{cfg.run.training}-{cfg.model.arch}"
-    if resume:
-        state.load_bytes(tracking.download_artifact(resume, STATE_ARTIFACT).read_bytes())
+    if resume and STATE_ARTIFACT in tracking.list_artifacts(resume, "training_state"):
+        state.load_bytes(tracking.read_artifact(resume, STATE_ARTIFACT))  # else killed before its first epoch
     if resume:
         with tracking.resume_run(resume, cfg.run.experiment) as run_id:
             tracking.set_tags({"resumed_from_epoch": state.epoch})
+            if unlogged:
+                log_run_inputs(cfg, bundle, amp)
             train_tracked(cfg, bundle, state, objective, run_id, amp, progress=progress)
         return run_id
-    with tracking.job_run(cfg.run.experiment, run_name, tags) as run_id:
+    with tracking.job_run(cfg.run.experiment, run_name, tags, identity=identity) as run_id:
         log_run_inputs(cfg, bundle, amp)
         train_tracked(cfg, bundle, state, objective, run_id, amp, progress=progress)
     return run_id

@@ -11,6 +11,7 @@ code relies on:
 
 from robustlogits.tracking.artifacts import (
     download_artifact,
+    downloaded,
     list_artifacts,
     log_arrays,
     log_bytes,
@@ -24,6 +25,7 @@ from robustlogits.tracking.artifacts import (
     log_results,
     log_text,
     metric_name,
+    read_artifact,
 )
 from robustlogits.tracking.attack_records import load_attack_result, log_attack_result
 from robustlogits.tracking.keyed import (
@@ -36,13 +38,16 @@ from robustlogits.tracking.keyed import (
     job_key,
 )
 from robustlogits.tracking.models import (
+    Registered,
     ResolvedModel,
     load_model,
     log_torch_model,
+    register_model,
     resolve_and_load,
     synthetic_params_from_run,
 )
 from robustlogits.tracking.registry import (
+    check_registration,
     checkpoint_uri,
     logged_model_id,
     model_versions,
@@ -60,6 +65,7 @@ from robustlogits.tracking.runs import (
     active_run_id,
     artifact_run,
     child_runs,
+    end_lost,
     end_run_if_running,
     finished_runs,
     holding,
@@ -68,14 +74,18 @@ from robustlogits.tracking.runs import (
     log_params_to,
     metric_history,
     nested_run,
+    reclaim,
     resume_run,
     run_record,
+    running_runs,
     set_tags,
+    stale_runs,
     study_run,
 )
 from robustlogits.tracking.store import (
     DEFAULT_TRACKING_URI,
     check_store,
+    check_store_uri,
     configure_store,
     experiment_name_of,
     launched_run_id,
@@ -84,6 +94,14 @@ from robustlogits.tracking.store import (
 
 __all__ = [
     "active_run_id",
+    "check_registration",
+    "end_lost",
+    "reclaim",
+    "Registered",
+    "register_model",
+    "stale_runs",
+    "running_runs",
+    "check_store_uri",
     "artifact_run",
     "check_store",
     "checkpoint_uri",
@@ -92,6 +110,8 @@ __all__ = [
     "repair_file_store",
     "DEFAULT_TRACKING_URI",
     "download_artifact",
+    "downloaded",
+    "read_artifact",
     "end_run_if_running",
     "experiment_name_of",
     "find_finished_run",

@@ -6,12 +6,15 @@ truncated artifact.
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import json
 import math
 import re
+import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import mlflow
 import numpy as np
@@ -105,11 +108,41 @@ def log_file(local_file: str | Path, artifact_path: str | None = None, run_id: s
         MlflowClient().log_artifact(run_id, str(local_file), artifact_path)
 
 
-def download_artifact(run_id: str, artifact_path: str) -> Path:
+_DOWNLOADS: list[str] = []  # this process's download folder, removed at exit
+
+
+def _download_folder() -> str:
+    if not _DOWNLOADS:
+        _DOWNLOADS.append(tempfile.mkdtemp(prefix="robustlogits-downloads-"))
+        atexit.register(shutil.rmtree, _DOWNLOADS[0], True)
+    return _DOWNLOADS[0]
+
+
+def _download(run_id: str, artifact_path: str, folder: str) -> Path:
     try:
-        return Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=artifact_path))
+        return Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=artifact_path, dst_path=folder))
     except Exception as exc:  # noqa: BLE001
         raise UserError(f"run {run_id} has no artifact {artifact_path!r}: {str(exc).splitlines()[0]}") from None
+
+
+def download_artifact(run_id: str, artifact_path: str) -> Path:
+    """An artifact in this process's download folder (removed when the process exits). Jobs
+    prefer `downloaded`, whose folder is gone as soon as they have read it."""
+    folder = tempfile.mkdtemp(dir=_download_folder())
+    return _download(run_id, artifact_path, folder)
+
+
+@contextlib.contextmanager
+def downloaded(run_id: str, artifact_path: str) -> Iterator[Path]:
+    """An artifact (file or folder) in a temporary folder removed on leaving the block."""
+    with tempfile.TemporaryDirectory(prefix="robustlogits-") as tmp:
+        yield _download(run_id, artifact_path, tmp)
+
+
+def read_artifact(run_id: str, artifact_path: str) -> bytes:
+    """One artifact file's bytes; nothing stays on disk."""
+    with downloaded(run_id, artifact_path) as path:
+        return path.read_bytes()
 
 
 def list_artifacts(run_id: str, path: str | None = None) -> list[str]:

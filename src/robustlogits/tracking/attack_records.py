@@ -13,7 +13,7 @@ import mlflow
 
 from robustlogits.core.attacks import AttackResult
 from robustlogits.core.errors import UserError
-from robustlogits.tracking.artifacts import download_artifact, log_folder, log_results
+from robustlogits.tracking.artifacts import downloaded, log_folder, log_results
 
 
 def log_attack_result(result: AttackResult, prefix: str = "", model_id: str | None = None) -> None:
@@ -30,8 +30,8 @@ def log_attack_result(result: AttackResult, prefix: str = "", model_id: str | No
 
 
 def load_attack_result(run_id: str) -> AttackResult:
-    folder = download_artifact(run_id, "attack")
-    paths = sorted(Path(folder).glob("*_result.npz"))
-    if not paths:
-        raise UserError(f"run {run_id} has no attack result artifact")
-    return AttackResult.load(paths[0])
+    with downloaded(run_id, "attack") as folder:
+        paths = sorted(Path(folder).glob("*_result.npz"))
+        if not paths:
+            raise UserError(f"run {run_id} has no attack result artifact")
+        return AttackResult.load(paths[0])

@@ -93,6 +93,9 @@ def find_or_run(key: str, produce: Callable[[], str]) -> Keyed:
     found = find_finished_run(key)
     if found:
         return Keyed(found, True)
+    from robustlogits.tracking.runs import end_lost_with_key  # runs imports this module
+
+    end_lost_with_key(key)  # a run a killed process left RUNNING with this key ends FAILED, saying why
     token = _PENDING.set([key])
     try:
         return Keyed(produce(), False)

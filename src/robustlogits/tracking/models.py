@@ -46,7 +46,8 @@ def log_torch_model(model: torch.nn.Module, name: str, image_shape=(3, 32, 32)):
         pytorch_logger.setLevel(logging.ERROR)
         with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            _, files = model_format.write_files(model, Path(tmp))
+            spec, files = model_format.write_files(model, Path(tmp))
+            digest = spec.weights_sha256 or model_format.weights_digest(model)
             info = mlflow.pytorch.log_model(
                 model,
                 name=name,
@@ -56,11 +57,55 @@ def log_torch_model(model: torch.nn.Module, name: str, image_shape=(3, 32, 32)):
                 extra_files=[str(f) for f in files],
                 pip_requirements=PIP_REQUIREMENTS,
                 validate_serving_input=False,  # our own load is tested; this one re-exports the graph
+                params={registry.WEIGHTS_SHA_TAG: digest},  # where the artifact store cannot rewrite it
             )
     finally:
         pytorch_logger.setLevel(level)
         model.train(was_training)
     return info
+
+
+@dataclass
+class Registered:
+    """A registered version and its logged model; `reused`: found by its weights, nothing new written."""
+
+    version: object
+    model_id: str | None
+    digest: str
+    reused: bool
+
+
+def _run_logged_model(run_id: str, digest: str) -> str | None:
+    """A model this run already logged with these weights (a killed attempt's, not yet registered)."""
+    client = MlflowClient()
+    try:
+        experiment = client.get_run(run_id).info.experiment_id
+        found = client.search_logged_models(
+            experiment_ids=[experiment], filter_string=f"params.{registry.WEIGHTS_SHA_TAG} = '{digest}'"
+        )
+    except Exception:  # noqa: BLE001 - a store without logged-model search: log it again
+        return None
+    ready = [m for m in found if m.source_run_id == run_id and str(m.status).endswith("READY")]
+    return ready[0].model_id if ready else None
+
+
+def register_model(
+    model: torch.nn.Module, artifact_name: str, name: str, tags: dict, same: dict | None = None
+) -> Registered:
+    """Log and register a model, idempotent by content: a READY version of `name` with the same
+    weights digest (and the `same` tags) is returned as it is; a model the active run logged with
+    these weights before it was killed is registered instead of logged again. The digest goes
+    into the version's tags and the logged model's params, which `load_model` checks."""
+    digest = model_format.weights_digest(model)
+    found = registry.find_version(name, digest, same)
+    if found is not None:
+        return Registered(found, registry.logged_model_id(found), digest, True)
+    run_id = mlflow.active_run().info.run_id
+    model_id = _run_logged_model(run_id, digest)
+    if model_id is None:
+        model_id = log_torch_model(model, artifact_name).model_id
+    version = registry.register_version(f"models:/{model_id}", name, tags | {registry.WEIGHTS_SHA_TAG: digest})
+    return Registered(version, model_id, digest, False)
 
 
 def _load_graph(model_dir: Path) -> torch.nn.Module:
@@ -69,11 +114,17 @@ def _load_graph(model_dir: Path) -> torch.nn.Module:
         return mlflow.pytorch.load_model(str(model_dir), map_location=torch.device("cpu"))
 
 
-def load_model(model_uri: str, device: torch.device | str = "cpu") -> torch.nn.Module:
+def load_model(
+    model_uri: str, device: torch.device | str = "cpu", expected_sha256: str | None = None, what: str | None = None
+) -> torch.nn.Module:
     """Download a logged model and rebuild it from its spec and weights (legacy pickles through an
-    allowlist): nothing stored in the tracking server is executed."""
+    allowlist): nothing stored in the tracking server is executed. The weights must match
+    `expected_sha256` (the registry's record, see `resolve_and_load`), else the spec's own digest."""
     from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
 
+    what = what or model_uri
+    if expected_sha256 is None and model_uri.startswith("models:/m-"):
+        expected_sha256 = registry.logged_model_digest(model_uri[len("models:/") :].split("/", 1)[0])
     try:
         with tempfile.TemporaryDirectory() as tmp:
             repo = get_artifact_repository(model_uri)
@@ -86,13 +137,17 @@ def load_model(model_uri: str, device: torch.device | str = "cpu") -> torch.nn.M
                 if spec.builder != model_format.FACTORY:  # an exported graph: MLflow's own folder
                     repo.download_artifacts("data", dst_path=tmp)
                     repo.download_artifacts("MLmodel", dst_path=tmp)
-                return model_format.load_model_dir(folder, device, load_graph=_load_graph)
+                return model_format.load_model_dir(
+                    folder, device, load_graph=_load_graph, expected_sha256=expected_sha256, what=what
+                )
             local = mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=tmp)
-            return model_format.load_model_dir(Path(local), device, load_graph=_load_graph)
+            return model_format.load_model_dir(
+                Path(local), device, load_graph=_load_graph, expected_sha256=expected_sha256, what=what
+            )
     except UserError as exc:
-        raise UserError(f"cannot load model {model_uri}: {exc}") from None
+        raise UserError(str(exc) if str(exc).startswith(what) else f"cannot load model {what}: {exc}") from None
     except Exception as exc:  # noqa: BLE001
-        raise UserError(f"cannot load model {model_uri}: {str(exc).splitlines()[0]}") from None
+        raise UserError(f"cannot load model {what}: {str(exc).splitlines()[0]}") from None
 
 
 @dataclass
@@ -117,7 +172,8 @@ class ResolvedModel:
 def resolve_and_load(spec: str, *, stage=None, alias=None, version=None, device="cpu") -> ResolvedModel:
     """Registry URI, registered name + stage/alias/version, or runs:/ URI -> loaded model and lineage."""
     uri, mv = registry.resolve_model(spec, stage=stage, alias=alias, version=version)
-    model = load_model(uri, device)
+    what = f"{mv.name} version {mv.version}" if mv is not None else uri
+    model = load_model(uri, device, expected_sha256=registry.expected_digest(mv), what=what)
     source_run = mv.run_id if mv is not None else uri[len("runs:/") :].split("/", 1)[0]
     params, run_tags = {}, {}
     if source_run:

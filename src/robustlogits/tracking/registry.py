@@ -31,6 +31,61 @@ MANIPULATION_TAG = "manipulation"
 STUDENTS_TAG = "students"
 # On any attacked version: the last attack's outcome and the run that measured it.
 ADVERSARIAL_ACCURACY_TAG = "adversarial_accuracy"
+# On every version (and as its logged model's param): the SHA-256 of its weights, checked on every load.
+WEIGHTS_SHA_TAG = "weights_sha256"
+STAGES = ("None", "Staging", "Production", "Archived")
+
+
+def check_registration(name: str, stage: str | None = None, alias: str | None = None) -> None:
+    """What registering `name` and promoting to `stage`/`alias` will ask of the registry, checked by
+    MLflow's own rules before anything is written: a refused name, a reserved alias (`latest`,
+    `v1`, ...) or an unknown stage is one clear error, never a half-done registration."""
+    from mlflow.utils.validation import (
+        _validate_model_alias_name,
+        _validate_model_alias_name_reserved,
+        _validate_model_name,
+    )
+
+    try:
+        _validate_model_name(name)
+    except MlflowException as exc:
+        raise UserError(f"MLflow refuses the registered model name {name!r}: {exc.message}") from None
+    if stage is not None and stage.lower() not in {s.lower() for s in STAGES}:
+        raise UserError(f"unknown stage {stage!r}; MLflow's stages are {', '.join(STAGES)}")
+    if alias is not None:
+        try:
+            _validate_model_alias_name(alias)
+            _validate_model_alias_name_reserved(alias)
+        except MlflowException as exc:
+            raise UserError(f"MLflow refuses the alias {alias!r}: {exc.message}") from None
+
+
+def find_version(name: str, digest: str, same: dict[str, Any] | None = None):
+    """The READY version of `name` holding these weights (and these tags), or None: registering is
+    idempotent by content."""
+    for mv in reversed(model_versions(name)):
+        if mv.tags.get(WEIGHTS_SHA_TAG) != digest or str(getattr(mv, "status", "READY")) not in ("READY", "None"):
+            continue
+        if all(mv.tags.get(k) == str(v) for k, v in (same or {}).items()):
+            return mv
+    return None
+
+
+def expected_digest(mv) -> str | None:
+    """The weights digest the registry recorded for a version (tag, else its logged model's param)."""
+    if mv is None:
+        return None
+    if mv.tags.get(WEIGHTS_SHA_TAG):
+        return mv.tags[WEIGHTS_SHA_TAG]
+    model_id = logged_model_id(mv)
+    return logged_model_digest(model_id) if model_id else None
+
+
+def logged_model_digest(model_id: str) -> str | None:
+    try:
+        return MlflowClient().get_logged_model(model_id).params.get(WEIGHTS_SHA_TAG)
+    except Exception:  # noqa: BLE001 - a store without logged models: the version tag is all there is
+        return None
 
 
 def register_version(model_uri: str, name: str, tags: dict[str, Any]):
@@ -185,3 +240,43 @@ def update_students_tag(teacher_name: str | None, teacher_version: str | None) -
 def _student_label(tags: dict) -> str:
     label = tags.get(MANIPULATION_TAG, "?") + (f" k={tags['k']}" if tags.get("k") else "")
     return label + (f", adv {tags[ADVERSARIAL_ACCURACY_TAG]}" if tags.get(ADVERSARIAL_ACCURACY_TAG) else "")
+
+
+TEACHER_RUN_TAG = "teacher_version"  # on a training run: the version of it that is the teacher now
+SUPERSEDED_TAG = "teacher_version_superseded"  # ... and once another run's version took over
+
+
+def promote_teacher(name: str, version: str | int, stage: str | None, alias: str | None, run_id: str) -> None:
+    """Make a run's version the teacher, then bring every training run's `teacher_version` tag in
+    line with the registry: only the run whose version holds the alias (else the stage) keeps the
+    tag; the others say which version superseded theirs. Each promoting process reconciles after
+    its own promotion, so the last one to finish leaves the tags as the registry is."""
+    client = MlflowClient()
+    client.set_tag(run_id, TEACHER_RUN_TAG, str(version))
+    promote(name, version, stage, alias)
+    try:
+        if alias:
+            holder = client.get_model_version_by_alias(name, alias)
+        else:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", FutureWarning)
+                holder = (client.get_latest_versions(name, stages=[stage]) or [None])[0]
+    except MlflowException:
+        return
+    if holder is None:
+        return
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    runs = client.search_runs(experiments, filter_string=f"tags.registered_model = '{name}'")
+    for run in runs:
+        mine = run.data.tags.get(TEACHER_RUN_TAG)
+        if run.info.run_id == holder.run_id:
+            if mine != str(holder.version):
+                client.set_tag(run.info.run_id, TEACHER_RUN_TAG, str(holder.version))
+            continue
+        if mine is not None:
+            client.set_tag(
+                run.info.run_id,
+                SUPERSEDED_TAG,
+                f"version {mine} was the teacher until version {holder.version} (run {holder.run_id}) took over",
+            )
+            client.delete_tag(run.info.run_id, TEACHER_RUN_TAG)

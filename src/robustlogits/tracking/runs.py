@@ -20,6 +20,7 @@ import contextlib
 import contextvars
 import os
 import signal
+import socket
 import tempfile
 import traceback
 from dataclasses import dataclass, field
@@ -38,6 +39,11 @@ ERROR_TAG = "error"
 PREVIOUS_ERROR_TAG = "previous_error"
 TRACEBACK_ARTIFACT = "error/traceback.txt"
 STUDY_RUN_TAG = "robustlogits.study_run"  # on a launcher's run that only points at an existing study run
+# Which process holds a RUNNING run: a later job (or `robustlogits runs --stale`) can tell a run whose
+# process is gone (SIGKILL, power loss) from one still at work, and end it FAILED with the reason.
+PID_TAG, HOST_TAG, PROC_START_TAG = "robustlogits.pid", "robustlogits.host", "robustlogits.proc_start"
+IDENTITY_TAG = "robustlogits.identity"  # a job's config and inputs: the same command again finds its killed run
+LOST_TAG = "robustlogits.lost"  # on a run ended FAILED because its process was gone
 
 
 @contextlib.contextmanager
@@ -57,6 +63,52 @@ def sigterm_as_interrupt() -> Iterator[None]:
     finally:
         if installed:
             signal.signal(signal.SIGTERM, previous)
+
+
+def _proc_start(pid: int) -> str | None:
+    """When process `pid` started (clock ticks since boot), so a reused pid is not taken for the old one."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def owner_tags() -> dict[str, str]:
+    """This process as the holder of a run: pid, host and (where /proc exists) the pid's start time."""
+    tags = {PID_TAG: str(os.getpid()), HOST_TAG: socket.gethostname()}
+    start = _proc_start(os.getpid())
+    return tags | ({PROC_START_TAG: start} if start else {})
+
+
+def process_gone(tags: dict[str, str]) -> str | None:
+    """Why the process recorded on a run is known to be gone, or None (alive, on another host, or unrecorded)."""
+    pid, host = tags.get(PID_TAG), tags.get(HOST_TAG)
+    if not pid or not pid.isdigit() or host != socket.gethostname():
+        return None
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return f"its process {pid} on {host} is gone (killed without closing the run)"
+    except PermissionError:
+        pass  # alive, another user's
+    recorded, now = tags.get(PROC_START_TAG), _proc_start(int(pid))
+    if recorded and now and recorded != now:
+        return f"its process {pid} on {host} is gone (the pid now belongs to another process)"
+    return None
+
+
+def end_lost(run_id: str, reason: str) -> bool:
+    """End a RUNNING run whose process is gone FAILED, saying why; False if it is no longer RUNNING."""
+    client = MlflowClient()
+    try:
+        if client.get_run(run_id).info.status != "RUNNING":
+            return False
+        client.set_tag(run_id, ERROR_TAG, f"lost: {reason}"[:5000])
+        client.set_tag(run_id, LOST_TAG, "true")
+        client.set_terminated(run_id, "FAILED")
+        return True
+    except MlflowException:
+        return False
 
 
 def record_failure(run_id: str, exc: BaseException) -> None:
@@ -167,6 +219,7 @@ def _fluent_run(
     """Start an active run and end it FINISHED, or FAILED with the reason; `existing` is the run
     that start adopts (the launcher's or a resumed one), closed FAILED even if start fails."""
     run = None
+    start = start | {"tags": dict(start.get("tags") or {}) | owner_tags()}  # who holds it, set as it starts
     with sigterm_as_interrupt(), _launcher_hidden(hide_launcher):
         try:
             run = mlflow.start_run(**start)
@@ -194,10 +247,14 @@ def _with_key(tags: dict[str, str] | None) -> dict[str, str]:
 
 
 @contextlib.contextmanager
-def job_run(experiment: str, name: str, tags: dict[str, str] | None = None) -> Iterator[str]:
-    """A job's own run: a study trial's child, else the `mlflow run` launcher's run, else new."""
+def job_run(
+    experiment: str, name: str, tags: dict[str, str] | None = None, identity: str | None = None
+) -> Iterator[str]:
+    """A job's own run: a study trial's child, else the `mlflow run` launcher's run, else new.
+    `identity` (a hash of the job's config and inputs) lets the same command find this run again
+    if its process is killed (`reclaim`)."""
     study = _CHILD_RUNS.get()
-    tags = _with_key(tags)
+    tags = _with_key(tags) | ({IDENTITY_TAG: identity} if identity else {})
     if study is not None:
         check_store(experiment, adopt_launched=False)
         start = dict(run_name=name, tags=study.tags_for(tags), experiment_id=study.experiment_id)
@@ -215,9 +272,63 @@ def job_run(experiment: str, name: str, tags: dict[str, str] | None = None) -> I
 def resume_run(run_id: str, experiment: str) -> Iterator[str]:
     """Reopen a killed or failed run to continue it; its last error moves to `previous_error`."""
     check_store(experiment, adopt_launched=False)
-    with _fluent_run(dict(run_id=run_id), existing=run_id, hide_launcher=True) as resumed:
+    # The run stays in its own experiment (a study's step runs live in the study's experiment).
+    mlflow.set_experiment(experiment_id=MlflowClient().get_run(run_id).info.experiment_id)
+    key = keyed.claim_pending_key()  # the key is this run's: no inner run may take it
+    if key and keyed.KEY_TAG not in MlflowClient().get_run(run_id).data.tags:
+        MlflowClient().set_tag(run_id, keyed.KEY_TAG, key)
+    study = _CHILD_RUNS.get()
+    on_start = study.on_start if study is not None else None
+    with _fluent_run(dict(run_id=run_id), existing=run_id, hide_launcher=True, on_start=on_start) as resumed:
         clear_failure(resumed)
+        with contextlib.suppress(MlflowException):
+            MlflowClient().delete_tag(resumed, LOST_TAG)
         yield resumed
+
+
+def _runs_with(filter_string: str) -> list:
+    client = MlflowClient()
+    return client.search_runs(
+        keyed._all_experiments(client), filter_string=filter_string, order_by=["attributes.start_time DESC"]
+    )
+
+
+def reclaim(identity: str) -> str | None:
+    """The run a killed process left for this job, to be continued: every RUNNING run with this
+    identity whose process is gone is first ended FAILED with the reason; then the newest run with
+    the identity, if it is one of those lost runs (not one that finished or failed on its own)."""
+    found = _runs_with(f"tags.`{IDENTITY_TAG}` = '{identity}'")
+    for run in found:
+        reason = process_gone(run.data.tags) if run.info.status == "RUNNING" else None
+        if reason and end_lost(run.info.run_id, reason):
+            run.info._status = "FAILED"
+            run.data.tags[LOST_TAG] = "true"
+    for run in found:
+        if run.info.status == "RUNNING" and not process_gone(run.data.tags):
+            continue  # still at work in another process
+        lost = run.info.status == "FAILED" and run.data.tags.get(LOST_TAG) == "true"
+        return run.info.run_id if lost else None
+    return None
+
+
+def end_lost_with_key(key: str) -> list[str]:
+    """End FAILED (with the reason) the RUNNING runs carrying this key whose process is gone."""
+    ended = []
+    for run in _runs_with(f"tags.`{keyed.KEY_TAG}` = '{key}' and attributes.status = 'RUNNING'"):
+        reason = process_gone(run.data.tags)
+        if reason and end_lost(run.info.run_id, reason):
+            ended.append(run.info.run_id)
+    return ended
+
+
+def running_runs() -> list[tuple[RunRecord, str | None]]:
+    """RUNNING runs (any experiment), each with the reason its process is known to be gone, or None."""
+    return [(_record(run), process_gone(run.data.tags)) for run in _runs_with("attributes.status = 'RUNNING'")]
+
+
+def stale_runs() -> list[tuple[RunRecord, str]]:
+    """RUNNING runs (any experiment) whose recorded process is gone, with the reason."""
+    return [(record, reason) for record, reason in running_runs() if reason]
 
 
 @contextlib.contextmanager
@@ -283,6 +394,8 @@ def holding(run_id: str) -> Iterator[str]:
     """The driving process's lifetime on a study run: RUNNING inside, FINISHED or FAILED after."""
     client = MlflowClient()
     client.update_run(run_id, status="RUNNING")
+    for tag, value in owner_tags().items():
+        client.set_tag(run_id, tag, value)
     status = "FAILED"
     with sigterm_as_interrupt():
         try:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import shutil
+import uuid
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
@@ -56,6 +58,16 @@ def repair_file_store(root: Path) -> list[Path]:
     return moved
 
 
+def check_store_uri() -> str:
+    """The configured store, read once so an unusable one is a clear error (nothing is created)."""
+    uri = configure_store()
+    try:
+        MlflowClient().search_experiments(max_results=1)
+    except Exception as exc:  # noqa: BLE001
+        raise UserError(f"tracking store {uri} is not usable: {str(exc).splitlines()[0]}") from None
+    return uri
+
+
 def launched_run_id() -> str | None:
     """The run `mlflow run` created for this process, if any (MLflow names it in MLFLOW_RUN_ID)."""
     return os.environ.get("MLFLOW_RUN_ID") or None
@@ -84,11 +96,31 @@ def check_store(experiment: str, adopt_launched: bool = True) -> str:
             mlflow.set_experiment(experiment_id=exp_id)  # an earlier artifact run may have switched it
             return exp_id
         exp = mlflow.get_experiment_by_name(experiment)
-        exp_id = exp.experiment_id if exp else mlflow.create_experiment(experiment)
+        exp_id = exp.experiment_id if exp else create_experiment(experiment, uri)
         mlflow.set_experiment(experiment_id=exp_id)
     except Exception as exc:  # noqa: BLE001 - any store error means "cannot track here"
         raise UserError(f"tracking store {uri} is not usable: {str(exc).splitlines()[0]}") from None
     return exp_id
+
+
+def artifact_root_beside(uri: str) -> Path | None:
+    """Where a file-backed database store keeps new experiments' artifacts: `mlruns/` beside the
+    database, whichever folder a command runs in. None for other stores (a server decides)."""
+    if not uri.startswith("sqlite:///") or uri.endswith(":memory:"):
+        return None
+    path = unquote(uri[len("sqlite:///") :].split("?", 1)[0])  # sqlite:///rel.db, sqlite:////abs.db
+    return Path(path).resolve().parent / "mlruns"
+
+
+def create_experiment(name: str, uri: str, artifact_location: str | None = None) -> str:
+    """A new experiment; in a sqlite store its artifacts go beside the database (an explicit
+    `artifact_location` wins), in a folder named after it and unique to it."""
+    if artifact_location is None:
+        root = artifact_root_beside(uri)
+        if root is not None:
+            slug = re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-")[:60] or "experiment"
+            artifact_location = (root / f"{slug}-{uuid.uuid4().hex[:8]}").as_uri()
+    return mlflow.create_experiment(name, artifact_location=artifact_location)
 
 
 def experiment_name_of(run_id: str) -> str:

@@ -22,7 +22,7 @@ def _artifact_json(run_id: str | None, path: str) -> dict | None:
     if not run_id:
         return None
     try:
-        return json.loads(tracking.download_artifact(run_id, path).read_text()) | {"run": run_id}
+        return json.loads(tracking.read_artifact(run_id, path)) | {"run": run_id}
     except Exception:  # noqa: BLE001 - a missing artifact shows as "not measured"
         return None
 
