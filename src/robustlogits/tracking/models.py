@@ -27,8 +27,9 @@ PIP_REQUIREMENTS = ["torch", "torchvision", "robustlogits"]
 
 def log_torch_model(model: torch.nn.Module, name: str, image_shape=(3, 32, 32)):
     """Log a model as weights plus architecture spec (see `core.model_format`), with MLflow's
-    pickle-free `pt2` graph beside them so `mlflow.pytorch.load_model` also works. Returns MLflow's
-    model info (`model_uri`, `model_id`)."""
+    pickle-free `pt2` graph beside them so `mlflow.pytorch.load_model` also works (a network kept as
+    TorchScript: MLflow's copy is that TorchScript archive). Returns MLflow's model info (`model_uri`,
+    `model_id`)."""
     from mlflow.models.signature import ModelSignature
     from mlflow.types import Schema, TensorSpec
 
@@ -46,11 +47,12 @@ def log_torch_model(model: torch.nn.Module, name: str, image_shape=(3, 32, 32)):
         pytorch_logger.setLevel(logging.ERROR)
         with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            _, files = model_format.write_files(model, Path(tmp))
+            spec, files = model_format.write_files(model, Path(tmp))
+            scripted = spec.builder == model_format.TORCHSCRIPT
             info = mlflow.pytorch.log_model(
-                model,
+                model.net if scripted else model,  # MLflow's flavour saves a ScriptModule with torch.jit.save
                 name=name,
-                serialization_format="pt2",
+                serialization_format="pickle" if scripted else "pt2",
                 input_example=example,
                 signature=signature,
                 extra_files=[str(f) for f in files],
@@ -83,7 +85,7 @@ def load_model(model_uri: str, device: torch.device | str = "cpu") -> torch.nn.M
                 spec = model_format.ArchitectureSpec.from_json(
                     (folder / "extra_files" / model_format.SPEC_FILE).read_text()
                 )
-                if spec.builder != model_format.FACTORY:  # an exported graph: MLflow's own folder
+                if spec.builder == model_format.GRAPH:  # an exported graph: MLflow's own folder
                     repo.download_artifacts("data", dst_path=tmp)
                     repo.download_artifacts("MLmodel", dst_path=tmp)
                 return model_format.load_model_dir(folder, device, load_graph=_load_graph)

@@ -18,6 +18,22 @@ DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 _warned_launches: set[str] = set()
+# The MLflow UI (3.x) opens an experiment in its GenAI mode unless the experiment says what it is.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
+_kind_checked: set[tuple[str, str]] = set()  # (tracking URI, experiment id) already tagged in this process
+
+
+def mark_experiment_kind(exp_id: str) -> None:
+    """Tag the experiment as model training, once per process; an experiment tagged otherwise by
+    its owner keeps its kind."""
+    key = (mlflow.get_tracking_uri(), exp_id)
+    if key in _kind_checked:
+        return
+    client = MlflowClient()
+    if EXPERIMENT_KIND_TAG not in client.get_experiment(exp_id).tags:
+        client.set_experiment_tag(exp_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+    _kind_checked.add(key)
 
 
 def configure_store() -> str:
@@ -82,9 +98,14 @@ def check_store(experiment: str, adopt_launched: bool = True) -> str:
                     experiment,
                 )
             mlflow.set_experiment(experiment_id=exp_id)  # an earlier artifact run may have switched it
+            mark_experiment_kind(exp_id)
             return exp_id
         exp = mlflow.get_experiment_by_name(experiment)
-        exp_id = exp.experiment_id if exp else mlflow.create_experiment(experiment)
+        if exp:
+            exp_id = exp.experiment_id
+            mark_experiment_kind(exp_id)
+        else:
+            exp_id = mlflow.create_experiment(experiment, tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
         mlflow.set_experiment(experiment_id=exp_id)
     except Exception as exc:  # noqa: BLE001 - any store error means "cannot track here"
         raise UserError(f"tracking store {uri} is not usable: {str(exc).splitlines()[0]}") from None
