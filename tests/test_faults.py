@@ -70,6 +70,9 @@ def run_command(args: list[str], env: dict, cwd: Path, kill_at: int | None = Non
             err = open(err_path, "w")
             os.dup2(err.fileno(), 2)
             os.dup2(err.fileno(), 1)
+            # pytest's capture replaced sys.stdout/stderr with objects of its own: write to the fds
+            sys.stdout = open(1, "w", buffering=1, closefd=False)
+            sys.stderr = open(2, "w", buffering=1, closefd=False)
             os.close(read_fd)
             os.environ.update(env)
             os.chdir(cwd)

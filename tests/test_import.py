@@ -4,7 +4,6 @@ attack, distill and analyze use exactly like models trained here."""
 from __future__ import annotations
 
 import sys
-import types
 
 import pytest
 import torch
@@ -189,50 +188,6 @@ def test_torchvision_architecture_by_name(tmp_path):
     x = torch.rand(2, 3, 32, 32)
     expected = net((x - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1))
     torch.testing.assert_close(loaded(x), expected, rtol=1e-4, atol=1e-4)
-
-
-def test_robustbench_model_already_on_disk(tmp_path, monkeypatch):
-    """A stand-in for the robustbench package that follows its documented load_model API."""
-    calls = []
-
-    def load_model(model_name, model_dir="./models", dataset="cifar10", threat_model="Linf"):
-        calls.append((model_name, str(model_dir), dataset, threat_model))
-        net = ForeignNet()
-        net.load_state_dict(torch.load(f"{model_dir}/{dataset}/{threat_model}/{model_name}.pt", weights_only=True))
-        return net.eval()
-
-    package, utils = types.ModuleType("robustbench"), types.ModuleType("robustbench.utils")
-    utils.load_model, package.utils = load_model, utils
-    monkeypatch.setitem(sys.modules, "robustbench", package)
-    monkeypatch.setitem(sys.modules, "robustbench.utils", utils)
-
-    missing = cli(
-        "--robustbench", "Someone2024Robust", "--model-dir", str(tmp_path), "--name", "rb", "--dataset", "synthetic"
-    )
-    assert missing.exit_code == 2 and "not found" in missing.output and not calls
-
-    folder = tmp_path / "synthetic" / "Linf"
-    folder.mkdir(parents=True)
-    net = ForeignNet().eval()
-    torch.save(net.state_dict(), folder / "Someone2024Robust.pt")
-    ok = cli(
-        "--robustbench",
-        "Someone2024Robust",
-        "--model-dir",
-        str(tmp_path),
-        "--name",
-        "rb",
-        "--dataset",
-        "synthetic",
-        "--check-images",
-        "20",
-    )
-    assert ok.exit_code == 0, ok.output
-    assert calls == [("Someone2024Robust", str(tmp_path), "synthetic", "Linf")]
-    mv = MlflowClient().get_model_version("rb", "1")
-    assert mv.tags["robustbench_model"] == "Someone2024Robust" and mv.tags["normalization"] == "none"
-    x = torch.rand(2, 3, 32, 32)
-    torch.testing.assert_close(resolve_and_load("rb", version=1).model(x), net(x), rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize(

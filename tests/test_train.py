@@ -69,9 +69,9 @@ def test_two_epoch_adversarial_run_logs_every_epoch_and_registers_checkpoints():
         *STAT_KEYS,
     ]:
         assert history_steps(client, run_id, key) == [1, 2], key
-    # One histogram per epoch on fixed bins, with every example counted.
+    # One histogram per epoch on fixed bins, with every example counted; epoch 0 is the initial network.
     hists = training_run.load_histograms(run_id)
-    assert sorted(hists) == [1, 2]
+    assert sorted(hists) == [0, 1, 2] and hists[0] != hists[1]
     for split, n in (("train", 64), ("test", 160)):
         h1, h2 = hists[1][split]["gap"], hists[2][split]["gap"]
         assert h1["edges"] == h2["edges"] and len(h1["edges"]) == cfg.monitor.bins + 1
@@ -113,9 +113,12 @@ def test_epoch_histogram_images_and_checkpoint_model_metrics():
     images = [f.path for f in client.list_artifacts(run_id, "images")]
     pngs = sorted(p for p in images if p.endswith(".png") and training_run.HISTOGRAM_IMAGE_KEY in p)
     steps = sorted(int(p.split("+step+")[1].split("+")[0]) for p in pngs)
-    assert steps == [1, 2, 3]
+    assert steps == [0, 1, 2, 3]  # epoch 0: the initial network, before any training step
     first = Image.open(client.download_artifacts(run_id, pngs[0]))
-    assert first.size[0] >= 400 and first.size[1] >= 150 and len(np.unique(np.asarray(first.convert("L")))) > 10
+    assert first.size[0] >= 400 and first.size[1] >= 400 and len(np.unique(np.asarray(first.convert("L")))) > 10
+    # The panel shows MLflow's thumbnail (at most 256 px a side) in a square box: a square image fills it.
+    thumbnail = next(p for p in images if p.startswith(pngs[0][: -len(".png")]) and p.endswith("+compressed.webp"))
+    assert Image.open(client.download_artifacts(run_id, thumbnail)).size == (256, 256)
     # Each checkpoint is a logged model of this run with its epoch's metrics linked to it.
     run = client.get_run(run_id)
     models = mlflow.search_logged_models(

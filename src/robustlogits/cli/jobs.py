@@ -210,7 +210,10 @@ def import_model(
     ),
     name: str = typer.Option(..., help="registered model name to create a version of"),
     arch: Optional[str] = typer.Option(
-        None, help="architecture for a state dict: one of ours (resnet18, cnn-small, ...) or torchvision:NAME"
+        None,
+        help="architecture for a state dict: one of ours (resnet18, cnn-small, ...), the community's CIFAR "
+        "networks with their own key names (cifar-resnet18, preact-resnet18, wrn-28-10, wrn-34-10; "
+        "needs the robustbench extra) or torchvision:NAME",
     ),
     dataset: str = typer.Option(ImportConfig.dataset, help="cifar10 | cifar100 | synthetic: what the model classifies"),
     normalization: Optional[str] = typer.Option(
@@ -221,7 +224,9 @@ def import_model(
         ImportConfig.trust_pickle, help="allow a pickled module (loading it runs code from the file)"
     ),
     robustbench: Optional[str] = typer.Option(
-        None, help="import this RobustBench model (package and weights already on the machine)"
+        None,
+        help="import this RobustBench model zoo entry from MODEL_DIR/DATASET/THREAT_MODEL/NAME.pt "
+        "(never downloads; needs the robustbench extra)",
     ),
     model_dir: str = typer.Option(
         ImportConfig.model_dir, help="RobustBench's model folder (MODEL_DIR/DATASET/THREAT_MODEL/NAME.pt)"
@@ -260,8 +265,9 @@ def import_model(
     verb = "already registered as" if result.get("reused") else "registered"
     typer.echo(
         f"{verb} {result['name']} version {result['version']} (run {result['run_id']}): natural accuracy "
-        f"{result['natural_accuracy']:.4f} on {result['n_images']} test images; format {result['source_format']}, "
-        f"normalisation {result['normalization']}, sha256 {result['source_sha256'][:16]}"
+        f"{result['natural_accuracy']:.4f} on {result['n_images']} test images; format {result['source_format']} "
+        f"(stored as {result.get('stored_as', 'factory')}), normalisation {result['normalization']}, "
+        f"sha256 {result['source_sha256'][:16]}"
     )
 
 

@@ -166,11 +166,11 @@ class TrainConfig:
         # core's vocabularies, imported here: importing core (torch) costs seconds, and
         # commands read these configs' defaults long before anything is validated
         from robustlogits.core.device import normalise_amp
-        from robustlogits.core.models import ARCHS
+        from robustlogits.core.models import arch_names
 
         _choice("run.training", self.run.training, self.allowed_trainings())
         _choice("data.dataset", self.data.dataset, DATASETS)
-        _choice("model.arch", self.model.arch, tuple(ARCHS))
+        _choice("model.arch", self.model.arch, tuple(arch_names()))
         _choice("adversary.method", self.adversary.method, ATTACK_METHODS)
         _choice("adversary.bn_mode", self.adversary.bn_mode, BN_MODES)
         self.run.amp = normalise_amp(self.run.amp)

@@ -304,7 +304,7 @@ def _attack_mode(model: torch.nn.Module, device: torch.device) -> Iterator[None]
     finally:
         for m, kind, name, original, requires_grad in saved:
             table = getattr(m, kind)
-            current = table.get(name)
+            current = table[name] if name in table else None  # a ScriptModule's table has no .get
             if current is None:
                 continue
             if kind == "_parameters":

@@ -1,9 +1,11 @@
 """Reading a model file from elsewhere and turning it into a model that takes [0,1] images.
 
-The format is read from the file, not from its name: a TorchScript archive, a state dict (loaded
-into `--arch`: ours or `torchvision:NAME`), or a pickled module (only when trusted, since
-unpickling runs code from the file); or a RobustBench model already on disk. `check_model` runs it
-on test images before anything is stored.
+The format is read from the file, not from its name: a TorchScript archive, a state dict (`.pt`,
+`.pth` or `.safetensors`, loaded into `--arch`: ours, the community's CIFAR networks of `core.zoo`
+or `torchvision:NAME`), or a pickled module (only when trusted, since unpickling runs code from the
+file); or a RobustBench model already on disk. `check_model` runs it on test images and
+`storable` picks the form it is stored in (rebuilt from a spec, an exported graph, or TorchScript)
+before anything is stored.
 """
 
 from __future__ import annotations
@@ -18,10 +20,12 @@ from typing import TYPE_CHECKING, Mapping
 import torch
 from torch import nn
 
+from robustlogits.core import zoo
 from robustlogits.core.data import to_float
 from robustlogits.core.errors import UserError
-from robustlogits.core.model_format import load_state
+from robustlogits.core.model_format import load_state, load_torchscript, torchscript_bytes
 from robustlogits.core.models import EXTERNAL_ARCH, NORMALISATION, ExternalModel, Normalized, build_model, buildable
+from robustlogits.core.zoo import first_line
 
 if TYPE_CHECKING:
     from robustlogits.config import ImportConfig
@@ -162,11 +166,16 @@ def model_from_state_dict(
     """Our wrapper around the factory's network; a state dict of our own wrapper (net.*, mean, std)
     brings its normalisation along unless one is given."""
     if arch is None:
-        raise UserError(f"{what} is a state dict: pass --arch (one of ours, or torchvision:NAME)")
+        raise UserError(
+            f"{what} is a state dict: pass --arch (one of ours, cifar-resnet18, preact-resnet18, wrn-28-10, "
+            "wrn-34-10, or torchvision:NAME)"
+        )
     if "mean" in state and "std" in state and any(k.startswith("net.") for k in state):
         if normalization is None:
             normalization = (state["mean"].flatten().tolist(), state["std"].flatten().tolist())
         state = {k[len("net.") :]: v for k, v in state.items() if k.startswith("net.")}
+    unused = zoo.UNUSED_PREFIXES.get(arch, ())
+    state = {k: v for k, v in state.items() if not k.startswith(unused)} if unused else state
     model = build_model(arch, num_classes, dataset, normalization or ([0.0] * 3, [1.0] * 3))
     load_state(model.net, state, what, arch)
     return model
@@ -176,7 +185,7 @@ def build_imported(cfg: ImportConfig, num_classes: int) -> tuple[Normalized, dic
     """The model and what its tags should say about where it came from."""
     normalization = parse_normalization(cfg.normalization)
     if cfg.robustbench:
-        net, weights = load_robustbench(cfg.robustbench, cfg.model_dir, cfg.dataset, cfg.threat_model)
+        net, weights = zoo.load_from_model_dir(cfg.robustbench, cfg.model_dir, cfg.dataset, cfg.threat_model)
         source = {
             "source_format": "robustbench",
             "robustbench_model": cfg.robustbench,
@@ -201,54 +210,24 @@ def build_imported(cfg: ImportConfig, num_classes: int) -> tuple[Normalized, dic
             normalization or (content.mean.flatten().tolist(), content.std.flatten().tolist()),
         )
         load_state(model.net, content.net.state_dict(), what, content.arch)
-    else:
+    else:  # stored as an exported graph or as TorchScript: see `storable`
         mean, std = normalization or ([0.0] * 3, [1.0] * 3)
-        model = Normalized(_as_exportable(content, what), mean, std, EXTERNAL_ARCH, num_classes, {})
+        model = Normalized(content, mean, std, EXTERNAL_ARCH, num_classes, {})
     source["normalization"] = describe_normalization(model.mean.flatten().tolist(), model.std.flatten().tolist())
     return model.eval(), source
 
 
-def _as_exportable(net: nn.Module, what: str) -> nn.Module:
-    """TorchScript cannot be exported as is: convert its graph (the only way without its Python class)."""
-    if not isinstance(net, torch.jit.ScriptModule):
-        return net
-    try:
-        from torch._export.converter import TS2EPConverter
+class Standardized(nn.Module):
+    """[0,1] images standardised, then the network: what a TorchScript network is kept as, scripted whole."""
 
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            graph = TS2EPConverter(net, (torch.rand(2, 3, 32, 32),)).convert().module()
-        return ExternalModel(graph, num_classes=0, arch="torchscript")  # eval-only, like any exported graph
-    except Exception as exc:  # noqa: BLE001
-        raise UserError(
-            f"cannot convert TorchScript {what} to an exported graph ({str(exc).splitlines()[0][:200]}); "
-            "pass --arch so its weights are loaded into a known architecture"
-        ) from None
+    def __init__(self, net: nn.Module, mean: torch.Tensor, std: torch.Tensor):
+        super().__init__()
+        self.net = net
+        self.register_buffer("mean", mean.detach().clone().view(1, 3, 1, 1))
+        self.register_buffer("std", std.detach().clone().view(1, 3, 1, 1))
 
-
-def load_robustbench(name: str, model_dir: str, dataset: str, threat_model: str) -> tuple[nn.Module, Path]:
-    """RobustBench's documented `robustbench.utils.load_model(model_name, model_dir, dataset,
-    threat_model)`, only when its weights are already on disk: this command never downloads."""
-    try:
-        from robustbench.utils import load_model
-    except ImportError:
-        raise UserError(
-            "--robustbench needs the robustbench package installed "
-            "(pip install git+https://github.com/RobustBench/robustbench)"
-        ) from None
-    weights = Path(model_dir) / dataset / threat_model / f"{name}.pt"
-    if not weights.is_file():
-        raise UserError(
-            f"RobustBench weights for {name} not found at {weights}; put them there first "
-            "(this command does not download)"
-        )
-    try:
-        net = load_model(model_name=name, model_dir=model_dir, dataset=dataset, threat_model=threat_model)
-    except Exception as exc:  # noqa: BLE001
-        raise UserError(f"robustbench could not load {name}: {str(exc).splitlines()[0]}") from None
-    if not isinstance(net, nn.Module):
-        raise UserError(f"robustbench returned a {type(net).__name__} for {name}, not a module")
-    return net.cpu().eval(), weights
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net((x - self.mean) / self.std)
 
 
 # --- checking it, then registering it ----------------------------------------------------------
@@ -280,17 +259,81 @@ def check_model(
     return correct / len(images)
 
 
-def check_export(model: Normalized, images: torch.Tensor, what: str) -> None:
-    """A model without an architecture is stored as an exported graph: make sure it exports and
-    gives the same logits before the run exists."""
+def storable(model: nn.Module, images: torch.Tensor, what: str) -> nn.Module:
+    """The form a checked model is stored in. One we have an architecture for is rebuilt from its
+    spec. One we do not is stored as an exported graph (`torch.export`); TorchScript is first
+    converted to one and, where the converter gives up (shapes it cannot reason about, such as a
+    fixed 4x4 pooling followed by `view(n, -1)`), kept as TorchScript. Each form must give the same
+    logits as the model itself; when none does, every route's reason is in the message."""
+    if not isinstance(model, Normalized) or model.arch != EXTERNAL_ARCH:
+        return model
     x = to_float(images[:8])
-    try:
-        graph = torch.export.export(model, (x,), dynamic_shapes=[{0: torch.export.Dim.AUTO}]).module()
-        same = torch.allclose(graph(x), model(x), rtol=1e-4, atol=1e-4)
-    except Exception as exc:  # noqa: BLE001
-        raise UserError(
-            f"{what} cannot be stored as an exported graph ({str(exc).splitlines()[0][:200]}); "
-            "pass --arch so its weights are loaded into a known architecture"
-        ) from None
-    if not same:
-        raise UserError(f"{what} gives different logits once exported (data-dependent control flow?); pass --arch")
+    with torch.no_grad():
+        expected = model(x)
+    reasons = []
+    if isinstance(model.net, torch.jit.ScriptModule):
+        try:
+            from torch._export.converter import TS2EPConverter
+
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                graph = TS2EPConverter(model.net, (torch.rand(2, 3, 32, 32),)).convert().module()
+            converted = Normalized(
+                ExternalModel(graph, num_classes=0, arch="torchscript"),  # eval-only, like any exported graph
+                model.mean.flatten().tolist(),
+                model.std.flatten().tolist(),
+                EXTERNAL_ARCH,
+                model.num_classes,
+                {},
+            ).eval()
+            return _exported_check(converted, x, expected)
+        except Exception as exc:  # noqa: BLE001
+            reasons.append(f"as an exported graph: {first_line(exc)}")
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                scripted = torch.jit.script(Standardized(model.net, model.mean, model.std))
+            kept = ExternalModel(
+                load_torchscript(torchscript_bytes(ExternalModel(scripted, 0)), what), model.num_classes
+            )
+            with torch.no_grad():
+                same = torch.allclose(kept(x), expected, rtol=1e-4, atol=1e-4)
+            if not same:
+                raise ValueError("it gives different logits once saved and loaded again")
+            return kept.eval()
+        except Exception as exc:  # noqa: BLE001
+            reasons.append(f"as TorchScript: {first_line(exc)}")
+    else:
+        try:
+            return _exported_check(model, x, expected)
+        except Exception as exc:  # noqa: BLE001
+            reasons.append(f"as an exported graph: {first_line(exc)}")
+    raise UserError(
+        f"{what} cannot be stored without its architecture ({'; '.join(reasons)}); "
+        "pass --arch so its weights are loaded into a known architecture"
+    )
+
+
+def _exported_check(model: Normalized, x: torch.Tensor, expected: torch.Tensor) -> Normalized:
+    """`model` if it exports with a free batch size and the graph gives its logits."""
+    graph = torch.export.export(model, (x,), dynamic_shapes=[{0: torch.export.Dim.AUTO}]).module()
+    with torch.no_grad():
+        if not torch.allclose(graph(x), expected, rtol=1e-4, atol=1e-4):
+            raise ValueError("the exported graph gives different logits (data-dependent control flow?)")
+    return model
+
+
+CHANCE_MARGIN = 0.05  # "within a few points of chance"
+
+
+def near_chance(accuracy: float, num_classes: int, normalization: str) -> str | None:
+    """A warning when the check accuracy is within a few points of chance: a trained model whose
+    declared input normalisation is wrong looks exactly like this."""
+    chance = 1 / num_classes
+    if accuracy > chance + CHANCE_MARGIN:
+        return None
+    return (
+        f"natural accuracy {accuracy:.1%} is within {CHANCE_MARGIN:.0%} of chance ({chance:.1%}): if the model "
+        f"is trained, the normalisation it was given ({normalization}) is probably not the one it expects; "
+        "try --normalization none, cifar10 or its own MEAN,STD"
+    )

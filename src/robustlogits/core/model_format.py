@@ -8,7 +8,9 @@ model. Beside it, MLflow's own `pt2` graph (torch.export) keeps `mlflow.pytorch.
 working for anyone who calls it, without pickle.
 
 Imported networks we have no architecture for are stored as that `pt2` graph only; it is read
-back with MLflow's pickle-free check forced on.
+back with MLflow's pickle-free check forced on. A TorchScript network that cannot be converted to
+such a graph is stored as TorchScript (`robustlogits_model.ts`, checked against its SHA-256): a
+durable, code-free format of its own that `torch.jit.load` reads without importing any class.
 
 Models registered before this format (pickled eager modules) still load, through torch's
 restricted unpickler with an allowlist of module classes from torch, torchvision and
@@ -23,6 +25,7 @@ import importlib
 import io
 import json
 import os
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -37,14 +40,16 @@ FORMAT = "robustlogits.model"
 FORMAT_VERSION = 1
 SPEC_FILE = "robustlogits_model.json"
 WEIGHTS_FILE = "robustlogits_weights.pt"
-FACTORY, GRAPH = "factory", "graph"  # rebuilt by models.build_model | an exported graph only
+TORCHSCRIPT_FILE = "robustlogits_model.ts"
+# rebuilt by models.build_model | an exported graph only | a TorchScript archive
+FACTORY, GRAPH, TORCHSCRIPT = "factory", "graph", "torchscript"
 
 
 @dataclass
 class ArchitectureSpec:
     """What the model factory needs to rebuild a network; written next to its weights."""
 
-    builder: str  # FACTORY or GRAPH
+    builder: str  # FACTORY, GRAPH or TORCHSCRIPT
     arch: str
     num_classes: int
     mean: list[float]
@@ -79,7 +84,28 @@ def spec_of(model: nn.Module) -> ArchitectureSpec:
             FACTORY, model.arch, num_classes, model.mean.flatten().tolist(), model.std.flatten().tolist()
         )
     arch = getattr(model, "arch", EXTERNAL_ARCH)
-    return ArchitectureSpec(GRAPH, arch, num_classes, [0.0, 0.0, 0.0], [1.0, 1.0, 1.0])
+    builder = TORCHSCRIPT if is_scripted(model) else GRAPH
+    return ArchitectureSpec(builder, arch, num_classes, [0.0, 0.0, 0.0], [1.0, 1.0, 1.0])
+
+
+def is_scripted(model: nn.Module) -> bool:
+    """An imported network kept as TorchScript (normalisation included in the script)."""
+    return isinstance(model, ExternalModel) and isinstance(model.net, torch.jit.ScriptModule)
+
+
+def torchscript_bytes(model: ExternalModel) -> bytes:
+    buf = io.BytesIO()
+    torch.jit.save(model.net, buf)
+    return buf.getvalue()
+
+
+def load_torchscript(blob: bytes, what: str) -> torch.jit.ScriptModule:
+    try:
+        with warnings.catch_warnings():  # torch.jit is deprecated; reading an archive is still the only way
+            warnings.simplefilter("ignore")
+            return torch.jit.load(io.BytesIO(blob), map_location="cpu")
+    except Exception as exc:  # noqa: BLE001
+        raise UserError(f"{what}: cannot load the stored TorchScript: {str(exc).strip().splitlines()[0]}") from None
 
 
 def weights_bytes(model: nn.Module) -> bytes:
@@ -103,6 +129,11 @@ def write_files(model: nn.Module, folder: Path) -> tuple[ArchitectureSpec, list[
         spec.weights_sha256 = hashlib.sha256(blob).hexdigest()
         (folder / WEIGHTS_FILE).write_bytes(blob)
         files.append(folder / WEIGHTS_FILE)
+    elif spec.builder == TORCHSCRIPT:
+        blob = torchscript_bytes(model)
+        spec.weights_sha256 = hashlib.sha256(blob).hexdigest()
+        (folder / TORCHSCRIPT_FILE).write_bytes(blob)
+        files.append(folder / TORCHSCRIPT_FILE)
     (folder / SPEC_FILE).write_text(spec.to_json())
     return spec, [folder / SPEC_FILE, *files]
 
@@ -190,6 +221,13 @@ def load_model_dir(
             model = rebuild(spec, weights, what or str(model_dir), expected_sha256)
         elif spec.builder == GRAPH and load_graph is not None:
             model = ExternalModel(load_graph(model_dir), spec.num_classes, spec.arch)
+        elif spec.builder == TORCHSCRIPT:
+            blob = (model_dir / "extra_files" / TORCHSCRIPT_FILE).read_bytes()
+            if spec.weights_sha256 and hashlib.sha256(blob).hexdigest() != spec.weights_sha256:
+                raise UserError(
+                    f"{model_dir}: TorchScript file does not match its recorded SHA-256 (corrupt or altered)"
+                )
+            model = ExternalModel(load_torchscript(blob, str(model_dir)), spec.num_classes, spec.arch)
         else:
             raise UserError(f"unknown model builder {spec.builder!r} in {spec_path}")
     elif (model_dir / "data" / "model.pth").is_file():

@@ -13,6 +13,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from robustlogits.core import zoo
 from robustlogits.core.errors import UserError
 
 NORMALISATION = {
@@ -175,16 +176,24 @@ def _torchvision(name: str, num_classes: int) -> tuple[nn.Module, dict[str, str]
     return net, {n: n for n in parametrised[:-1]}
 
 
+def arch_names() -> list[str]:
+    """Every architecture `build_net` knows by name: ours, then the community's (`core.zoo`)."""
+    return [*ARCHS, *zoo.ARCHS]
+
+
 def buildable(arch: str) -> bool:
-    return arch in ARCHS or arch.startswith(TORCHVISION_PREFIX)
+    return arch in ARCHS or arch in zoo.ARCHS or arch.startswith(TORCHVISION_PREFIX)
 
 
 def build_net(arch: str, num_classes: int) -> tuple[nn.Module, dict[str, str]]:
-    """The bare network and its stages: ours by name, torchvision's as `torchvision:NAME`."""
+    """The bare network and its stages: ours by name, the robustness community's CIFAR networks
+    with their own key names (`core.zoo`, from the robustbench package), torchvision's as `torchvision:NAME`."""
     if arch.startswith(TORCHVISION_PREFIX):
         return _torchvision(arch[len(TORCHVISION_PREFIX) :], num_classes)
+    if arch in zoo.ARCHS:
+        return zoo.ARCHS[arch](num_classes)
     if arch not in ARCHS:
-        raise UserError(f"unknown arch {arch!r}; choose one of: {', '.join(ARCHS)} (or torchvision:NAME)")
+        raise UserError(f"unknown arch {arch!r}; choose one of: {', '.join(arch_names())} (or torchvision:NAME)")
     return ARCHS[arch](num_classes)
 
 

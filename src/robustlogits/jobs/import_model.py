@@ -1,13 +1,15 @@
 """`robustlogits import`: register a model trained elsewhere so every job treats it like our own.
 
 The checkpoint's format is read from the file, not from its name: a TorchScript archive, a state
-dict (rebuilt with `--arch`: ours or `torchvision:NAME`), or a pickled module (only with
-`trust_pickle`, since unpickling runs code from the file); or a RobustBench model already on
-disk. Before anything is written the model is run on stratified test images: the output must be
-[N, classes] and finite, and its natural accuracy is reported. The import run then logs the model
-in our stored format (weights plus spec, or an exported graph when no architecture is known)
-and registers it with the tags the other jobs read (`dataset`, `num_classes`, `arch` when known)
-plus its provenance (source path, SHA-256, format, normalisation).
+dict (`.pt`, `.pth`, `.safetensors`; rebuilt with `--arch`: ours, the community's CIFAR networks or
+`torchvision:NAME`), or a pickled module (only with `trust_pickle`, since unpickling runs code from
+the file); or a RobustBench model already on disk. Before anything is written the model is run on
+stratified test images: the output must be [N, classes] and finite, and its natural accuracy is
+reported (with a warning when it is within a few points of chance, the mark of a wrong
+normalisation). The import run then logs the model in our stored format (weights plus spec; an
+exported graph or TorchScript when no architecture is known) and registers it with the tags the
+other jobs read (`dataset`, `num_classes`, `arch` when known) plus its provenance (source path,
+SHA-256, format, normalisation) and its check accuracy.
 """
 
 from __future__ import annotations
@@ -18,7 +20,8 @@ import torch
 
 from robustlogits import tracking
 from robustlogits.config import DataConfig, ImportConfig
-from robustlogits.core.checkpoints import build_imported, check_export, check_model
+from robustlogits.core import model_format
+from robustlogits.core.checkpoints import build_imported, check_model, near_chance, storable
 from robustlogits.core.data import load_test_split, stratified_indices
 from robustlogits.core.device import resolve_device
 from robustlogits.core.model_format import weights_digest
@@ -53,10 +56,14 @@ def run_import(cfg: ImportConfig, log=print) -> dict:
     check = test.subset(stratified_indices(test.labels.numpy(), n, 0))
     what = cfg.robustbench or cfg.checkpoint
     accuracy = check_model(model, check.images, check.labels, raw.num_classes, what)
-    if model.arch == EXTERNAL_ARCH:
-        check_export(model, check.images, what)
+    model = storable(model, check.images, what)
+    stored_as = model_format.spec_of(model).builder
     log(f"{what}: natural accuracy {accuracy:.4f} on {n} {cfg.dataset} test images")
-    result = {"name": cfg.name, "natural_accuracy": accuracy, "n_images": n, **source}
+    warning = near_chance(accuracy, raw.num_classes, source["normalization"])
+    if warning:
+        log(f"warning: {warning}")
+    result = {"name": cfg.name, "natural_accuracy": accuracy, "n_images": n, "stored_as": stored_as, **source}
+    result["warning"] = warning
 
     digest = weights_digest(model)
     existing = registry.find_version(cfg.name, digest)
@@ -71,8 +78,11 @@ def run_import(cfg: ImportConfig, log=print) -> dict:
         "natural_accuracy": f"{accuracy:.4f}",
         "natural_accuracy_examples": n,
         "source": "import",
+        "stored_as": stored_as,
         **source,
     }
+    if warning:
+        tags["natural_accuracy_warning"] = warning
     if model.arch != EXTERNAL_ARCH:
         tags["arch"] = model.arch
     params = {f"import.{k}": v for k, v in asdict(cfg).items()} | {
@@ -98,6 +108,10 @@ def run_import(cfg: ImportConfig, log=print) -> dict:
         if not reclaimed:
             tracking.log_dataset_input(cfg.dataset, raw.digest, f"test/{raw.source}", "evaluation", n)
         tracking.log_results({"natural_accuracy": accuracy})
+        tracking.set_tags(
+            {"natural_accuracy": f"{accuracy:.4f}", "stored_as": stored_as}
+            | ({"natural_accuracy_warning": warning} if warning else {})
+        )
         tags[registry.SOURCE_RUN_TAG] = run_id
         registered = tracking.register_model(
             model.to(device), "model", cfg.name, tags, {registry.SOURCE_RUN_TAG: run_id}

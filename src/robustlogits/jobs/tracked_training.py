@@ -66,6 +66,8 @@ def train_tracked(
     """The one loop, logging every epoch into the active run, then the run's closing artifacts."""
     logger = EpochLogger(cfg, bundle, state, run_id, version_tags, amp)
     try:
+        if state.epoch == 0:  # the initial network: epoch 0 of the image slider and of the evolution figures
+            logger.log_histograms(0)
         fit(
             state,
             bundle.train,
@@ -113,9 +115,26 @@ class EpochLogger:
             self.figure = EpochHistograms(title, list(histograms))
         return self.figure.render(epoch, histograms)
 
+    def log_histograms(self, epoch: int) -> dict[str, float]:
+        """The logit statistics of the fixed train subset and the held-out split as they are now,
+        their histograms (`histograms/epoch_NNNN.json`) and the slider's image at step `epoch`;
+        returns the statistics as metrics. Epoch 0 is the initial network, before any step."""
+        cfg, model = self.cfg, self.state.model
+        metrics, histograms = {}, {}
+        for split, prefix in ((self.bundle.stats, "train"), (self.bundle.heldout, self.bundle.heldout.name)):
+            logits = compute_logits(model, split.images, cfg.run.eval_batch_size, cfg.run.channels_last)  # eval mode
+            split_metrics, histograms[prefix] = logit_report(
+                logits, split.labels, prefix, cfg.monitor.max_logit_range, cfg.monitor.gap_range, cfg.monitor.bins
+            )
+            if prefix == "train":
+                split_metrics["train_clean_accuracy"] = split_metrics.pop("train_accuracy")
+            metrics.update(split_metrics)
+        tracking.log_json({"epoch": epoch, "splits": histograms}, f"histograms/epoch_{epoch:04d}.json")
+        tracking.log_epoch_image(self.histogram_image(epoch, histograms), HISTOGRAM_IMAGE_KEY, epoch)
+        return metrics
+
     def __call__(self, result: EpochResult) -> None:
-        cfg, model, e = self.cfg, self.state.model, result.epoch
-        ebs, cl = cfg.run.eval_batch_size, cfg.run.channels_last
+        cfg, e = self.cfg, result.epoch
         metrics = {
             "train_loss": result.loss,
             "train_accuracy": result.accuracy,
@@ -123,20 +142,10 @@ class EpochLogger:
             "epoch_seconds": result.seconds,
             "train_images_per_second": result.images_per_second,
         }
-        histograms = {}
-        for split, prefix in ((self.bundle.stats, "train"), (self.bundle.heldout, self.bundle.heldout.name)):
-            logits = compute_logits(model, split.images, ebs, cl)
-            split_metrics, histograms[prefix] = logit_report(
-                logits, split.labels, prefix, cfg.monitor.max_logit_range, cfg.monitor.gap_range, cfg.monitor.bins
-            )
-            if prefix == "train":
-                split_metrics["train_clean_accuracy"] = split_metrics.pop("train_accuracy")
-            metrics.update(split_metrics)
+        metrics.update(self.log_histograms(e))
         every = cfg.monitor.robust_every
         if every and (e % every == 0 or e == cfg.optim.epochs):
             metrics.update(self.robustness_monitor())
-        tracking.log_json({"epoch": e, "splits": histograms}, f"histograms/epoch_{e:04d}.json")
-        tracking.log_epoch_image(self.histogram_image(e, histograms), HISTOGRAM_IMAGE_KEY, e)
         model_id = None
         if e in cfg.run.checkpoint_epochs:
             metrics["checkpoint_test_accuracy"], model_id = self.checkpoint(e)

@@ -27,8 +27,9 @@ PIP_REQUIREMENTS = ["torch", "torchvision", "robustlogits"]
 
 def log_torch_model(model: torch.nn.Module, name: str, image_shape=(3, 32, 32)):
     """Log a model as weights plus architecture spec (see `core.model_format`), with MLflow's
-    pickle-free `pt2` graph beside them so `mlflow.pytorch.load_model` also works. Returns MLflow's
-    model info (`model_uri`, `model_id`)."""
+    pickle-free `pt2` graph beside them so `mlflow.pytorch.load_model` also works (a network kept as
+    TorchScript: MLflow's copy is that TorchScript archive). Returns MLflow's model info (`model_uri`,
+    `model_id`)."""
     from mlflow.models.signature import ModelSignature
     from mlflow.types import Schema, TensorSpec
 
@@ -48,10 +49,11 @@ def log_torch_model(model: torch.nn.Module, name: str, image_shape=(3, 32, 32)):
             warnings.simplefilter("ignore")
             spec, files = model_format.write_files(model, Path(tmp))
             digest = spec.weights_sha256 or model_format.weights_digest(model)
+            scripted = spec.builder == model_format.TORCHSCRIPT
             info = mlflow.pytorch.log_model(
-                model,
+                model.net if scripted else model,  # MLflow's flavour saves a ScriptModule with torch.jit.save
                 name=name,
-                serialization_format="pt2",
+                serialization_format="pickle" if scripted else "pt2",
                 input_example=example,
                 signature=signature,
                 extra_files=[str(f) for f in files],
@@ -134,7 +136,7 @@ def load_model(
                 spec = model_format.ArchitectureSpec.from_json(
                     (folder / "extra_files" / model_format.SPEC_FILE).read_text()
                 )
-                if spec.builder != model_format.FACTORY:  # an exported graph: MLflow's own folder
+                if spec.builder == model_format.GRAPH:  # an exported graph: MLflow's own folder
                     repo.download_artifacts("data", dst_path=tmp)
                     repo.download_artifacts("MLmodel", dst_path=tmp)
                 return model_format.load_model_dir(

@@ -20,6 +20,22 @@ DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 _warned_launches: set[str] = set()
+# The MLflow UI (3.x) opens an experiment in its GenAI mode unless the experiment says what it is.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
+_kind_checked: set[tuple[str, str]] = set()  # (tracking URI, experiment id) already tagged in this process
+
+
+def mark_experiment_kind(exp_id: str) -> None:
+    """Tag the experiment as model training, once per process; an experiment tagged otherwise by
+    its owner keeps its kind."""
+    key = (mlflow.get_tracking_uri(), exp_id)
+    if key in _kind_checked:
+        return
+    client = MlflowClient()
+    if EXPERIMENT_KIND_TAG not in client.get_experiment(exp_id).tags:
+        client.set_experiment_tag(exp_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+    _kind_checked.add(key)
 
 
 def configure_store() -> str:
@@ -94,9 +110,14 @@ def check_store(experiment: str, adopt_launched: bool = True) -> str:
                     experiment,
                 )
             mlflow.set_experiment(experiment_id=exp_id)  # an earlier artifact run may have switched it
+            mark_experiment_kind(exp_id)
             return exp_id
         exp = mlflow.get_experiment_by_name(experiment)
-        exp_id = exp.experiment_id if exp else create_experiment(experiment, uri)
+        if exp:
+            exp_id = exp.experiment_id
+            mark_experiment_kind(exp_id)
+        else:
+            exp_id = create_experiment(experiment, uri)
         mlflow.set_experiment(experiment_id=exp_id)
     except Exception as exc:  # noqa: BLE001 - any store error means "cannot track here"
         raise UserError(f"tracking store {uri} is not usable: {str(exc).splitlines()[0]}") from None
@@ -120,7 +141,9 @@ def create_experiment(name: str, uri: str, artifact_location: str | None = None)
         if root is not None:
             slug = re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-")[:60] or "experiment"
             artifact_location = (root / f"{slug}-{uuid.uuid4().hex[:8]}").as_uri()
-    return mlflow.create_experiment(name, artifact_location=artifact_location)
+    return mlflow.create_experiment(
+        name, artifact_location=artifact_location, tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND}
+    )
 
 
 def experiment_name_of(run_id: str) -> str:
