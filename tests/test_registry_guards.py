@@ -112,5 +112,5 @@ def test_training_leaves_no_temporary_files_and_teacher_tags_follow_the_registry
     client = MlflowClient()
     holder = client.get_model_version_by_alias("synthetic-cnn-tiny-at", "teacher")
     first, second = (client.get_run(r).data.tags for r in runs)
-    assert holder.run_id == runs[1] and second["teacher_version"] == holder.version
+    assert holder.run_id == runs[1] and second["teacher_version"] == str(holder.version)
     assert "teacher_version" not in first and f"until version {holder.version}" in first["teacher_version_superseded"]
