@@ -17,12 +17,17 @@ The counts (points killed, cases, all held) are printed as `faults: ...` lines (
 from __future__ import annotations
 
 import atexit
+import contextlib
 import errno
 import os
 import random
 import shutil
 import signal
+import socket
+import subprocess
 import sys
+import time
+import urllib.request
 from pathlib import Path
 
 import mlflow
@@ -34,6 +39,7 @@ from typer.testing import CliRunner
 from robustlogits import tracking
 from robustlogits.cli import app
 from robustlogits.core import models
+from tests.browser import free_port
 
 SEED = 20
 POINTS = int(os.environ.get("ROBUSTLOGITS_FAULT_POINTS", "1"))  # kill points per command (CI budget: 1)
@@ -43,8 +49,9 @@ TALLY: dict[str, list[int]] = {}  # command -> [points killed, retries that held
 # --- a command in a child process, optionally killed at its Nth tracking call ------------------
 
 
-def _counting_client(kill_at: int | None, counter: list[int]) -> None:
-    """Every public MlflowClient method counts; the `kill_at`-th call SIGKILLs this process first."""
+def _counting_client(kill_at: int | None, counter: list[int], at_kill=None) -> None:
+    """Every public MlflowClient method counts; the `kill_at`-th call SIGKILLs this process first
+    (or runs `at_kill` instead: e.g. stops the tracking server)."""
     from mlflow.tracking import MlflowClient as Client
 
     for name in [n for n in dir(Client) if not n.startswith("_") and callable(getattr(Client, n))]:
@@ -53,13 +60,15 @@ def _counting_client(kill_at: int | None, counter: list[int]) -> None:
         def counted(*args, __original=original, **kwargs):
             counter[0] += 1
             if kill_at is not None and counter[0] == kill_at:
-                os.kill(os.getpid(), signal.SIGKILL)
+                at_kill() if at_kill else os.kill(os.getpid(), signal.SIGKILL)
             return __original(*args, **kwargs)
 
         setattr(Client, name, counted)
 
 
-def run_command(args: list[str], env: dict, cwd: Path, kill_at: int | None = None, quota: int | None = None):
+def run_command(
+    args: list[str], env: dict, cwd: Path, kill_at: int | None = None, quota: int | None = None, at_kill=None
+):
     """(exit code or -SIGKILL, tracking calls made, stderr text) of `robustlogits ARGS` in a fork."""
     read_fd, write_fd = os.pipe()
     err_path = cwd / f".stderr-{random.random()}"
@@ -67,6 +76,9 @@ def run_command(args: list[str], env: dict, cwd: Path, kill_at: int | None = Non
     if pid == 0:  # the child: never returns into pytest
         code = 1
         try:
+            # OpenMP's thread team does not survive a fork (GNU libgomp): the child's first parallel
+            # region would wait forever on threads it does not have. One thread never enters one.
+            torch.set_num_threads(1)
             err = open(err_path, "w")
             os.dup2(err.fileno(), 2)
             os.dup2(err.fileno(), 1)
@@ -81,7 +93,7 @@ def run_command(args: list[str], env: dict, cwd: Path, kill_at: int | None = Non
 
             tempfile.tempdir = None  # read TMPDIR again, as a new process would
             counter = [0]
-            _counting_client(kill_at, counter)
+            _counting_client(kill_at, counter, at_kill)
             if quota is not None:
                 _disk_quota(quota)
             try:
@@ -394,3 +406,69 @@ def test_stale_run_is_listed_and_ended(work):
     assert run.info.status == "FAILED" and run.data.tags["error"].startswith("lost: its process")
     code, _, out = run_command(["runs", "--stale"], env, root)
     assert code == 0 and "0 stale run(s)" in out, out
+
+
+def _start_server(root: Path, port: int) -> subprocess.Popen:
+    """`mlflow server` on a sqlite store and a local artifact folder, in a process group of its own."""
+    server = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{root / 'server.db'}",
+         "--artifacts-destination", (root / "server-artifacts").as_uri(), "--host", "127.0.0.1",
+         "--port", str(port), "--workers", "1"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )  # fmt: skip
+    deadline = time.time() + 300  # a loaded CPU can take minutes to start it
+    while True:
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
+            return server
+        except Exception:  # noqa: BLE001 - still starting
+            if time.time() > deadline or server.poll() is not None:
+                pytest.fail("mlflow server did not start")
+            time.sleep(1)
+
+
+def _stop_server(pid: int, port: int) -> None:
+    """SIGKILL the server's whole process group and wait until its port refuses connections."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pid, signal.SIGKILL)
+    for _ in range(100):
+        with socket.socket() as probe:
+            if probe.connect_ex(("127.0.0.1", port)) != 0:
+                return
+        time.sleep(0.1)
+
+
+def test_store_stopped_mid_run_is_one_message_then_the_same_command_continues(work):
+    root = work / "unreachable"
+    root.mkdir()
+    port = free_port()
+    env = store_env(root) | {
+        "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{port}",
+        "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",  # give up at once (the default retries for minutes)
+        "MLFLOW_HTTP_REQUEST_TIMEOUT": "20",
+    }
+    server = _start_server(root, port)
+    try:
+        code, calls, err = run_command(TRAIN, env, root, kill_at=60, at_kill=lambda: _stop_server(server.pid, port))
+        server.wait(30)
+        assert code == 1 and calls >= 60, err[-3000:]
+        errors = [line for line in err.splitlines() if line.startswith("error:")]
+        assert len(errors) == 1 and "stopped answering" in errors[0] and "Traceback" not in err, err[-3000:]
+        assert "stays RUNNING" in errors[0] and "--stale --end" in errors[0]
+        server = _start_server(root, port)  # the store is back: the same command continues the run
+        code, _, err = run_command(TRAIN, env, root)
+        assert code == 0, err[-3000:]
+        mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
+        client = MlflowClient()
+        runs = [r for e in client.search_experiments() for r in client.search_runs([e.experiment_id])]
+        training = [r for r in runs if r.data.tags.get("robustlogits.job") == "train"]
+        assert [r.info.status for r in training] == ["FINISHED"], [(r.info.run_id, r.info.status) for r in runs]
+        assert all(r.info.status != "RUNNING" for r in runs)
+        versions = client.search_model_versions("")
+        assert versions and all(client.get_run(v.run_id).info.status == "FINISHED" for v in versions)
+        assert len({v.tags.get("weights_sha256") for v in versions}) == len(versions)
+    finally:
+        _stop_server(server.pid, port)
+        mlflow.set_tracking_uri((work / "teacher" / "mlruns").as_uri())
+    TALLY["store unreachable"] = [1, 1]
+    print("faults: tracking server stopped mid-run: 1 case held")

@@ -10,7 +10,9 @@ The networks are the `robustbench` package's own definitions (the `robustbench` 
 
 from __future__ import annotations
 
+import json
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -19,7 +21,8 @@ from typer.testing import CliRunner
 
 from robustlogits.cli import app
 from robustlogits.config import AttackConfig
-from robustlogits.core import checkpoints, models, zoo
+from robustlogits.core import checkpoints, model_format, models, zoo
+from robustlogits.core.errors import UserError
 from robustlogits.jobs.attack import run_attack
 from robustlogits.tracking.models import resolve_and_load
 from tests.test_data import write_cifar10_pickles
@@ -84,6 +87,18 @@ def test_traced_and_scripted_community_resnet18(tmp_path, how):
     with torch.no_grad():
         torch.testing.assert_close(loaded(X), net((X - mean) / std), rtol=1e-4, atol=1e-4)
     attacked_from_registry(f"rn18-{how}")
+    if how == "trace":  # a flipped byte, the spec's own digest removed: the registry's record refuses it
+        version = registered(f"rn18-{how}")
+        location = MlflowClient().get_logged_model(version.model_id).artifact_location
+        folder = Path(location.removeprefix("file://")) / "extra_files"
+        stored = folder / model_format.TORCHSCRIPT_FILE
+        blob = bytearray(stored.read_bytes())
+        blob[len(blob) // 2] ^= 0xFF
+        stored.write_bytes(bytes(blob))
+        spec = json.loads((folder / model_format.SPEC_FILE).read_text())
+        (folder / model_format.SPEC_FILE).write_text(json.dumps(spec | {"weights_sha256": None}))
+        with pytest.raises(UserError, match="SHA-256 the registry recorded"):
+            resolve_and_load(f"rn18-{how}", version=1)
 
 
 def test_torchscript_that_no_route_can_store_names_every_reason(tmp_path, monkeypatch):

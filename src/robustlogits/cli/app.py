@@ -16,7 +16,7 @@ from typing import Optional
 
 import typer
 
-from robustlogits.core.errors import UserError
+from robustlogits.core.errors import StoreUnreachable, UserError
 
 app = typer.Typer(
     help="Logit distributions of adversarially-trained networks, tracked in MLflow.",
@@ -44,6 +44,11 @@ def cli_errors(fn):
                 raise
             typer.echo(f"error: {exc}", err=True)
             raise typer.Exit(2) from None
+        except StoreUnreachable as exc:
+            if os.environ.get("ROBUSTLOGITS_DEBUG"):
+                raise
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(1) from None
         except OSError as exc:
             if exc.errno not in (errno.ENOSPC, errno.EDQUOT) or os.environ.get("ROBUSTLOGITS_DEBUG"):
                 raise

@@ -223,7 +223,13 @@ def load_model_dir(
             model = ExternalModel(load_graph(model_dir), spec.num_classes, spec.arch)
         elif spec.builder == TORCHSCRIPT:
             blob = (model_dir / "extra_files" / TORCHSCRIPT_FILE).read_bytes()
-            if spec.weights_sha256 and hashlib.sha256(blob).hexdigest() != spec.weights_sha256:
+            actual = hashlib.sha256(blob).hexdigest()
+            if expected_sha256 and actual != expected_sha256:
+                raise UserError(
+                    f"{what or model_dir}: its TorchScript file does not match the SHA-256 the registry recorded "
+                    "(corrupt or altered)"
+                )
+            if spec.weights_sha256 and actual != spec.weights_sha256:
                 raise UserError(
                     f"{model_dir}: TorchScript file does not match its recorded SHA-256 (corrupt or altered)"
                 )

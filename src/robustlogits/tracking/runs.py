@@ -31,7 +31,7 @@ import mlflow
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from robustlogits.core.errors import UserError
+from robustlogits.core.errors import StoreUnreachable, UserError
 from robustlogits.tracking import keyed
 from robustlogits.tracking.store import check_store, launched_run_id
 
@@ -208,6 +208,38 @@ def _launcher_hidden(hide: bool) -> Iterator[None]:
             os.environ["MLFLOW_RUN_ID"] = launcher
 
 
+# What a client says when the server is gone (requests / urllib3 wording, inside MlflowException).
+_UNREACHABLE_SIGNS = (
+    "Max retries exceeded",
+    "Connection refused",
+    "Failed to establish a new connection",
+    "Connection aborted",
+    "Remote end closed connection",
+)
+
+
+def store_unreachable(exc: BaseException | None) -> bool:
+    """Whether `exc` (or what caused it) is the tracking store not answering."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, StoreUnreachable) or any(sign in str(exc) for sign in _UNREACHABLE_SIGNS):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+def _unreachable_error(run_id: str | None, exc: BaseException) -> StoreUnreachable:
+    if isinstance(exc, StoreUnreachable):
+        return exc
+    reason = next((s for s in _UNREACHABLE_SIGNS if s in str(exc)), type(exc).__name__)
+    where = f"run {run_id} could not be marked FAILED and stays RUNNING" if run_id else "no run was started"
+    return StoreUnreachable(
+        f"the tracking store {mlflow.get_tracking_uri()} stopped answering ({reason}); {where}. Once it "
+        "answers again, the same command continues the run, or `robustlogits runs --stale --end` ends it"
+    )
+
+
 @contextlib.contextmanager
 def _fluent_run(
     start: dict[str, Any],
@@ -228,6 +260,10 @@ def _fluent_run(
             yield run.info.run_id
         except BaseException as exc:
             failed = run.info.run_id if run is not None else existing
+            if store_unreachable(exc):  # nothing can be written: say so once, and how to recover
+                with contextlib.suppress(Exception):
+                    mlflow.end_run("FAILED")
+                raise _unreachable_error(failed, exc) from exc
             if failed:
                 record_failure(failed, exc)
             if run is not None:
