@@ -119,6 +119,14 @@ def weights_digest(model: nn.Module) -> str:
     return hashlib.sha256(weights_bytes(model)).hexdigest()
 
 
+def stored_digest(model: nn.Module) -> str:
+    """The SHA-256 a registry records for a model and checks on load: of its TorchScript file when
+    it is stored as one, else of its weights."""
+    if spec_of(model).builder == TORCHSCRIPT:
+        return hashlib.sha256(torchscript_bytes(model)).hexdigest()
+    return weights_digest(model)
+
+
 def write_files(model: nn.Module, folder: Path) -> tuple[ArchitectureSpec, list[Path]]:
     """Spec (and, for factory models, weights) as files to log inside the MLflow model."""
     folder = Path(folder)

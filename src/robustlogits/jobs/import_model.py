@@ -24,7 +24,7 @@ from robustlogits.core import model_format
 from robustlogits.core.checkpoints import build_imported, check_model, near_chance, storable
 from robustlogits.core.data import load_test_split, stratified_indices
 from robustlogits.core.device import resolve_device
-from robustlogits.core.model_format import weights_digest
+from robustlogits.core.model_format import stored_digest
 from robustlogits.core.models import EXTERNAL_ARCH
 from robustlogits.tracking import registry
 
@@ -65,7 +65,7 @@ def run_import(cfg: ImportConfig, log=print) -> dict:
     result = {"name": cfg.name, "natural_accuracy": accuracy, "n_images": n, "stored_as": stored_as, **source}
     result["warning"] = warning
 
-    digest = weights_digest(model)
+    digest = stored_digest(model)
     existing = registry.find_version(cfg.name, digest)
     if existing is not None and tracking.run_record(existing.run_id).status == "FINISHED":
         tracking.promote(cfg.name, existing.version, cfg.stage, cfg.alias)

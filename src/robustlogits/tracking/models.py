@@ -98,7 +98,7 @@ def register_model(
     weights digest (and the `same` tags) is returned as it is; a model the active run logged with
     these weights before it was killed is registered instead of logged again. The digest goes
     into the version's tags and the logged model's params, which `load_model` checks."""
-    digest = model_format.weights_digest(model)
+    digest = model_format.stored_digest(model)
     found = registry.find_version(name, digest, same)
     if found is not None:
         return Registered(found, registry.logged_model_id(found), digest, True)
