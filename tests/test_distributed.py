@@ -170,7 +170,10 @@ def test_two_workers_on_postgres_and_an_mlflow_server(postgres_url, mlflow_serve
     assert "unused-password" not in "".join(outputs)
     study = optuna.load_study(study_name="cluster", storage=postgres_url)
     complete = [t for t in study.get_trials() if t.state == TrialState.COMPLETE]
-    assert len(complete) == 2 and {t.params["loss"] for t in complete} == {"l1", "mse"}
+    states = [(t.number, t.state.name, t.user_attrs) for t in study.get_trials()]
+    assert len(complete) == 2 and {t.params["loss"] for t in complete} == {"l1", "mse"}, f"{states}\n" + "\n".join(
+        o[-3000:] for o in outputs
+    )
     assert all(not t.user_attrs.get("idle") for t in complete)
     parent = study.user_attrs["mlflow_parent_run_id"]
     client = MlflowClient()

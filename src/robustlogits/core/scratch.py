@@ -50,5 +50,11 @@ def use_private_tempdir() -> Path:
             continue
     mine.mkdir(parents=True, exist_ok=True)
     tempfile.tempdir = str(mine)
-    atexit.register(shutil.rmtree, str(mine), True)
+    atexit.register(_remove_if_mine, str(mine), os.getpid())
     return mine
+
+
+def _remove_if_mine(folder: str, owner: int) -> None:
+    """A forked child that runs its exit handlers must not remove its parent's folder."""
+    if os.getpid() == owner:
+        shutil.rmtree(folder, ignore_errors=True)

@@ -175,7 +175,9 @@ def default_storage() -> str:
 def _on_stale_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
     """A dead worker's trial: end its MLflow run FAILED, then queue the same work again."""
     run_id = trial.user_attrs.get("mlflow_run_id")
-    if run_id and tracking.end_lost(run_id, f"its Optuna worker stopped beating (trial {trial.number})"):
+    if run_id and tracking.process_alive(tracking.run_record(run_id).tags):
+        log.warning("trial %d's heartbeat is late but its process still works; its run is left to it", trial.number)
+    elif run_id and tracking.end_lost(run_id, f"its Optuna worker stopped beating (trial {trial.number})"):
         with contextlib.suppress(Exception):
             tracking.set_tags({"optuna.state": "FAIL (worker lost)"}, run_id)
     log.warning("trial %d lost its worker; queued again", trial.number)

@@ -97,6 +97,12 @@ def process_gone(tags: dict[str, str]) -> str | None:
     return None
 
 
+def process_alive(tags: dict[str, str]) -> bool:
+    """Whether the process recorded on a run is known to be alive here (same host, same process)."""
+    pid, host = tags.get(PID_TAG), tags.get(HOST_TAG)
+    return bool(pid and pid.isdigit() and host == socket.gethostname() and process_gone(tags) is None)
+
+
 def end_lost(run_id: str, reason: str) -> bool:
     """End a RUNNING run whose process is gone FAILED, saying why; False if it is no longer RUNNING."""
     client = MlflowClient()
@@ -343,7 +349,8 @@ def reclaim(identity: str) -> str | None:
         if run.info.status == "RUNNING" and not process_gone(run.data.tags):
             continue  # still at work in another process
         lost = run.info.status == "FAILED" and run.data.tags.get(LOST_TAG) == "true"
-        return run.info.run_id if lost else None
+        # a run declared lost (a late heartbeat) whose process still works is not taken from it
+        return run.info.run_id if lost and not process_alive(run.data.tags) else None
     return None
 
 
