@@ -15,7 +15,6 @@ AVX2-only CPUs). Real CIFAR-10 is used when --data-dir points at it, synthetic i
 from __future__ import annotations
 
 import argparse
-import platform
 import time
 
 import numpy as np
@@ -24,7 +23,7 @@ from torch.nn import functional as F
 
 from robustlogits.config import AdversaryConfig, OptimConfig
 from robustlogits.core.data import build_bundle, load_raw, make_synthetic
-from robustlogits.core.device import bf16_is_native, precision_name, resolve_amp
+from robustlogits.core.device import bf16_is_native, cpu_name, precision_name, resolve_amp
 from robustlogits.core.models import build_model
 from robustlogits.core.perturb import LinfPGD
 from robustlogits.core.training import adversarial_objective, fit, make_state, standard_objective
@@ -134,16 +133,6 @@ def main():
             f"{'':12s} auto ({precision_name(auto)}) = {chosen / max(bf16, fp32):5.2f}x the faster precision | "
             f"bf16/fp32 {bf16 / fp32:5.2f}x | auto/reference {chosen / ref:5.2f}x"
         )
-
-
-def cpu_name() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import os
+import platform
 from pathlib import Path
 
 import torch
@@ -102,3 +103,15 @@ def worker_devices(n_workers: int, workers_per_device: int = 1) -> list[str | No
             "raise --workers-per-device or lower --workers"
         )
     return [f"cuda:{i % gpus}" for i in range(n_workers)]
+
+
+def cpu_name() -> str:
+    """The CPU's model name as the kernel reports it (platform.processor() is often empty): every
+    timing names it, since CPUs differ by integer factors."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()

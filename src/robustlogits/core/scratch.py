@@ -13,11 +13,16 @@ from pathlib import Path
 PREFIX = "robustlogits-proc-"
 
 
-def _start_time(pid: int) -> str:
+def process_start_time(pid: int) -> str | None:
+    """When process `pid` started (clock ticks since boot), so a reused pid is not taken for the old one."""
     try:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
     except (OSError, IndexError):
-        return "0"
+        return None
+
+
+def _start_time(pid: int) -> str:
+    return process_start_time(pid) or "0"
 
 
 def _alive(pid: int, start: str) -> bool:

@@ -32,6 +32,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from robustlogits.core.errors import StoreUnreachable, UserError
+from robustlogits.core.scratch import process_start_time
 from robustlogits.tracking import keyed
 from robustlogits.tracking.store import check_store, launched_run_id
 
@@ -65,18 +66,10 @@ def sigterm_as_interrupt() -> Iterator[None]:
             signal.signal(signal.SIGTERM, previous)
 
 
-def _proc_start(pid: int) -> str | None:
-    """When process `pid` started (clock ticks since boot), so a reused pid is not taken for the old one."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
-    except (OSError, IndexError):
-        return None
-
-
 def owner_tags() -> dict[str, str]:
     """This process as the holder of a run: pid, host and (where /proc exists) the pid's start time."""
     tags = {PID_TAG: str(os.getpid()), HOST_TAG: socket.gethostname()}
-    start = _proc_start(os.getpid())
+    start = process_start_time(os.getpid())
     return tags | ({PROC_START_TAG: start} if start else {})
 
 
@@ -91,7 +84,7 @@ def process_gone(tags: dict[str, str]) -> str | None:
         return f"its process {pid} on {host} is gone (killed without closing the run)"
     except PermissionError:
         pass  # alive, another user's
-    recorded, now = tags.get(PROC_START_TAG), _proc_start(int(pid))
+    recorded, now = tags.get(PROC_START_TAG), process_start_time(int(pid))
     if recorded and now and recorded != now:
         return f"its process {pid} on {host} is gone (the pid now belongs to another process)"
     return None

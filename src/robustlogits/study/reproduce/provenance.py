@@ -18,19 +18,8 @@ import torch
 from robustlogits import tracking
 
 
-def cpu_name() -> str:
-    """The CPU's model name as the kernel reports it (platform.processor() is often empty)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def machine() -> dict:
-    from robustlogits.core.device import bf16_is_native
+    from robustlogits.core.device import bf16_is_native, cpu_name
 
     memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") if hasattr(os, "sysconf") else 0
     return {
