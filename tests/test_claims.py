@@ -245,11 +245,12 @@ def test_a_laptop_like_setup_names_its_departures_beside_the_claims_that_depend_
         row |= {"arch": "vgg-fast-s", "schedule": "onecycle", "adversary": "fgsm", "adversary_steps": 10, "epoch": 15}
     for rows in studies["cifar10"]["students"].values():
         for row in rows:
-            row["epochs"] = 8
+            row |= {"epochs": 8, "arch": "vgg-fast-s"}
     judged = judge_all(studies, "laptop")
     assert set(judged["differences"]) == set(PAPER_SETUP)
     assert judged["differences"]["adversary"]["study"].startswith("FGSM")
     assert judged["differences"]["teacher epoch"]["study"] == "epoch 15 of 15"
+    assert judged["differences"]["students"]["study"] == "vgg-fast-s, 8 epochs"  # the paper distils into ResNet-18s
     v = {c["id"]: c for c in judged["claims"]}
     assert v["hybrid-not-robust-to-any"]["verdict"] == "held"  # decided in its regime, its departures named
     assert {"network", "students", "teacher epoch"} <= set(v["hybrid-not-robust-to-any"]["differs"])
@@ -260,6 +261,6 @@ def test_the_papers_own_setup_departs_in_nothing():
     studies = crafted(n=10000)
     for rows in studies["cifar10"]["students"].values():
         for row in rows:
-            row["epochs"] = 200
+            row |= {"epochs": 200, "arch": "resnet18"}
     judged = judge_all(studies)
     assert judged["differences"] == {} and all(not c["differs"] for c in judged["claims"])

@@ -106,6 +106,7 @@ def collect(plan, dataset: str) -> dict:
         args = steps[name].args
         row = {
             "epochs": int(float(record.params.get("optim.epochs", 0)) or 0),
+            "arch": record.params.get("model.arch"),
             "run": run_id,
             "seed": args["seed"],
             "natural": m.get("natural_accuracy"),

@@ -322,7 +322,7 @@ PAPER_SETUP = {
     "training": "200 epochs, learning rate divided by 10 at epochs 100 and 150",
     "adversary": "PGD-10 (8/255, step 2/255)",
     "teacher epoch": "epoch 40 of 200",
-    "students": "200 epochs",
+    "students": "ResNet-18, 200 epochs",
     "attacked images": "the whole test split (10,000)",
 }
 STUDENT_ASPECTS = ("teacher epoch", "students")  # only claims about distillation depend on these
@@ -349,9 +349,11 @@ def setup_differences(e: Evidence) -> dict[str, str]:
     epoch = teacher.get("epoch")
     if epoch and epochs and (epoch, epochs) != (40, PAPER_EPOCHS):
         found["teacher epoch"] = f"epoch {epoch} of {epochs}"
-    student_epochs = {r.get("epochs") for rows in e.study()["students"].values() for r in rows if r.get("epochs")}
-    if student_epochs and student_epochs != {PAPER_EPOCHS}:
-        found["students"] = ", ".join(f"{n} epochs" for n in sorted(student_epochs))
+    students = [r for rows in e.study()["students"].values() for r in rows]
+    student_epochs = {r["epochs"] for r in students if r.get("epochs")}
+    student_archs = {r["arch"] for r in students if r.get("arch")}
+    if (student_epochs and student_epochs != {PAPER_EPOCHS}) or (student_archs and student_archs != {"resnet18"}):
+        found["students"] = ", ".join(sorted(student_archs) + [f"{n} epochs" for n in sorted(student_epochs)])
     if teacher.get("n") and teacher["n"] < 10000:
         found["attacked images"] = f"{teacher['n']:,} stratified test images"
     return found
