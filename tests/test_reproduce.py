@@ -286,6 +286,8 @@ def test_the_report_says_where_when_and_from_which_commit_its_numbers_came(in_st
     assert prov["wall_seconds"] >= max(r["seconds"] for r in prov["steps"]) and prov["step_seconds"] > 0
     head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True).stdout
     assert prov["code"]["commit"] == head.strip() and prov["machine"]["cores"] == os.cpu_count()
+    dirty = "+dirty" if prov["code"]["uncommitted_changes"] else ""
+    assert {r["commit"] for r in prov["steps"]} == {head.strip() + dirty}  # each run names the code it ran
     assert prov["precisions"] == ["fp32"]  # the test preset trains in fp32
     markdown = (Path(in_study["opts"].out) / "report" / "report.md").read_text()
     assert "## Provenance" in markdown and prov["machine"]["cpu"] in markdown

@@ -61,6 +61,7 @@ from robustlogits.tracking.registry import (
     update_students_tag,
 )
 from robustlogits.tracking.runs import (
+    CODE_TAG,
     RunRecord,
     active_run_id,
     artifact_run,
@@ -94,6 +95,7 @@ from robustlogits.tracking.store import (
 )
 
 __all__ = [
+    "CODE_TAG",
     "active_run_id",
     "check_registration",
     "end_lost",

@@ -31,6 +31,7 @@ import mlflow
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+from robustlogits.core import checkout
 from robustlogits.core.errors import StoreUnreachable, UserError
 from robustlogits.core.scratch import process_start_time
 from robustlogits.tracking import keyed
@@ -45,6 +46,7 @@ STUDY_RUN_TAG = "robustlogits.study_run"  # on a launcher's run that only points
 PID_TAG, HOST_TAG, PROC_START_TAG = "robustlogits.pid", "robustlogits.host", "robustlogits.proc_start"
 IDENTITY_TAG = "robustlogits.identity"  # a job's config and inputs: the same command again finds its killed run
 LOST_TAG = "robustlogits.lost"  # on a run ended FAILED because its process was gone
+CODE_TAG = "robustlogits.commit"  # the code the holding process ran (`+dirty`: with uncommitted changes)
 
 
 @contextlib.contextmanager
@@ -67,10 +69,11 @@ def sigterm_as_interrupt() -> Iterator[None]:
 
 
 def owner_tags() -> dict[str, str]:
-    """This process as the holder of a run: pid, host and (where /proc exists) the pid's start time."""
+    """This process as the holder of a run: pid, host, (where /proc exists) the pid's start time,
+    and (in a git checkout) the commit it runs."""
     tags = {PID_TAG: str(os.getpid()), HOST_TAG: socket.gethostname()}
-    start = process_start_time(os.getpid())
-    return tags | ({PROC_START_TAG: start} if start else {})
+    start, code = process_start_time(os.getpid()), checkout.described()
+    return tags | ({PROC_START_TAG: start} if start else {}) | ({CODE_TAG: code} if code else {})
 
 
 def process_gone(tags: dict[str, str]) -> str | None:

@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import os
 import platform
-import subprocess
 from datetime import datetime, timezone
-from pathlib import Path
 
 import torch
 
 from robustlogits import tracking
+from robustlogits.core import checkout
 
 
 def machine() -> dict:
@@ -36,18 +35,7 @@ def machine() -> dict:
 
 def code() -> dict:
     """The commit of the checkout the package runs from, and whether it had uncommitted changes."""
-    here = Path(__file__).resolve().parent
-
-    def git(*args: str) -> str | None:
-        try:
-            done = subprocess.run(["git", "-C", str(here), *args], capture_output=True, text=True, timeout=10)
-        except (OSError, subprocess.SubprocessError):
-            return None
-        return done.stdout.strip() if done.returncode == 0 else None
-
-    commit = git("rev-parse", "HEAD")
-    status = git("status", "--porcelain", "--untracked-files=no")
-    return {"commit": commit, "uncommitted_changes": bool(status) if commit else None}
+    return dict(checkout.commit())
 
 
 def _iso(ms: int | None) -> str | None:
@@ -72,6 +60,8 @@ def step_times(steps, runs: dict[str, str | None]) -> list[dict]:
                 "ended": _iso(record.end_time),
                 "seconds": seconds,
                 "precision": record.params.get("run.precision"),
+                # runs from before the commit tag carry MLflow's own, where it found the checkout
+                "commit": record.tags.get(tracking.CODE_TAG) or record.tags.get("mlflow.source.git.commit"),
                 "_start": record.start_time,
                 "_end": record.end_time,
             }
@@ -93,6 +83,7 @@ def provenance(steps, runs: dict[str, str | None]) -> dict:
         "wall_seconds": (max(ends) - min(starts)) / 1000 if starts and ends else None,
         "step_seconds": sum(r["seconds"] or 0 for r in rows),
         "precisions": sorted({r["precision"] for r in rows if r["precision"]}),
+        "step_commits": sorted({r["commit"] for r in rows if r["commit"]}),
         "steps": rows,
     }
 
@@ -109,11 +100,20 @@ def summary(p: dict) -> list[str]:
     """The provenance in sentences: what ran where, and how long it took."""
     m, c = p["machine"], p["code"]
     dirty = " (with uncommitted changes)" if c.get("uncommitted_changes") else ""
+    ran = p.get("step_commits") or []
+    ran_at = (
+        "the steps ran at the same code"
+        if c.get("commit") and ran == [c["commit"] + ("+dirty" if c.get("uncommitted_changes") else "")]
+        else f"the steps ran at {', '.join(f'`{x}`' for x in ran)}"
+        if ran
+        else "the steps' commits are not recorded"
+    )
     return [
         f"Machine: {m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB"
         + (f", GPU {m['gpu']}" if m.get("gpu") else ", no GPU")
         + f"; bf16 native on the CPU: {'yes' if m['bf16_native_cpu'] else 'no'}; torch {m['torch']}.",
-        f"Code: commit `{c.get('commit') or 'unknown'}`{dirty}. Trained in: {', '.join(p['precisions']) or '–'}.",
+        f"Code: report written at commit `{c.get('commit') or 'unknown'}`{dirty}; {ran_at}. "
+        f"Trained in: {', '.join(p['precisions']) or '–'}.",
         f"Time: {p['started'] or '–'} to {p['ended'] or '–'}, {_clock(p['wall_seconds'])} from the first step's "
         f"start to the last step's end; the steps themselves took {_clock(p['step_seconds'])}.",
     ]
