@@ -436,3 +436,25 @@ def test_the_laptop_plan_builds_and_is_estimated_by_a_probe_with_its_spread():
     student = distill_preset("laptop")  # narrower, shorter students of the preset's own teachers
     assert (student.model.arch, student.optim.epochs, teacher["optim.epochs"]) == ("vgg-fast-s", 8, 12)
     assert student.teacher_spec() == "cifar10-vgg-fast-at"
+
+
+def test_the_teachers_targets_are_costed_once_per_checkpoint_with_the_teachers_network(monkeypatch):
+    from robustlogits.study.reproduce import estimate as est
+
+    def fixed(arch, num_classes=10, batch=128):
+        per = 1e-3 if arch == "vgg-fast" else 1e-4  # the teacher's forward ten times the student's
+        return est.Probe((per,) * 3, (per,) * 3, (per,) * 3, (per,) * 3, batch, "fp32", 0.0)
+
+    monkeypatch.setattr(est, "probe", fixed)
+    sc = scale("laptop")
+    steps = {s.name: s for s in build_plan(sc, sc.seeds, {"cifar10": "digest-a"}, None)}
+    est.estimate(list(steps.values()))
+    targets = 8 * 45000 * 1e-3  # n_augment passes over the training split with the AT teacher
+    first, later = steps["distill/cifar10/s0/normal"], steps["distill/cifar10/s0/permute-k3"]
+    assert first.estimate_s - later.estimate_s == pytest.approx(targets)
+    hybrid = steps["distill/cifar10/s0/hybrid"]  # its ST teacher's targets are new; the AT ones are paid
+    assert hybrid.estimate_s - later.estimate_s == pytest.approx(targets)
+    # an earlier checkpoint is another artifact: its first student pays, the next reuses it
+    e4_first, e4_later = steps["sweep/cifar10/s0/e4-l1"], steps["sweep/cifar10/s0/e4-kl"]
+    assert e4_first.estimate_s - e4_later.estimate_s == pytest.approx(targets)
+    assert steps["sweep/cifar10/s0/e12-kl"].estimate_s == pytest.approx(later.estimate_s)

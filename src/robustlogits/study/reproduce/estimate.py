@@ -114,6 +114,7 @@ class Estimator:
 
     def __init__(self):
         self.probes: dict[str, Probe] = {}
+        self.targets_costed: set[tuple] = set()  # teacher-logit artifacts already paid for, per spread point
 
     def probe(self, config: dict) -> Probe:
         arch = config["model.arch"]
@@ -133,7 +134,7 @@ class Estimator:
             return (
                 config["optim.epochs"] * n * p.sgd[at]
                 + config["optim.epochs"] * _eval_images(config) * p.forward[at]
-                + config["distill.n_augment"] * n * p.forward[at]  # the teacher's targets
+                + self._targets(step, config, n, at, train_configs)
                 + self.attack(config, step.args["n_examples"], step.args["n_iter"], at)
             )
         slowest = max(self.probes.values(), key=lambda p: p.input_grad_fp32[1], default=None)
@@ -145,6 +146,22 @@ class Estimator:
         if step.task == "reproduce-gap-response":
             return ANALYSIS_SECONDS + len(step.args["labels"]) * step.args["n_images"] * 11 * per_grad  # PGD-10
         return ANALYSIS_SECONDS
+
+    def _targets(self, step: Step, config: dict, n: int, at: int, train_configs: dict[str, dict]) -> float:
+        """The teachers' averaged logits, paid by the first student of each teacher checkpoint only:
+        later students reuse the keyed artifact. Costed with the teacher's network, not the student's."""
+        seconds = 0.0
+        for role in ("teacher", "st_teacher"):
+            teacher = step.needs.get(role)
+            if teacher is None:
+                continue
+            key = (teacher, step.args["teacher_epoch"] if role == "teacher" else None, config["distill.n_augment"], at)
+            if key in self.targets_costed:
+                continue
+            self.targets_costed.add(key)
+            teacher_probe = self.probe(train_configs[teacher]) if teacher in train_configs else self.probe(config)
+            seconds += config["distill.n_augment"] * n * teacher_probe.forward[at]
+        return seconds
 
     def attack(self, config: dict, n: int | None, n_iter: int, at: int) -> float:
         return (n or 10000) * n_iter * (1 + APGD_SURVIVORS) * self.probe(config).input_grad_fp32[at]
