@@ -175,6 +175,9 @@ def test_averaging_over_augmentations_reduces_target_noise_and_leaves_teacher_un
     assert spread(16) < 0.5 * spread(1)
     same = averaged_teacher_logits(teacher, bundle.train, 3, "train", seed=5)
     np.testing.assert_array_equal(same, averaged_teacher_logits(teacher, bundle.train, 3, "train", seed=5))
+    plain = averaged_teacher_logits(teacher, bundle.train, 3, "eval", seed=5)
+    layout = averaged_teacher_logits(teacher, bundle.train, 3, "eval", seed=5, channels_last=True)
+    torch.testing.assert_close(layout, plain, atol=1e-5, rtol=1e-5)  # a memory layout, not other targets
     assert all(torch.equal(before[k], v) for k, v in teacher.state_dict().items())
 
 

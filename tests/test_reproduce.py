@@ -449,7 +449,9 @@ def test_the_teachers_targets_are_costed_once_per_checkpoint_with_the_teachers_n
     sc = scale("laptop")
     steps = {s.name: s for s in build_plan(sc, sc.seeds, {"cifar10": "digest-a"}, None)}
     est.estimate(list(steps.values()))
-    targets = 8 * 45000 * 1e-3  # n_augment passes over the training split with the AT teacher
+    from robustlogits.config import distill_preset
+
+    targets = distill_preset("laptop").distill.n_augment * 45000 * 1e-3  # passes over the split, AT teacher
     first, later = steps["distill/cifar10/s0/normal"], steps["distill/cifar10/s0/permute-k3"]
     assert first.estimate_s - later.estimate_s == pytest.approx(targets)
     hybrid = steps["distill/cifar10/s0/hybrid"]  # its ST teacher's targets are new; the AT ones are paid
