@@ -3,6 +3,7 @@ kill, and reported beside the paper (checked in headless Chromium)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -401,8 +402,6 @@ def test_killed_between_steps_resumes_without_duplicates(tmp_path):
 
 
 def test_average_ks_narrows_the_average_students_only():
-    import dataclasses
-
     sc = dataclasses.replace(scale("smoke"), ks=(1, 3, 5, 7), average_ks=(1,))
     names = {s.name for s in build_plan(sc, 1, {"cifar10": "digest-a"}, None)}
     assert {f"distill/cifar10/s0/permute-k{k}" for k in (1, 3, 5, 7)} <= names
@@ -460,3 +459,27 @@ def test_the_teachers_targets_are_costed_once_per_checkpoint_with_the_teachers_n
     e4_first, e4_later = steps["sweep/cifar10/s0/e4-l1"], steps["sweep/cifar10/s0/e4-kl"]
     assert e4_first.estimate_s - e4_later.estimate_s == pytest.approx(targets)
     assert steps["sweep/cifar10/s0/e12-kl"].estimate_s == pytest.approx(later.estimate_s)
+
+
+def test_a_student_step_is_keyed_on_its_presets_values_and_refuses_a_preset_changed_since(monkeypatch):
+    from robustlogits.config import PRESETS
+    from robustlogits.study.reproduce.steps import planned_as
+
+    before = {s.name: s for s in build_plan(scale("smoke"), 1, {"cifar10": "digest-a"}, None)}
+    smoke = PRESETS["smoke"]
+    monkeypatch.setitem(
+        PRESETS,
+        "smoke",
+        dataclasses.replace(smoke, distill={**smoke.distill, "n_augment": smoke.distill["n_augment"] + 1}),
+    )
+    after = {s.name: s.key for s in build_plan(scale("smoke"), 1, {"cifar10": "digest-a"}, None)}
+    assert after["train/cifar10/at/s0"] == before["train/cifar10/at/s0"].key  # teachers do not distil
+    assert after["distill/cifar10/s0/normal"] != before["distill/cifar10/s0/normal"].key
+    assert after["analyze/cifar10/manifold/s0"] != before["analyze/cifar10/manifold/s0"].key  # downstream follows
+    from robustlogits.config import distill_preset
+
+    stale = before["distill/cifar10/s0/normal"]  # queued under the old values, run after the change
+    with pytest.raises(UserError, match="n_augment"):
+        planned_as(distill_preset("smoke"), json.loads(json.dumps(stale.args)), stale.name)
+    fresh = {s.name: s for s in build_plan(scale("smoke"), 1, {"cifar10": "digest-a"}, None)}
+    planned_as(distill_preset("smoke"), json.loads(json.dumps(fresh[stale.name].args)), stale.name)  # no error

@@ -82,6 +82,10 @@ def select_groups(only: list[str] | None, skip: list[str] | None) -> tuple[str, 
     return tuple(chosen)
 
 
+# where data and runs live, not what is computed: outside the keys
+UNKEYED = ("data.data_dir", "run.device", "run.experiment")
+
+
 def class_count(dataset: str, scale_: ScaleConfig) -> int:
     if dataset == "synthetic":
         return preset(scale_.preset).data.synthetic_classes
@@ -117,9 +121,7 @@ def _dataset_steps(sc: ScaleConfig, seeds: int, dataset: str, digest: str, data_
     for seed in range(seeds):
         for kind, training in (("st", "standard"), ("at", "adversarial")):
             cfg = teacher_config(sc.preset, dataset, training, seed, sc.train_overrides)
-            config = {
-                k: v for k, v in flatten(cfg).items() if k not in ("data.data_dir", "run.device", "run.experiment")
-            }
+            config = {k: v for k, v in flatten(cfg).items() if k not in UNKEYED}
             steps.append(
                 Step(
                     f"train/{dataset}/{kind}/s{seed}",
@@ -271,6 +273,7 @@ def _student(
 ) -> Step:
     args = {
         "preset": sc.preset,
+        "config": student_config(sc.preset),  # the key follows the preset's values, not only its name
         "manipulation": manipulation,
         "k": k,
         "seed": seed,
@@ -285,6 +288,13 @@ def _student(
         needs["st_teacher"] = f"train/{dataset}/st/s{seed}"
     prefix = "distill" if group == "distill" else "sweep"
     return Step(f"{prefix}/{dataset}/s{seed}/{label}", group, "distill", "reproduce-distill", args, needs)
+
+
+def student_config(preset_name: str) -> dict:
+    """A distillation preset's values as a step plans them (the step fills in teacher, k and seeds)."""
+    from robustlogits.config import distill_preset
+
+    return {k: v for k, v in flatten(distill_preset(preset_name)).items() if k not in UNKEYED}
 
 
 def select(steps: list[Step], groups: tuple[str, ...]) -> list[Step]:

@@ -103,7 +103,10 @@ def make_plan(opts: ReproduceConfig) -> ReproducePlan:
                         f"step {step.name} needs {name} ({by_name[name].group}), which is neither done "
                         f"nor selected; drop --only/--skip {by_name[name].group}"
                     )
-    study_key = tracking.job_key({"job": STUDY_JOB, **scale_params(sc, seeds), "data": datasets})
+    # the stage studies are named from this key: a plan whose steps changed (another preset's values,
+    # new code) gets new ones, so no item queued for the old plan is run under the new
+    steps_digest = tracking.job_key(sorted(s.key for s in steps))
+    study_key = tracking.job_key({"job": STUDY_JOB, **scale_params(sc, seeds), "data": datasets, "steps": steps_digest})
     return ReproducePlan(study_key, steps, chosen, done, datasets, skipped)
 
 

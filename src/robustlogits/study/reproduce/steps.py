@@ -8,12 +8,14 @@ checkpoints are not registered twice.
 
 from __future__ import annotations
 
+import json
 import logging
 import tempfile
 from pathlib import Path
 from typing import Callable
 
 from robustlogits import tracking
+from robustlogits.config import flatten
 from robustlogits.core.errors import UserError
 from robustlogits.study import engine
 
@@ -39,6 +41,26 @@ def run_of(key: str) -> str:
     return run_id
 
 
+def planned_as(cfg, args: dict, step: str) -> None:
+    """Refuse to run a step whose preset no longer resolves to the values it was keyed on."""
+    from robustlogits.study.reproduce.plan import UNKEYED
+
+    if args.get("config") is None:
+        return
+
+    def plain(values: dict) -> dict:  # as the item travelled: JSON, tuples as lists
+        return json.loads(json.dumps(values, default=str))
+
+    now = plain({k: v for k, v in flatten(cfg).items() if k not in UNKEYED})
+    planned = plain(args["config"])
+    changed = sorted(k for k in now.keys() | planned.keys() if now.get(k) != planned.get(k))
+    if changed:
+        raise UserError(
+            f"step {step}: preset {args['preset']!r} changed since it was planned ({', '.join(changed)}); "
+            "run reproduce again to plan it anew"
+        )
+
+
 def run_step(item: dict, job: Callable[[], str]) -> dict[str, float]:
     """The engine's keyed run under the plan's key for the step (`plan.build_plan` computed it)."""
     log.info("%s: running, or reusing the finished run with key %s", item["step"], item["key"])
@@ -57,6 +79,7 @@ def train_step(item: dict) -> dict[str, float]:
         cfg = teacher_config(
             args["preset"], args["dataset"], args["training"], args["seed"], args["overrides"], args.get("data_dir")
         )
+        planned_as(cfg, args, item["step"])
         killed = [
             r.info.run_id
             for r in tracking.find_runs_with_key(item["key"], ("FAILED", "KILLED"))
@@ -101,6 +124,7 @@ def distill_step(item: dict) -> dict[str, float]:
 
     def job() -> str:
         cfg = distill_preset(args["preset"])
+        planned_as(cfg, args, item["step"])
         d = cfg.distill
         d.teacher = checkpoint_uri(run_of(inputs["teacher"]), args["teacher_epoch"])
         if "st_teacher" in inputs:
