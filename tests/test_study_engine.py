@@ -167,7 +167,8 @@ def test_two_worker_processes_and_a_worker_killed_mid_trial(tmp_path, monkeypatc
 
 def test_ctrl_c_fails_the_trial_and_its_run_and_leaves_a_resumable_study(tmp_path, monkeypatch):
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(REPO / "src"), str(REPO), os.environ.get("PYTHONPATH", "")]))
-    monkeypatch.setenv("SQUARE_SLEEP", "3")
+    monkeypatch.setenv("SQUARE_SLEEP", "30")
+    # long enough that the signal lands inside a trial however loaded the machine is (the interrupt ends it)
     study, _ = start(tmp_path)
     url = storage_url(tmp_path)
     worker = subprocess.Popen(
