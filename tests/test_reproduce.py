@@ -219,6 +219,19 @@ def test_second_run_does_nothing(in_study):
     assert "cnn-tiny" in table and "over 5 repeats" in table and "at the probe's fastest and slowest" in table
 
 
+def test_a_narrower_selection_works_off_its_own_stage_studies(in_study):
+    """A `--only sweeps` run shares the distill stage with the students; it must not run the students
+    an earlier full run queued there (it did, on the laptop study), while a rerun resumes its own queue."""
+    from robustlogits.study.reproduce.run import stage_study_name
+
+    full, again = make_plan(ReproduceConfig(scale="test")), make_plan(ReproduceConfig(scale="test"))
+    sweeps = make_plan(ReproduceConfig(scale="test", only=["sweeps"]))
+    assert {s.stage for s in sweeps.chosen} == {"distill"} and len(sweeps.chosen) < len(full.chosen)
+    assert stage_study_name(full, "distill") == stage_study_name(again, "distill")
+    assert stage_study_name(sweeps, "distill") != stage_study_name(full, "distill")
+    assert full.study_key == sweeps.study_key  # one study run: the selections differ, not the plan
+
+
 def _cells(html: str, table: str) -> dict[str, list[str]]:
     body = html.split(f'id="{table}"', 1)[1].split("</table>", 1)[0]
     rows = {}
@@ -435,6 +448,36 @@ def test_the_laptop_plan_builds_and_is_estimated_by_a_probe_with_its_spread():
     student = distill_preset("laptop")  # narrower, shorter students of the preset's own teachers
     assert (student.model.arch, student.optim.epochs, teacher["optim.epochs"]) == ("vgg-fast-s", 8, 12)
     assert student.teacher_spec() == "cifar10-vgg-fast-at"
+
+
+def test_a_preset_that_trains_st_longer_reads_each_teacher_at_its_own_epoch(monkeypatch):
+    from robustlogits.config import PRESETS, preset
+
+    laptop = PRESETS["laptop"]
+    st, at = preset("laptop", "standard"), preset("laptop", "adversarial")
+    assert (st.run.training, at.run.training) == ("standard", "adversarial")
+    assert (st.optim.epochs, at.optim.epochs) == (18, 12) and st.resolved_teacher_epoch() == 18
+    assert preset("laptop").optim.epochs == 12  # no training named: the row's shared values only
+    steps = {s.name: s for s in build_plan(scale("laptop"), 1, {"cifar10": "digest-a"}, None)}
+    assert steps["train/cifar10/st/s0"].args["config"]["optim.epochs"] == 18
+    assert steps["train/cifar10/at/s0"].args["config"]["optim.epochs"] == 12
+    assert (steps["attack/cifar10/st/s0"].args["epoch"], steps["attack/cifar10/at/s0"].args["epoch"]) == (18, 12)
+    hybrid, normal = steps["distill/cifar10/s0/hybrid"], steps["distill/cifar10/s0/normal"]
+    assert (hybrid.args["teacher_epoch"], hybrid.args["st_teacher_epoch"]) == (12, 18)
+    assert "st_teacher_epoch" not in normal.args
+    assert steps["analyze/cifar10/theory"].args["epochs"] == [18, 12]  # runs: ST, AT
+    assert steps["analyze/cifar10/gap-response"].args["epochs"] == [18, 12]
+    manifold = steps["analyze/cifar10/manifold/s0"].args
+    assert dict(zip(manifold["labels"], manifold["epochs"]))["ST teacher"] == 18
+    ranks = steps["analyze/cifar10/ranks"].args
+    assert dict(zip(ranks["labels"], ranks["epochs"])) == {"AT s0": 12, "ST s0": 18}
+    # without the ST row every teacher is read at the shared epoch, and the AT side keeps its keys
+    monkeypatch.setitem(PRESETS, "laptop", dataclasses.replace(laptop, standard={}))
+    shared = {s.name: s for s in build_plan(scale("laptop"), 1, {"cifar10": "digest-a"}, None)}
+    assert shared["attack/cifar10/st/s0"].args["epoch"] == 12 and "st_teacher_epoch" not in shared[hybrid.name].args
+    assert shared["train/cifar10/st/s0"].key != steps["train/cifar10/st/s0"].key
+    for name in ("train/cifar10/at/s0", "attack/cifar10/at/s0", normal.name, "sweep/cifar10/s0/e4-kl"):
+        assert shared[name].key == steps[name].key, name
 
 
 def test_the_teachers_targets_are_costed_once_per_checkpoint_with_the_teachers_network(monkeypatch):

@@ -38,8 +38,7 @@ def train(
     from robustlogits.jobs.train import run_training
 
     resume = blank(resume)
-    cfg = make_preset(preset)
-    cfg.run.training = training
+    cfg = make_preset(preset, training)
     pairs = [
         ("data.dataset", blank(dataset)),
         ("model.arch", blank(arch)),
@@ -273,10 +272,13 @@ def import_model(
 
 @app.command("config")
 @cli_errors
-def show_config(preset: str = typer.Option(DEFAULT_PRESET, help="preset to print")):
+def show_config(
+    preset: str = typer.Option(DEFAULT_PRESET, help="preset to print"),
+    training: Optional[str] = typer.Option(None, help="standard | adversarial: that teacher's config"),
+):
     """Print every config key of a preset (what --set and MLflow params use)."""
     from robustlogits.config import flatten
     from robustlogits.config import preset as make_preset
 
-    for key, value in flatten(make_preset(preset)).items():
+    for key, value in flatten(make_preset(preset, blank(training))).items():
         typer.echo(f"{key}={value}")

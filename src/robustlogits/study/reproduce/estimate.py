@@ -155,7 +155,8 @@ class Estimator:
             teacher = step.needs.get(role)
             if teacher is None:
                 continue
-            key = (teacher, step.args["teacher_epoch"] if role == "teacher" else None, config["distill.n_augment"], at)
+            epoch = step.args["teacher_epoch"] if role == "teacher" else step.args.get("st_teacher_epoch")
+            key = (teacher, epoch, config["distill.n_augment"], at)
             if key in self.targets_costed:
                 continue
             self.targets_costed.add(key)

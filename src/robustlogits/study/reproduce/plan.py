@@ -20,8 +20,7 @@ STAGES = ("train", "attack", "distill", "analyze")
 
 def teacher_config(preset_name: str, dataset: str, training: str, seed: int, overrides=(), data_dir=None):
     """A teacher's resolved training config, as logged (resolved defaults, not "None")."""
-    cfg = preset(preset_name)
-    cfg.run.training = training
+    cfg = preset(preset_name, training)
     cfg.data.dataset = dataset
     cfg.run.seed = seed
     cfg.data.data_dir = data_dir
@@ -115,7 +114,11 @@ def build_plan(scale_: ScaleConfig, seeds: int, datasets: dict[str, str], data_d
 
 def _dataset_steps(sc: ScaleConfig, seeds: int, dataset: str, digest: str, data_dir: str | None) -> list[Step]:
     steps: list[Step] = []
-    teacher_epoch = teacher_config(sc.preset, dataset, "adversarial", 0, sc.train_overrides).run.teacher_epoch
+    # each teacher is read at its own teacher epoch: a preset may train ST longer than AT
+    epoch_of = {
+        kind: teacher_config(sc.preset, dataset, training, 0, sc.train_overrides).run.teacher_epoch
+        for kind, training in (("st", "standard"), ("at", "adversarial"))
+    }
     checkpoints = teacher_config(sc.preset, dataset, "adversarial", 0, sc.train_overrides).run.checkpoint_epochs
     attack = {"n_examples": sc.attack_n_examples, "n_iter": sc.attack_n_iter}
     for seed in range(seeds):
@@ -146,7 +149,7 @@ def _dataset_steps(sc: ScaleConfig, seeds: int, dataset: str, digest: str, data_
                     "attack",
                     "attack",
                     "reproduce-attack",
-                    {"epoch": teacher_epoch, "seed": 0, **attack, "data_dir": data_dir},
+                    {"epoch": epoch_of[kind], "seed": 0, **attack, "data_dir": data_dir},
                     {"model": f"train/{dataset}/{kind}/s{seed}"},
                 )
             )
@@ -163,14 +166,14 @@ def _dataset_steps(sc: ScaleConfig, seeds: int, dataset: str, digest: str, data_
     if distilled:
         for seed in range(seeds):
             for label, manipulation, k in students:
-                steps.append(
-                    _student(sc, dataset, seed, label, manipulation, k, teacher_epoch, "l1", "distill", data_dir)
-                )
+                steps.append(_student(sc, dataset, seed, label, manipulation, k, epoch_of, "l1", "distill", data_dir))
         for seed in range(min(seeds, sc.sweep_seeds or seeds)):
             for epoch in sc.sweep_epochs or checkpoints:
                 for loss in sc.sweep_losses:
                     steps.append(
-                        _student(sc, dataset, seed, f"e{epoch}-{loss}", "none", None, epoch, loss, "sweeps", data_dir)
+                        _student(
+                            sc, dataset, seed, f"e{epoch}-{loss}", "none", None, {"at": epoch}, loss, "sweeps", data_dir
+                        )
                     )
     teachers = {"at": f"train/{dataset}/at/s0", "st": f"train/{dataset}/st/s0"}
     steps.append(
@@ -189,7 +192,7 @@ def _dataset_steps(sc: ScaleConfig, seeds: int, dataset: str, digest: str, data_
             "theory",
             "analyze",
             "reproduce-theory",
-            {"classes": classes, "epoch": teacher_epoch},
+            {"classes": classes, "epochs": [epoch_of["st"], epoch_of["at"]]},
             {"runs": [teachers["st"], teachers["at"]]},
         )
     )
@@ -201,7 +204,7 @@ def _dataset_steps(sc: ScaleConfig, seeds: int, dataset: str, digest: str, data_
             "reproduce-gap-response",
             {
                 "labels": ["ST teacher", "AT teacher"],
-                "epochs": [teacher_epoch, teacher_epoch],
+                "epochs": [epoch_of["st"], epoch_of["at"]],
                 "n_images": sc.response_images,
                 "data_dir": data_dir,
             },
@@ -211,6 +214,7 @@ def _dataset_steps(sc: ScaleConfig, seeds: int, dataset: str, digest: str, data_
     student_labels = [label for label, _, _ in students] if distilled else []
     for seed in range(min(seeds, sc.manifold_seeds or seeds)):
         models = {"ST teacher": f"train/{dataset}/st/s{seed}", "AT teacher": f"train/{dataset}/at/s{seed}"}
+        teacher_epochs = {"ST teacher": epoch_of["st"], "AT teacher": epoch_of["at"]}
         for role, label in MANIFOLD_STUDENTS.items():  # section 4.2: Figure 5 studies these students
             if label in student_labels:
                 models[role] = f"distill/{dataset}/s{seed}/{label}"
@@ -223,7 +227,7 @@ def _dataset_steps(sc: ScaleConfig, seeds: int, dataset: str, digest: str, data_
                 {
                     "seed": seed,
                     "labels": list(models),
-                    "epochs": [teacher_epoch if "teacher" in label else None for label in models],
+                    "epochs": [teacher_epochs.get(label) for label in models],
                     "n_images": sc.manifold_images,
                     "n_perturbations": sc.manifold_perturbations,
                     "n_features": sc.manifold_features,
@@ -235,12 +239,14 @@ def _dataset_steps(sc: ScaleConfig, seeds: int, dataset: str, digest: str, data_
             )
         )
     teachers_all = [
-        (f"{kind.upper()} s{seed}", f"train/{dataset}/{kind}/s{seed}") for kind in ("at", "st") for seed in range(seeds)
+        (f"{kind.upper()} s{seed}", f"train/{dataset}/{kind}/s{seed}", epoch_of[kind])
+        for kind in ("at", "st")
+        for seed in range(seeds)
     ]
     for analysis in CROSS_MODEL:
-        needs = {"models": [name for _, name in teachers_all]}
+        needs = {"models": [name for _, name, _ in teachers_all]}
         if analysis == "errors":
-            needs["attacks"] = [name.replace("train/", "attack/", 1) for _, name in teachers_all]
+            needs["attacks"] = [name.replace("train/", "attack/", 1) for _, name, _ in teachers_all]
         steps.append(
             Step(
                 f"analyze/{dataset}/{analysis}",
@@ -249,8 +255,8 @@ def _dataset_steps(sc: ScaleConfig, seeds: int, dataset: str, digest: str, data_
                 "reproduce-cross-model",
                 {
                     "analysis": analysis,
-                    "labels": [label for label, _ in teachers_all],
-                    "epochs": [teacher_epoch] * len(teachers_all),
+                    "labels": [label for label, _, _ in teachers_all],
+                    "epochs": [epoch for _, _, epoch in teachers_all],
                     "data_dir": data_dir,
                 },
                 needs,
@@ -266,11 +272,12 @@ def _student(
     label: str,
     manipulation: str,
     k: int | None,
-    epoch: int,
+    epochs: dict[str, int],
     loss: str,
     group: str,
     data_dir: str | None,
 ) -> Step:
+    """`epochs`: the teacher checkpoint per kind ("at"; "st" too for the hybrid student)."""
     args = {
         "preset": sc.preset,
         "config": student_config(sc.preset),  # the key follows the preset's values, not only its name
@@ -278,7 +285,7 @@ def _student(
         "k": k,
         "seed": seed,
         "loss": loss,
-        "teacher_epoch": epoch,
+        "teacher_epoch": epochs["at"],
         "n_examples": sc.attack_n_examples,
         "n_iter": sc.attack_n_iter,
         "data_dir": data_dir,
@@ -286,6 +293,8 @@ def _student(
     needs = {"teacher": f"train/{dataset}/at/s{seed}"}
     if manipulation == "hybrid":
         needs["st_teacher"] = f"train/{dataset}/st/s{seed}"
+        if epochs["st"] != epochs["at"]:  # only then: the other students' keys stay as they were
+            args["st_teacher_epoch"] = epochs["st"]
     prefix = "distill" if group == "distill" else "sweep"
     return Step(f"{prefix}/{dataset}/s{seed}/{label}", group, "distill", "reproduce-distill", args, needs)
 

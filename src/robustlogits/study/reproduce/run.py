@@ -33,6 +33,7 @@ STUDY_JOB = "reproduce"
 @dataclass
 class ReproducePlan:
     study_key: str
+    selection_key: str  # the chosen steps': a stage study runs what this selection queued, nothing else
     steps: list[Step]
     chosen: list[Step]
     done: dict[str, str | None]  # step name -> FINISHED run id (None: not done)
@@ -107,7 +108,14 @@ def make_plan(opts: ReproduceConfig) -> ReproducePlan:
     # new code) gets new ones, so no item queued for the old plan is run under the new
     steps_digest = tracking.job_key(sorted(s.key for s in steps))
     study_key = tracking.job_key({"job": STUDY_JOB, **scale_params(sc, seeds), "data": datasets, "steps": steps_digest})
-    return ReproducePlan(study_key, steps, chosen, done, datasets, skipped)
+    # the stage studies are also named from the selection: a `--only sweeps` run must not work off
+    # students an earlier, wider run of the same plan queued in the same stage (they share the stage)
+    selection_key = tracking.job_key(sorted(s.key for s in chosen))[:12]
+    return ReproducePlan(study_key, selection_key, steps, chosen, done, datasets, skipped)
+
+
+def stage_study_name(plan: ReproducePlan, stage: str) -> str:
+    return f"reproduce-{plan.study_key}-{plan.selection_key}-{stage}"
 
 
 def run_reproduce(opts: ReproduceConfig) -> dict:
@@ -138,7 +146,7 @@ def run_reproduce(opts: ReproduceConfig) -> dict:
                     todo.setdefault(step.key, step)
             if todo:
                 log.info("stage %s: %d step(s) to run", stage, len(todo))
-                run_stage(f"reproduce-{plan.study_key}-{stage}", [s.item(keys) for s in todo.values()], opts, parent)
+                run_stage(stage_study_name(plan, stage), [s.item(keys) for s in todo.values()], opts, parent)
         from robustlogits.study.reproduce.report import write_report
 
         report, verdicts = write_report(plan, sc, seeds, parent, Path(opts.out))

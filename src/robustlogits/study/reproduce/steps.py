@@ -128,7 +128,9 @@ def distill_step(item: dict) -> dict[str, float]:
         d = cfg.distill
         d.teacher = checkpoint_uri(run_of(inputs["teacher"]), args["teacher_epoch"])
         if "st_teacher" in inputs:
-            d.st_teacher = checkpoint_uri(run_of(inputs["st_teacher"]), args["teacher_epoch"])
+            d.st_teacher = checkpoint_uri(
+                run_of(inputs["st_teacher"]), args.get("st_teacher_epoch", args["teacher_epoch"])
+            )
         d.manipulation, d.k, d.loss = args["manipulation"], args["k"], args["loss"]
         d.manipulation_seed = cfg.run.seed = args["seed"]
         d.attack_n_examples, d.attack_n_iter = args["n_examples"], args["n_iter"]
@@ -157,7 +159,7 @@ def theory_step(item: dict) -> dict[str, float]:
     args = item["args"]
 
     def job() -> str:
-        specs = [f"{run_of(key)}:{args['epoch']}" for key in item["inputs"]["runs"]]
+        specs = [f"{run_of(key)}:{epoch}" for key, epoch in zip(item["inputs"]["runs"], args["epochs"])]
         with tempfile.TemporaryDirectory() as out:
             return theory.run(Path(out), (args["classes"],), logits_runs=specs)["run_id"]
 
