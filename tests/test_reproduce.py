@@ -297,6 +297,12 @@ def test_the_report_says_where_when_and_from_which_commit_its_numbers_came(in_st
     runs = set(tracking.finished_runs_by_key()[s.key] for s in plan.steps)
     assert {r["run"] for r in prov["steps"]} == runs and len(prov["steps"]) == len(runs)  # each run once
     assert all(r["seconds"] > 0 for r in prov["steps"])
+    # timed as the worker ran each step: a student that made its teacher's logits first is charged
+    # for them (they live on a run of their own, before the student's run opens)
+    assert {r["timed_by"] for r in prov["steps"]} == {"worker"} and prov["steps_timed_by_worker"] == len(runs)
+    assert all(r["seconds"] >= r["run_seconds"] for r in prov["steps"])
+    first_student = next(r for r in prov["steps"] if r["step"].startswith("distill/"))
+    assert first_student["seconds"] > first_student["run_seconds"]
     assert prov["wall_seconds"] >= max(r["seconds"] for r in prov["steps"]) and prov["step_seconds"] > 0
     head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True).stdout
     assert prov["code"]["commit"] == head.strip() and prov["machine"]["cores"] == os.cpu_count()
@@ -305,6 +311,7 @@ def test_the_report_says_where_when_and_from_which_commit_its_numbers_came(in_st
     assert prov["precisions"] == ["fp32"]  # the test preset trains in fp32
     markdown = (Path(in_study["opts"].out) / "report" / "report.md").read_text()
     assert "## Provenance" in markdown and prov["machine"]["cpu"] in markdown
+    assert "each as its worker timed it, teacher logits included" in markdown
 
 
 @pytest.mark.skipif(
@@ -454,6 +461,8 @@ def test_a_preset_that_trains_st_longer_reads_each_teacher_at_its_own_epoch(monk
     from robustlogits.config import PRESETS, preset
 
     laptop = PRESETS["laptop"]
+    longer = {"optim.epochs": 18, "run.checkpoint_epochs": (4, 8, 12, 18)}
+    monkeypatch.setitem(PRESETS, "laptop", dataclasses.replace(laptop, standard=longer))
     st, at = preset("laptop", "standard"), preset("laptop", "adversarial")
     assert (st.run.training, at.run.training) == ("standard", "adversarial")
     assert (st.optim.epochs, at.optim.epochs) == (18, 12) and st.resolved_teacher_epoch() == 18

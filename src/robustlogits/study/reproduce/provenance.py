@@ -7,6 +7,7 @@ runs trained in, the commit, and every step's run with its start, end and durati
 
 from __future__ import annotations
 
+import logging
 import os
 import platform
 from datetime import datetime, timezone
@@ -15,6 +16,8 @@ import torch
 
 from robustlogits import tracking
 from robustlogits.core import checkout
+
+log = logging.getLogger(__name__)
 
 
 def machine() -> dict:
@@ -42,8 +45,13 @@ def _iso(ms: int | None) -> str | None:
     return datetime.fromtimestamp(ms / 1000, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ") if ms else None
 
 
-def step_times(steps, runs: dict[str, str | None]) -> list[dict]:
-    """Each step's run and how long it took; a step that is another's run (same key) is listed once."""
+def step_times(steps, runs: dict[str, str | None], task_seconds: dict[str, float] | None = None) -> list[dict]:
+    """Each step's run and how long it took; a step that is another's run (same key) is listed once.
+
+    `task_seconds` (step key -> seconds, from the stage studies) is the step as its worker timed it;
+    the run's own start and end miss what the step did before opening it (a student's teacher logits,
+    which go to a run of their own). Without it, the run's duration stands in."""
+    task_seconds = task_seconds or {}
     rows, seen = [], set()
     for step in steps:
         run_id = runs.get(step.name)
@@ -51,14 +59,16 @@ def step_times(steps, runs: dict[str, str | None]) -> list[dict]:
             continue
         seen.add(run_id)
         record = tracking.run_record(run_id)
-        seconds = (record.end_time - record.start_time) / 1000 if record.end_time and record.start_time else None
+        run_seconds = (record.end_time - record.start_time) / 1000 if record.end_time and record.start_time else None
         rows.append(
             {
                 "step": step.name,
                 "run": run_id,
                 "started": _iso(record.start_time),
                 "ended": _iso(record.end_time),
-                "seconds": seconds,
+                "seconds": task_seconds.get(step.key, run_seconds),
+                "run_seconds": run_seconds,
+                "timed_by": "worker" if step.key in task_seconds else "run",
                 "precision": record.params.get("run.precision"),
                 # runs from before the commit tag carry MLflow's own, where it found the checkout
                 "commit": record.tags.get(tracking.CODE_TAG) or record.tags.get("mlflow.source.git.commit"),
@@ -69,8 +79,19 @@ def step_times(steps, runs: dict[str, str | None]) -> list[dict]:
     return rows
 
 
-def provenance(steps, runs: dict[str, str | None]) -> dict:
-    rows = step_times(steps, runs)
+def worker_times(storage_url: str | None) -> dict[str, float]:
+    """Step key -> seconds from the study's Optuna storage; empty where it cannot be read."""
+    from robustlogits.study import engine
+
+    try:
+        return engine.task_seconds_by_key(storage_url or engine.default_storage())
+    except Exception as exc:  # noqa: BLE001 - the report stands without them; it says which timing it used
+        log.warning("step times from the runs only: the study storage could not be read (%s)", exc)
+        return {}
+
+
+def provenance(steps, runs: dict[str, str | None], task_seconds: dict[str, float] | None = None) -> dict:
+    rows = step_times(steps, runs, task_seconds)
     starts = [r.pop("_start") for r in rows]
     ends = [r.pop("_end") for r in rows]
     starts, ends = [s for s in starts if s], [e for e in ends if e]
@@ -82,6 +103,7 @@ def provenance(steps, runs: dict[str, str | None]) -> dict:
         # first step's start to last step's end: includes any pause between resumed sessions
         "wall_seconds": (max(ends) - min(starts)) / 1000 if starts and ends else None,
         "step_seconds": sum(r["seconds"] or 0 for r in rows),
+        "steps_timed_by_worker": sum(r["timed_by"] == "worker" for r in rows),
         "precisions": sorted({r["precision"] for r in rows if r["precision"]}),
         "step_commits": sorted({r["commit"] for r in rows if r["commit"]}),
         "steps": rows,
@@ -115,8 +137,19 @@ def summary(p: dict) -> list[str]:
         f"Code: report written at commit `{c.get('commit') or 'unknown'}`{dirty}; {ran_at}. "
         f"Trained in: {', '.join(p['precisions']) or '–'}.",
         f"Time: {p['started'] or '–'} to {p['ended'] or '–'}, {_clock(p['wall_seconds'])} from the first step's "
-        f"start to the last step's end; the steps themselves took {_clock(p['step_seconds'])}.",
+        f"start to the last step's end; the steps themselves took {_clock(p['step_seconds'])}" + _timed_by(p) + ".",
     ]
+
+
+def _timed_by(p: dict) -> str:
+    timed, total = p.get("steps_timed_by_worker", 0), len(p["steps"])
+    if timed == total:
+        return " (each as its worker timed it, teacher logits included)"
+    if timed:
+        return (
+            f" ({timed} of {total} as their worker timed them; the rest by their run, which leaves out teacher logits)"
+        )
+    return " (by each step's run, which leaves out a student's teacher logits)"
 
 
 def markdown_lines(p: dict) -> list[str]:

@@ -25,7 +25,7 @@ from robustlogits import tracking  # noqa: E402
 from robustlogits.study.reproduce.claims import judge_all  # noqa: E402
 from robustlogits.study.reproduce.collect import collect  # noqa: E402
 from robustlogits.study.reproduce.paper import TABLE1, TABLE2, TABLE2_LABELS, TEACHER_TRAIN_ERROR  # noqa: E402
-from robustlogits.study.reproduce.provenance import html_lines, markdown_lines, provenance  # noqa: E402
+from robustlogits.study.reproduce.provenance import html_lines, markdown_lines, provenance, worker_times  # noqa: E402
 
 UI_URL = os.environ.get("ROBUSTLOGITS_UI_URL", "http://127.0.0.1:5000")
 
@@ -297,7 +297,11 @@ def build_sections(plan, sc, seeds: int, folder: Path) -> dict:
         "datasets": datasets,
         "skipped": plan.skipped_datasets,
         "study_key": plan.study_key,
-        "provenance": provenance(plan.steps, {n: r for res in studies.values() for n, r in res["runs"].items()}),
+        "provenance": provenance(
+            plan.steps,
+            {n: r for res in studies.values() for n, r in res["runs"].items()},
+            worker_times(plan.storage),
+        ),
     }
 
 

@@ -39,6 +39,7 @@ class ReproducePlan:
     done: dict[str, str | None]  # step name -> FINISHED run id (None: not done)
     datasets: dict[str, str]
     skipped_datasets: dict[str, str]
+    storage: str | None = None  # the stage studies' Optuna storage (None: beside the tracking store)
 
 
 def dataset_digests(datasets: tuple[str, ...], preset_name: str, data_dir: str | None) -> tuple[dict, dict]:
@@ -111,7 +112,7 @@ def make_plan(opts: ReproduceConfig) -> ReproducePlan:
     # the stage studies are also named from the selection: a `--only sweeps` run must not work off
     # students an earlier, wider run of the same plan queued in the same stage (they share the stage)
     selection_key = tracking.job_key(sorted(s.key for s in chosen))[:12]
-    return ReproducePlan(study_key, selection_key, steps, chosen, done, datasets, skipped)
+    return ReproducePlan(study_key, selection_key, steps, chosen, done, datasets, skipped, opts.storage)
 
 
 def stage_study_name(plan: ReproducePlan, stage: str) -> str:
