@@ -195,6 +195,7 @@ def test_ctrl_c_fails_the_trial_and_its_run_and_leaves_a_resumable_study(tmp_pat
     ):
         assert time.monotonic() < deadline and worker.poll() is None
         time.sleep(0.2)
+    time.sleep(3)  # past the trial's run set-up, into its 30 s task: the signal must interrupt the task itself
     worker.send_signal(signal.SIGINT)
     assert worker.wait(timeout=60) != 0
     interrupted = [t for t in study.get_trials() if t.state == optuna.trial.TrialState.FAIL]
