@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from robustlogits.config.distill import DistillationConfig, DistillConfig
 from robustlogits.config.overrides import set_value
 from robustlogits.config.study import ScaleConfig
-from robustlogits.config.train import TrainConfig
+from robustlogits.config.train import TRAININGS, TrainConfig
 from robustlogits.core.errors import UserError
 
 EPS = 8 / 255
@@ -191,6 +191,8 @@ def preset(name: str, training: str | None = None) -> TrainConfig:
     for key, value in row.train.items():
         set_value(cfg, key, value)
     if training is not None:
+        if training not in TRAININGS:
+            raise UserError(f"unknown training {training!r}; choose one of: {', '.join(TRAININGS)}")
         cfg.run.training = training
         if training == "standard":
             for key, value in row.standard.items():
