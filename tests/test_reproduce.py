@@ -469,7 +469,7 @@ def test_a_preset_that_trains_st_longer_reads_each_teacher_at_its_own_epoch(monk
     assert (st.run.training, at.run.training) == ("standard", "adversarial")
     assert (st.optim.epochs, at.optim.epochs) == (18, 12) and st.resolved_teacher_epoch() == 18
     assert preset("laptop").optim.epochs == 12  # no training named: the row's shared values only
-    with pytest.raises(UserError, match="unknown training 'foo'; choose one of: standard, adversarial"):
+    with pytest.raises(UserError, match="unknown run.training 'foo'; choose one of: standard, adversarial"):
         preset("laptop", "foo")
     steps = {s.name: s for s in build_plan(scale("laptop"), 1, {"cifar10": "digest-a"}, None)}
     assert steps["train/cifar10/st/s0"].args["config"]["optim.epochs"] == 18

@@ -192,7 +192,7 @@ def preset(name: str, training: str | None = None) -> TrainConfig:
         set_value(cfg, key, value)
     if training is not None:
         if training not in TRAININGS:
-            raise UserError(f"unknown training {training!r}; choose one of: {', '.join(TRAININGS)}")
+            raise UserError(f"unknown run.training {training!r}; choose one of: {', '.join(TRAININGS)}")
         cfg.run.training = training
         if training == "standard":
             for key, value in row.standard.items():
