@@ -246,8 +246,14 @@ def test_a_laptop_like_setup_names_its_departures_beside_the_claims_that_depend_
     for rows in studies["cifar10"]["students"].values():
         for row in rows:
             row |= {"epochs": 8, "arch": "vgg-fast-s"}
+    recipe = {"optim.batch_size": "512", "data.crop_pad": "4", "optim.lr": "0.2"}
+    studies["cifar10"]["teachers"]["at"][0]["recipe"] = recipe
+    studies["cifar10"]["teachers"]["st"][0]["recipe"] = recipe | {"optim.batch_size": "256", "data.crop_pad": "2"}
     judged = judge_all(studies, "laptop")
     assert set(judged["differences"]) == set(PAPER_SETUP)
+    # the paper trains both teachers alike; an ST teacher trained its own way says how, beside every claim
+    assert judged["differences"]["ST teacher"]["study"] == "batch_size 256 (AT 512), crop_pad 2 (AT 4)"
+    assert "ST teacher" in {c["id"]: c for c in judged["claims"]}["gap-smaller"]["differs"]
     assert judged["differences"]["adversary"]["study"].startswith("FGSM")
     assert judged["differences"]["teacher epoch"]["study"] == "epoch 15 of 15"
     assert judged["differences"]["students"]["study"] == "vgg-fast-s, 8 epochs"  # the paper distils into ResNet-18s

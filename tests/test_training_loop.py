@@ -242,3 +242,54 @@ def test_label_smoothing_changes_the_loss_and_zero_is_plain_cross_entropy():
     smoothed = standard_objective(0.1).loss(logits, labels, positions)
     assert torch.isclose(smoothed, F.cross_entropy(logits, labels, label_smoothing=0.1))
     assert not torch.isclose(plain, smoothed)
+
+
+def test_crop_pad_reaches_the_augmentation_and_nesterov_the_optimizer(split, monkeypatch):
+    pads = []
+    augment = training.augment
+
+    def recording(images, generator, pad=4):
+        pads.append(pad)
+        return augment(images, generator, pad)
+
+    monkeypatch.setattr(training, "augment", recording)
+    optim = OptimConfig(epochs=1, batch_size=64, lr=0.05, nesterov=True)
+    state = make_state(build_model("cnn-tiny", 10, "synthetic"), optim, DEVICE, 0)
+    assert state.optimizer.param_groups[0]["nesterov"] is True
+    fit(state, split, standard_objective(), optim, crop_pad=2, progress=False)
+    assert pads and set(pads) == {2}
+    frames = augment(split.images[:64], torch.Generator().manual_seed(0), 0)
+    flipped = frames.flip(-1)
+    assert all(torch.equal(f, x) or torch.equal(g, x) for f, g, x in zip(frames, flipped, split.images[:64]))
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [({"data.crop_pad": -1}, "data.crop_pad must be in 0..16"), ({"optim.momentum": 0.0}, "optim.nesterov needs")],
+)
+def test_bad_crop_pad_or_nesterov_without_momentum_is_one_clear_error(change, message):
+    from robustlogits.config import apply_overrides, preset
+    from robustlogits.core.errors import UserError
+
+    cfg = preset("test")
+    apply_overrides(cfg, ["optim.nesterov=true"] + [f"{k}={v}" for k, v in change.items()])
+    if "data.crop_pad" in change:
+        cfg.optim.nesterov = False
+    with pytest.raises(UserError, match=message):
+        cfg.validate()
+
+
+def test_new_knobs_at_their_old_behaviour_keep_every_key():
+    """Results computed before `crop_pad` and `nesterov` existed are still found by their keys."""
+    from robustlogits import tracking
+    from robustlogits.config import TrainConfig, flatten, keyed_view
+    from robustlogits.jobs.train import training_identity
+
+    cfg = TrainConfig()
+    before = {k: v for k, v in flatten(cfg).items() if k not in ("data.crop_pad", "optim.nesterov")}
+    assert keyed_view(cfg) == before
+    assert training_identity(cfg) == tracking.job_key({"job": "train", **before})
+    cfg.data.crop_pad = 2
+    assert keyed_view(cfg)["data.crop_pad"] == 2 and training_identity(cfg) != tracking.job_key(
+        {"job": "train", **before}
+    )

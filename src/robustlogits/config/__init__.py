@@ -8,7 +8,7 @@ from robustlogits.config.analysis import ManifoldConfig
 from robustlogits.config.attack import AttackConfig
 from robustlogits.config.distill import DistillationConfig, DistillConfig
 from robustlogits.config.model_import import ImportConfig
-from robustlogits.config.overrides import apply_overrides, coerce, flatten, set_value
+from robustlogits.config.overrides import apply_overrides, coerce, flatten, keyed_view, set_value
 from robustlogits.config.presets import DEFAULT_PRESET, PRESETS, Preset, distill_preset, preset, preset_row, scale
 from robustlogits.config.study import ReproduceConfig, ScaleConfig, SweepConfig
 from robustlogits.config.train import (
@@ -52,6 +52,7 @@ __all__ = [
     "coerce",
     "distill_preset",
     "flatten",
+    "keyed_view",
     "preset",
     "preset_row",
     "scale",

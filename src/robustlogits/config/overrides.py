@@ -23,6 +23,17 @@ def flatten(cfg) -> dict[str, object]:
     return out
 
 
+# Knobs added after results were computed, each with the value that reproduces what ran before it
+# existed. Keys leave a knob out while it holds that value, so finished runs stay found (a preset's
+# study resumes) and only a run that turns the knob gets a new key.
+KEY_NEUTRAL = {"data.crop_pad": 4, "optim.nesterov": False}
+
+
+def keyed_view(cfg) -> dict[str, object]:
+    """`flatten` as keys see it: every value except knobs still at their neutral value."""
+    return {k: v for k, v in flatten(cfg).items() if k not in KEY_NEUTRAL or v != KEY_NEUTRAL[k]}
+
+
 def apply_overrides(cfg, overrides: typing.Iterable[str]):
     """Apply ``section.field=value`` strings, coercing each value to the field's declared type."""
     for item in overrides:

@@ -162,7 +162,11 @@ class TrainState:
 def make_state(model: nn.Module, optim: OptimConfig, device: torch.device, seed: int) -> TrainState:
     """SGD with momentum and step decay at fractions of training (paper: /10 at 50% and 75%)."""
     optimizer = torch.optim.SGD(
-        model.parameters(), lr=optim.lr, momentum=optim.momentum, weight_decay=optim.weight_decay
+        model.parameters(),
+        lr=optim.lr,
+        momentum=optim.momentum,
+        nesterov=optim.nesterov,
+        weight_decay=optim.weight_decay,
     )
     milestones = sorted({max(1, round(f * optim.epochs)) for f in optim.lr_milestones})
     if optim.schedule == "onecycle":
@@ -191,6 +195,7 @@ def fit(
     channels_last: bool = False,
     compile: bool = False,
     sync_every: int = 50,
+    crop_pad: int = 4,
     on_epoch_end: Callable[[EpochResult], None] | None = None,
     progress: bool | None = None,
 ) -> TrainState:
@@ -216,7 +221,7 @@ def fit(
                 for group in state.optimizer.param_groups:
                     group["lr"] = onecycle_lr(optim, epoch - 1 + step / steps)
             idx = idx.to(device)
-            x = to_float(augment(split.images[idx], state.generator), channels_last)
+            x = to_float(augment(split.images[idx], state.generator, crop_pad), channels_last)
             y = split.labels[idx]
             if objective.perturb is not None:
                 x = objective.perturb(forward, x, y, state.generator)

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from robustlogits import tracking
-from robustlogits.config import DistillationConfig, DistillConfig, flatten
+from robustlogits.config import DistillationConfig, DistillConfig, keyed_view
 from robustlogits.core.attacks import attack_split, check_n_examples
 from robustlogits.core.data import Split, augment, load_bundle, to_float
 from robustlogits.core.device import resolve_amp, resolve_device
@@ -254,7 +254,7 @@ def run_distill(cfg: DistillConfig, progress: bool | None = None) -> str:
         "preset": cfg.preset,
     } | lineage
     identity = tracking.job_key(
-        {"job": "distill", **flatten(cfg), "teacher": teacher.model_id or teacher.uri, "data": bundle.digest}
+        {"job": "distill", **keyed_view(cfg), "teacher": teacher.model_id or teacher.uri, "data": bundle.digest}
     )
     reclaimed = tracking.reclaim(identity)
     if reclaimed and STATE_ARTIFACT in tracking.list_artifacts(reclaimed, "training_state"):

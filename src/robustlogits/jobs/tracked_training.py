@@ -77,6 +77,7 @@ def train_tracked(
             channels_last=cfg.run.channels_last,
             compile=cfg.run.compile,
             sync_every=cfg.run.sync_every,
+            crop_pad=cfg.data.crop_pad,
             on_epoch_end=logger,
             progress=progress,
         )

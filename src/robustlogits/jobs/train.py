@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from robustlogits import tracking
-from robustlogits.config import TrainConfig, apply_overrides, flatten
+from robustlogits.config import TrainConfig, apply_overrides, flatten, keyed_view
 from robustlogits.core.data import load_bundle
 from robustlogits.core.device import resolve_amp, resolve_device
 from robustlogits.core.errors import UserError
@@ -28,7 +28,7 @@ def config_from_run(run_id: str) -> TrainConfig:
 
 def training_identity(cfg: TrainConfig) -> str:
     """The same training (config as given, before data are found): a killed run is found again by it."""
-    return tracking.job_key({"job": "train", **flatten(cfg)})
+    return tracking.job_key({"job": "train", **keyed_view(cfg)})
 
 
 def run_training(cfg: TrainConfig, resume: str | None = None, progress: bool | None = None) -> str:

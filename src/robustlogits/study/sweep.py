@@ -23,7 +23,7 @@ import numpy as np
 from optuna.trial import TrialState
 
 from robustlogits import tracking
-from robustlogits.config import SweepConfig, apply_overrides, distill_preset, flatten
+from robustlogits.config import SweepConfig, apply_overrides, distill_preset, keyed_view
 from robustlogits.core.errors import UserError
 from robustlogits.core.manipulations import MANIPULATIONS
 from robustlogits.core.training import DISTILLATION_LOSSES
@@ -260,7 +260,7 @@ def distill_task(params: dict) -> dict[str, float]:
     _, mv = tracking.resolve_model(cfg.distill.teacher, version=cfg.distill.teacher_version)
     teacher_run = tracking.run_record(mv.run_id)
     identity = {
-        "config": {k: v for k, v in flatten(cfg).items() if k not in VOLATILE},
+        "config": {k: v for k, v in keyed_view(cfg).items() if k not in VOLATILE},
         "teacher": tracking.logged_model_id(mv) or f"{mv.name}/{mv.version}",
         "data": mv.tags.get(registry.DATA_DIGEST_TAG) or teacher_run.tags.get(registry.DATA_DIGEST_TAG),
     }

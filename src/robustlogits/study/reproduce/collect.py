@@ -12,6 +12,7 @@ import json
 import numpy as np
 
 from robustlogits import tracking
+from robustlogits.config import TrainConfig, flatten
 from robustlogits.core.logits import max_logit_and_gap
 
 QUANTITIES = ("max_logit", "gap")
@@ -88,6 +89,7 @@ def collect(plan, dataset: str) -> dict:
                 row["schedule"] = record.params.get("optim.schedule", "step")
                 row["adversary"] = record.params.get("adversary.method", "pgd")
                 row["adversary_steps"] = int(float(record.params.get("adversary.steps", 0)) or 0)
+                row["recipe"] = recipe(record.params)
                 row["history"], row["heldout_split"], row["sizes"] = _histories(train_run)
                 accuracy = row["history"]["train_clean_accuracy"]
                 row["train_error"] = 1 - accuracy.get(epoch, accuracy[max(accuracy)]) if accuracy else None
@@ -134,3 +136,23 @@ def collect(plan, dataset: str) -> dict:
         if found:
             results["cross"][analysis] = found
     return results
+
+
+# What the paper keeps equal between its ST and AT teachers besides the adversary (A.2)
+RECIPE = (
+    "optim.epochs",
+    "optim.batch_size",
+    "optim.lr",
+    "optim.schedule",
+    "optim.momentum",
+    "optim.nesterov",
+    "optim.weight_decay",
+    "optim.label_smoothing",
+    "data.crop_pad",
+)
+
+
+def recipe(params: dict[str, str]) -> dict[str, str]:
+    """A teacher's training recipe from its params; runs from before a knob existed get its default."""
+    defaults = flatten(TrainConfig())
+    return {k: str(params.get(k, defaults[k])) for k in RECIPE}

@@ -12,7 +12,7 @@ import dataclasses
 from dataclasses import dataclass, field
 
 from robustlogits import tracking
-from robustlogits.config import ScaleConfig, apply_overrides, flatten, preset
+from robustlogits.config import ScaleConfig, apply_overrides, keyed_view, preset
 from robustlogits.core.errors import UserError
 
 STAGES = ("train", "attack", "distill", "analyze")
@@ -124,7 +124,7 @@ def _dataset_steps(sc: ScaleConfig, seeds: int, dataset: str, digest: str, data_
     for seed in range(seeds):
         for kind, training in (("st", "standard"), ("at", "adversarial")):
             cfg = teacher_config(sc.preset, dataset, training, seed, sc.train_overrides)
-            config = {k: v for k, v in flatten(cfg).items() if k not in UNKEYED}
+            config = {k: v for k, v in keyed_view(cfg).items() if k not in UNKEYED}
             steps.append(
                 Step(
                     f"train/{dataset}/{kind}/s{seed}",
@@ -303,7 +303,7 @@ def student_config(preset_name: str) -> dict:
     """A distillation preset's values as a step plans them (the step fills in teacher, k and seeds)."""
     from robustlogits.config import distill_preset
 
-    return {k: v for k, v in flatten(distill_preset(preset_name)).items() if k not in UNKEYED}
+    return {k: v for k, v in keyed_view(distill_preset(preset_name)).items() if k not in UNKEYED}
 
 
 def select(steps: list[Step], groups: tuple[str, ...]) -> list[Step]:

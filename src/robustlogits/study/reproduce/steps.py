@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Callable
 
 from robustlogits import tracking
-from robustlogits.config import flatten
+from robustlogits.config import keyed_view
 from robustlogits.core.errors import UserError
 from robustlogits.study import engine
 
@@ -51,7 +51,7 @@ def planned_as(cfg, args: dict, step: str) -> None:
     def plain(values: dict) -> dict:  # as the item travelled: JSON, tuples as lists
         return json.loads(json.dumps(values, default=str))
 
-    now = plain({k: v for k, v in flatten(cfg).items() if k not in UNKEYED})
+    now = plain({k: v for k, v in keyed_view(cfg).items() if k not in UNKEYED})
     planned = plain(args["config"])
     changed = sorted(k for k in now.keys() | planned.keys() if now.get(k) != planned.get(k))
     if changed:

@@ -324,6 +324,7 @@ PAPER_SETUP = {
     "teacher epoch": "epoch 40 of 200",
     "students": "ResNet-18, 200 epochs",
     "attacked images": "the whole test split (10,000)",
+    "ST teacher": "the AT teacher's recipe without the adversary",
 }
 STUDENT_ASPECTS = ("teacher epoch", "students")  # only claims about distillation depend on these
 
@@ -356,7 +357,23 @@ def setup_differences(e: Evidence) -> dict[str, str]:
         found["students"] = ", ".join(sorted(student_archs) + [f"{n} epochs" for n in sorted(student_epochs)])
     if teacher.get("n") and teacher["n"] < 10000:
         found["attacked images"] = f"{teacher['n']:,} stratified test images"
+    recipe = _recipe_difference(e, teacher)
+    if recipe:
+        found["ST teacher"] = recipe
     return found
+
+
+def _recipe_difference(e: Evidence, at: dict) -> str:
+    """How the ST teacher's training differs from the AT teacher's, beyond the adversary ('' if not)."""
+    try:
+        st = e.teachers("st")[0]
+    except MissingData:
+        return ""
+    a, s = at.get("recipe") or {}, st.get("recipe") or {}
+    changed = [k for k in s if k in a and s[k] != a[k]]
+    if not changed:
+        return ""
+    return ", ".join(f"{k.split('.', 1)[1]} {s[k]} (AT {a[k]})" for k in changed)
 
 
 REGIMES: dict[str, Callable[[Evidence], dict]] = {
