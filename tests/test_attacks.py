@@ -274,6 +274,17 @@ def test_model_mode_dtype_and_rng_restored(data):
         assert torch.equal(v, before[k]), k  # bit-exact, BN statistics included
 
 
+def test_the_attack_runs_on_channels_last_weights_and_gives_the_layout_back(data):
+    x, y = data
+    conv = nn.Conv2d(3, 8, 3, padding=1)
+    model = nn.Sequential(conv, nn.ReLU(), nn.Flatten(), nn.Linear(8 * 8 * 8, N_CLASSES))
+    seen = []
+    conv.register_forward_pre_hook(lambda m, _: seen.append(m.weight.is_contiguous(memory_format=torch.channels_last)))
+    evaluate_robustness(model, x[:20], y[:20], eps=EPS, **FAST)
+    assert seen and all(seen)  # every forward of the attack: a layout CPUs run faster
+    assert conv.weight.is_contiguous() and not conv.weight.is_contiguous(memory_format=torch.channels_last)
+
+
 # ---- bad input --------------------------------------------------------------------------
 
 
