@@ -223,3 +223,19 @@ def test_worker_devices_round_robin_and_per_device_limit(monkeypatch):
         worker_devices(5, workers_per_device=2)
     monkeypatch.setenv("ROBUSTLOGITS_DEVICE", "cpu")
     assert resolve_device("auto").type == "cpu"  # a worker's assigned device wins over "a GPU if any"
+
+
+def test_step_times_are_read_by_the_run_each_try_made(tmp_path):
+    """A step done twice (its first run deleted, or made at older code) is charged for the run a
+    report reads, not for the slowest of the tries; a try that reused a finished run is no time."""
+    url = f"sqlite:///{tmp_path / 'optuna.db'}"
+
+    def done(run_id, seconds, reused=""):
+        attrs = {"item": {"key": "k1"}, "mlflow_run_id": run_id, "task_seconds": seconds, "reused": reused}
+        return optuna.trial.create_trial(state=optuna.trial.TrialState.COMPLETE, value=1.0, user_attrs=attrs)
+
+    first = optuna.create_study(study_name="first-try", storage=url)
+    first.add_trial(done("run-a", 1860.0))  # beside the test suite: contended
+    again = optuna.create_study(study_name="again", storage=url)
+    again.add_trials([done("run-b", 731.0), done("run-b", 2.0, reused="1")])
+    assert se.task_seconds_by_run(url) == {"run-a": 1860.0, "run-b": 731.0}

@@ -625,19 +625,20 @@ def trial_rows(study: optuna.Study) -> list[dict]:
     return rows
 
 
-def task_seconds_by_key(storage_url: str) -> dict[str, float]:
-    """How long each keyed item's task took when it did the work (not when it reused a finished
-    run), over every study in the storage: a step's time as its worker saw it, including what it
-    did before its own run started (a student's teacher logits). The longest of its tries."""
+def task_seconds_by_run(storage_url: str) -> dict[str, float]:
+    """MLflow run id -> how long the task that made that run took (not a task that reused it), over
+    every study in the storage: a step's time as its worker saw it, including what it did before its
+    run opened (a student's teacher logits). By run, not by key: a step done again (its run deleted,
+    or made at other code) is charged for the run a report reads. The longest of a run's tries."""
     storage = open_storage(storage_url, heartbeat=None)
     seconds: dict[str, float] = {}
     for summary in optuna.get_all_study_summaries(storage, include_best_trial=False):
         study = optuna.load_study(study_name=summary.study_name, storage=storage)
         for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
-            key = (t.user_attrs.get("item") or {}).get("key")
+            run_id = t.user_attrs.get("mlflow_run_id")
             took = t.user_attrs.get("task_seconds")
-            if key and took and not t.user_attrs.get("reused"):
-                seconds[key] = max(seconds.get(key, 0.0), float(took))
+            if run_id and took and not t.user_attrs.get("reused"):
+                seconds[run_id] = max(seconds.get(run_id, 0.0), float(took))
     return seconds
 
 

@@ -48,7 +48,7 @@ def _iso(ms: int | None) -> str | None:
 def step_times(steps, runs: dict[str, str | None], task_seconds: dict[str, float] | None = None) -> list[dict]:
     """Each step's run and how long it took; a step that is another's run (same key) is listed once.
 
-    `task_seconds` (step key -> seconds, from the stage studies) is the step as its worker timed it;
+    `task_seconds` (run id -> seconds, from the stage studies) is the step as its worker timed it;
     the run's own start and end miss what the step did before opening it (a student's teacher logits,
     which go to a run of their own). Without it, the run's duration stands in."""
     task_seconds = task_seconds or {}
@@ -66,9 +66,9 @@ def step_times(steps, runs: dict[str, str | None], task_seconds: dict[str, float
                 "run": run_id,
                 "started": _iso(record.start_time),
                 "ended": _iso(record.end_time),
-                "seconds": task_seconds.get(step.key, run_seconds),
+                "seconds": task_seconds.get(run_id, run_seconds),
                 "run_seconds": run_seconds,
-                "timed_by": "worker" if step.key in task_seconds else "run",
+                "timed_by": "worker" if run_id in task_seconds else "run",
                 "precision": record.params.get("run.precision"),
                 # runs from before the commit tag carry MLflow's own, where it found the checkout
                 "commit": record.tags.get(tracking.CODE_TAG) or record.tags.get("mlflow.source.git.commit"),
@@ -80,11 +80,11 @@ def step_times(steps, runs: dict[str, str | None], task_seconds: dict[str, float
 
 
 def worker_times(storage_url: str | None) -> dict[str, float]:
-    """Step key -> seconds from the study's Optuna storage; empty where it cannot be read."""
+    """Run id -> seconds its worker took, from the study's Optuna storage; empty where it cannot be read."""
     from robustlogits.study import engine
 
     try:
-        return engine.task_seconds_by_key(storage_url or engine.default_storage())
+        return engine.task_seconds_by_run(storage_url or engine.default_storage())
     except Exception as exc:  # noqa: BLE001 - the report stands without them; it says which timing it used
         log.warning("step times from the runs only: the study storage could not be read (%s)", exc)
         return {}
