@@ -138,6 +138,11 @@ def run_reproduce(opts: ReproduceConfig) -> dict:
         params=scale_params(sc, seeds) | {f"data_digest.{k}": v for k, v in plan.datasets.items()},
     )
     with tracking.holding(parent):
+        # a process killed as it opened a run may not have told its trial (or anyone) about it: every
+        # run on this machine whose process is gone is ended FAILED, saying so (reclaim continues it)
+        for record, reason in tracking.stale_runs():
+            if tracking.end_lost(record.run_id, reason):
+                log.info("run %s was left RUNNING: %s; ended FAILED", record.run_id, reason)
         keys = {s.name: s.key for s in plan.steps}
         for stage in STAGES:
             finished = tracking.finished_runs_by_key()
