@@ -188,6 +188,9 @@ def test_ctrl_c_fails_the_trial_and_its_run_and_leaves_a_resumable_study(tmp_pat
         env=os.environ.copy(),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
+        # a worker at a terminal: a shell's background job (`.ci/run &`) inherits SIGINT ignored,
+        # and a Python started that way keeps ignoring it, as Unix intends
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
 
     def task_at_work() -> bool:
