@@ -11,13 +11,13 @@ the ratio of each to NCHW measured in the same process (median of `--repeats`).
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
 import time
 
 import torch
 import torch.nn.functional as F
 
+from robustlogits.core.device import cpu_name
 from robustlogits.core.models import build_model
 
 LAYOUTS = ("nchw", "channels-last weights", "channels-last weights and inputs")
@@ -37,16 +37,6 @@ def images_per_second(model, x, y, repeats: int) -> float:
         input_gradient(model, x, y)
         times.append(time.perf_counter() - start)
     return x.shape[0] / statistics.median(times)
-
-
-def cpu_name() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def main() -> None:
