@@ -18,6 +18,7 @@ import mlflow
 import numpy as np
 import optuna
 import pytest
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from typer.testing import CliRunner
 
@@ -348,7 +349,8 @@ def test_report_renders_in_chromium_with_every_image(in_study, tmp_path):
 # ----------------------------------------------------------------------------- killed, then resumed
 
 
-def test_a_record_left_empty_by_a_kill_is_moved_aside_and_the_store_reads_again(tmp_path):
+@pytest.mark.parametrize("left", ["empty", "missing"])
+def test_a_record_left_half_written_by_a_kill_is_moved_aside_and_the_store_reads_again(tmp_path, left):
     import pandas as pd
 
     mlflow.set_experiment("a killed write")
@@ -357,12 +359,32 @@ def test_a_record_left_empty_by_a_kill_is_moved_aside_and_the_store_reads_again(
     store = tmp_path / "mlruns"
     inputs = list((store / run.info.experiment_id / run.info.run_id / "inputs").iterdir())
     assert inputs
-    (inputs[0] / "meta.yaml").write_text("")  # what SIGKILL during MLflow's in-place write leaves
-    with pytest.raises(TypeError):
+    # What SIGKILL leaves: MLflow creates the record's folder, then writes its meta.yaml in place.
+    if left == "empty":
+        (inputs[0] / "meta.yaml").write_text("")
+    else:
+        (inputs[0] / "meta.yaml").unlink()
+    with pytest.raises((TypeError, MlflowException)):
         all_runs()
     assert tracking.configure_store().startswith("file:")
     assert [r.info.run_id for r in all_runs()] == [run.info.run_id]
-    assert (tmp_path / "mlruns.quarantine" / inputs[0].relative_to(store) / "meta.yaml").exists()
+    assert (tmp_path / "mlruns.quarantine" / inputs[0].relative_to(store)).is_dir()
+    assert not inputs[0].exists()
+
+
+def test_a_record_a_live_writer_is_still_filling_is_left_in_place(tmp_path):
+    import threading
+
+    store = tmp_path / "store"
+    record = store / "1" / "abc" / "inputs" / "in1"
+    record.mkdir(parents=True)
+    writer = threading.Timer(0.2, lambda: (record / "meta.yaml").write_text("source_type: 0\n"))
+    writer.start()
+    try:
+        assert tracking.repair_file_store(store) == []
+    finally:
+        writer.join()
+    assert (record / "meta.yaml").read_text() and not (tmp_path / "store.quarantine").exists()
 
 
 def test_killed_between_steps_resumes_without_duplicates(tmp_path):

@@ -6,6 +6,7 @@ import logging
 import os
 import re
 import shutil
+import time
 import uuid
 from pathlib import Path
 from urllib.parse import unquote, urlparse
@@ -51,25 +52,50 @@ def configure_store() -> str:
 QUARANTINE_SUFFIX = ".quarantine"  # beside the store: MLflow would read a folder inside it as an experiment
 
 
-def repair_file_store(root: Path) -> list[Path]:
-    """Move aside the records a killed process left with an empty `meta.yaml`.
+# Folders whose every subfolder is one record with its own meta.yaml, and how deep below the store root
+# that subfolder sits: <exp>/<run>/{inputs,outputs}/<id>, <exp>/{datasets,models}/<id>.
+_RECORD_PARENTS = {"inputs": 4, "outputs": 4, "datasets": 3, "models": 3}
+_WRITE_GRACE_S = 1.0  # a live writer fills meta.yaml within milliseconds of creating its folder
 
-    MLflow's file store writes each meta.yaml in place, so SIGKILL mid-write leaves an empty file, and one
-    empty input record makes every search of its experiment raise. Such a record (a run, a dataset, an
-    input link, a logged model) is moved into `<root>.quarantine/`, never deleted."""
+
+def _unreadable_record(record: Path, root: Path) -> bool:
+    """A record MLflow would fail to read: its meta.yaml is empty, or (for an input, output, dataset or
+    logged model, which MLflow reads unguarded) missing."""
+    meta = record / "meta.yaml"
+    if meta.is_file():
+        return meta.stat().st_size == 0
+    parts = record.relative_to(root).parts
+    return parts[0] != "models" and _RECORD_PARENTS.get(record.parent.name) == len(parts)  # not the registry
+
+
+def repair_file_store(root: Path) -> list[Path]:
+    """Move aside the records a killed process left half-written.
+
+    MLflow's file store creates a record's folder and then writes its meta.yaml in place, so SIGKILL
+    leaves either no meta.yaml or an empty one, and one such input record makes every search of its
+    experiment raise. A record still unreadable a moment later (so no live writer is finishing it) is
+    moved into `<root>.quarantine/`, never deleted."""
     moved: list[Path] = []
     if not root.is_dir():
         return moved
-    for folder, subfolders, files in os.walk(root):
+    suspects: list[Path] = []
+    for folder, subfolders, _files in os.walk(root):
         subfolders[:] = [d for d in subfolders if d not in ("artifacts", ".trash")]
         record = Path(folder)
-        if record == root or "meta.yaml" not in files or (record / "meta.yaml").stat().st_size > 0:
+        if record != root and _unreadable_record(record, root):
+            suspects.append(record)
+            subfolders[:] = []
+    if suspects:
+        time.sleep(_WRITE_GRACE_S)
+    for record in suspects:
+        if not _unreadable_record(record, root):
             continue
         target = root.with_name(root.name + QUARANTINE_SUFFIX) / record.relative_to(root)
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.move(str(record), str(target))
-        subfolders[:] = []
-        log.warning("moved %s aside to %s: its meta.yaml is empty (a process was killed writing it)", record, target)
+        log.warning(
+            "moved %s aside to %s: its meta.yaml is empty or missing (a process was killed writing it)", record, target
+        )
         moved.append(target)
     return moved
 
