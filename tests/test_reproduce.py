@@ -313,6 +313,16 @@ def test_the_report_says_where_when_and_from_which_commit_its_numbers_came(in_st
     markdown = (Path(in_study["opts"].out) / "report" / "report.md").read_text()
     assert "## Provenance" in markdown and prov["machine"]["cpu"] in markdown
     assert "each as its worker timed it, teacher logits included" in markdown
+    # each step carries the estimate it was queued with, so a --dry-run's prediction can be checked
+    planned: dict[str, float] = {}
+    for step in plan.chosen:  # a key's first step is the one queued (a sweep point may equal a student)
+        planned.setdefault(step.key, step.estimate_s)
+    for row in prov["steps"]:
+        key = next(s.key for s in plan.steps if s.name == row["step"])
+        assert row["estimate_s"] == pytest.approx(planned[key]) and row["estimate_s"] > 0, row["step"]
+    assert prov["estimated_steps"] == len(runs)
+    assert prov["estimate_seconds"] == pytest.approx(sum(r["estimate_s"] for r in prov["steps"]))
+    assert "| estimated | took |" in markdown and "x the estimate)" in markdown
 
 
 @pytest.mark.skipif(
@@ -518,7 +528,7 @@ def test_a_preset_that_trains_st_longer_reads_each_teacher_at_its_own_epoch(monk
 def test_the_teachers_targets_are_costed_once_per_checkpoint_with_the_teachers_network(monkeypatch):
     from robustlogits.study.reproduce import estimate as est
 
-    def fixed(arch, num_classes=10, batch=128):
+    def fixed(arch, num_classes=10, batch=128, amp_setting="auto"):
         per = 1e-3 if arch == "vgg-fast" else 1e-4  # the teacher's forward ten times the student's
         return est.Probe((per,) * 3, (per,) * 3, (per,) * 3, (per,) * 3, batch, "fp32", 0.0)
 
@@ -537,6 +547,28 @@ def test_the_teachers_targets_are_costed_once_per_checkpoint_with_the_teachers_n
     e4_first, e4_later = steps["sweep/cifar10/s0/e4-l1"], steps["sweep/cifar10/s0/e4-kl"]
     assert e4_first.estimate_s - e4_later.estimate_s == pytest.approx(targets)
     assert steps["sweep/cifar10/s0/e12-kl"].estimate_s == pytest.approx(later.estimate_s)
+
+
+def test_an_attack_is_costed_for_the_examples_each_apgd_runs_on(monkeypatch):
+    from robustlogits.study.reproduce import estimate as est
+
+    per = 1e-3
+    monkeypatch.setattr(
+        est,
+        "probe",
+        lambda arch, num_classes=10, batch=128, amp_setting="auto": est.Probe(*[(per,) * 3] * 4, batch, "fp32", 0),
+    )
+    steps = {s.name: s for s in build_plan(scale("laptop"), 1, {"cifar10": "digest-a"}, None)}
+    est.estimate(list(steps.values()))
+    n, n_iter = 1000, 100
+
+    def cost(kind):  # APGD-CE on the correct share, APGD-DLR on what CE left robust, one clean pass
+        return n * n_iter * sum(est.ATTACKED_SHARE[kind]) * per + n * per
+
+    st, at = steps["attack/cifar10/st/s0"], steps["attack/cifar10/at/s0"]
+    assert st.estimate_s == pytest.approx(cost("standard")) and at.estimate_s == pytest.approx(cost("adversarial"))
+    assert st.estimate_s < at.estimate_s  # CE leaves an ST net nothing for DLR to attack
+    assert est.ATTACKED_SHARE["standard"][1] == 0 and all(0 < c <= 1 for c, _ in est.ATTACKED_SHARE.values())
 
 
 def test_a_student_step_is_keyed_on_its_presets_values_and_refuses_a_preset_changed_since(monkeypatch):

@@ -241,12 +241,26 @@ def test_step_times_are_read_by_the_run_each_try_made(tmp_path):
     report reads, not for the slowest of the tries; a try that reused a finished run is no time."""
     url = f"sqlite:///{tmp_path / 'optuna.db'}"
 
-    def done(run_id, seconds, reused=""):
+    def done(run_id, seconds, reused="", estimate=None):
         attrs = {"item": {"key": "k1"}, "mlflow_run_id": run_id, "task_seconds": seconds, "reused": reused}
+        attrs |= {se.ESTIMATE_ATTR: estimate} if estimate else {}
         return optuna.trial.create_trial(state=optuna.trial.TrialState.COMPLETE, value=1.0, user_attrs=attrs)
 
     first = optuna.create_study(study_name="first-try", storage=url)
     first.add_trial(done("run-a", 1860.0))  # beside the test suite: contended
     again = optuna.create_study(study_name="again", storage=url)
-    again.add_trials([done("run-b", 731.0), done("run-b", 2.0, reused="1")])
-    assert se.task_seconds_by_run(url) == {"run-a": 1860.0, "run-b": 731.0}
+    again.add_trials([done("run-b", 731.0, estimate=800.0), done("run-b", 2.0, reused="1", estimate=5.0)])
+    assert se.task_times_by_run(url) == {
+        "run-a": {"seconds": 1860.0, "estimate_s": None},
+        "run-b": {"seconds": 731.0, "estimate_s": 800.0},  # the estimate of the try that made the run
+    }
+
+
+def test_a_note_queued_with_an_item_is_kept_but_is_not_part_of_its_key(tmp_path):
+    study = se.open_study("noted", storage_url(tmp_path), ["maximize"], spec())
+    items = se.grid_items(SPACE)[:2]
+    assert se.enqueue_items(study, items, [{se.ESTIMATE_ATTR: 60.0}, {}]) == 2
+    trials = study.get_trials(deepcopy=False)
+    assert trials[0].user_attrs[se.ESTIMATE_ATTR] == 60.0 and se.ESTIMATE_ATTR not in trials[1].user_attrs
+    assert trials[0].user_attrs["item_key"] == se.item_key(items[0])
+    assert se.enqueue_items(study, items, [{se.ESTIMATE_ATTR: 90.0}, {}]) == 0  # another estimate: same work

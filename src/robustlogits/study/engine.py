@@ -49,6 +49,7 @@ SAMPLERS = ("grid", "items", "tpe", "random")
 FIXED_SAMPLERS = ("grid", "items")  # every trial is an enqueued item; workers stop when none is left
 SPEC_ATTR, PARENT_ATTR = "spec", "mlflow_parent_run_id"
 HEARTBEAT_SECONDS = 10
+ESTIMATE_ATTR = "estimate_seconds"  # a trial's user attribute: the time its item was estimated to take
 
 
 def task(name: str):
@@ -302,9 +303,11 @@ def driving(study: optuna.Study):
     return tracking.holding(parent_run_id(study))
 
 
-def enqueue_items(study: optuna.Study, items: list[dict]) -> int:
+def enqueue_items(study: optuna.Study, items: list[dict], notes: list[dict] | None = None) -> int:
     """Queue the items that have no COMPLETE, RUNNING or WAITING trial yet; returns how many.
 
+    `notes` (one dict per item) go into the trial's user attributes beside the item but not into its
+    key: what the queuing process knew (a time estimate) must not make the same work a new item.
     Call it only from the process that opened the study (workers never enqueue), so a grid point
     is queued once however many workers join.
     """
@@ -315,12 +318,13 @@ def enqueue_items(study: optuna.Study, items: list[dict]) -> int:
         if t.state in (TrialState.COMPLETE, TrialState.RUNNING, TrialState.WAITING)
     }
     added = 0
-    for item in items:
+    for item, note in zip(items, notes or [{}] * len(items), strict=True):
         key = item_key(item)
         if key in present:
             continue
         present.add(key)
-        study.enqueue_trial({k: v for k, v in item.items() if k in space}, user_attrs={"item": item, "item_key": key})
+        attrs = note | {"item": item, "item_key": key}
+        study.enqueue_trial({k: v for k, v in item.items() if k in space}, user_attrs=attrs)
         added += 1
     return added
 
@@ -625,21 +629,25 @@ def trial_rows(study: optuna.Study) -> list[dict]:
     return rows
 
 
-def task_seconds_by_run(storage_url: str) -> dict[str, float]:
-    """MLflow run id -> how long the task that made that run took (not a task that reused it), over
-    every study in the storage: a step's time as its worker saw it, including what it did before its
-    run opened (a student's teacher logits). By run, not by key: a step done again (its run deleted,
-    or made at other code) is charged for the run a report reads. The longest of a run's tries."""
+def task_times_by_run(storage_url: str) -> dict[str, dict[str, float | None]]:
+    """MLflow run id -> how long the task that made that run took (not a task that reused it), and
+    the estimate it was queued with, over every study in the storage: a step's time as its worker saw
+    it, including what it did before its run opened (a student's teacher logits). By run, not by key:
+    a step done again (its run deleted, or made at other code) is charged for the run a report reads.
+    The longest of a run's tries."""
     storage = open_storage(storage_url, heartbeat=None)
-    seconds: dict[str, float] = {}
+    times: dict[str, dict[str, float | None]] = {}
     for summary in optuna.get_all_study_summaries(storage, include_best_trial=False):
         study = optuna.load_study(study_name=summary.study_name, storage=storage)
         for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
             run_id = t.user_attrs.get("mlflow_run_id")
             took = t.user_attrs.get("task_seconds")
-            if run_id and took and not t.user_attrs.get("reused"):
-                seconds[run_id] = max(seconds.get(run_id, 0.0), float(took))
-    return seconds
+            if not run_id or not took or t.user_attrs.get("reused"):
+                continue
+            if run_id not in times or float(took) > times[run_id]["seconds"]:
+                estimate = t.user_attrs.get(ESTIMATE_ATTR)
+                times[run_id] = {"seconds": float(took), "estimate_s": float(estimate) if estimate else None}
+    return times
 
 
 def trials_csv(rows: list[dict]) -> str:

@@ -45,13 +45,14 @@ def _iso(ms: int | None) -> str | None:
     return datetime.fromtimestamp(ms / 1000, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ") if ms else None
 
 
-def step_times(steps, runs: dict[str, str | None], task_seconds: dict[str, float] | None = None) -> list[dict]:
-    """Each step's run and how long it took; a step that is another's run (same key) is listed once.
+def step_times(steps, runs: dict[str, str | None], task_times: dict[str, dict] | None = None) -> list[dict]:
+    """Each step's run, how long it took and how long the plan said it would; a step that is another's
+    run (same key) is listed once.
 
-    `task_seconds` (run id -> seconds, from the stage studies) is the step as its worker timed it;
-    the run's own start and end miss what the step did before opening it (a student's teacher logits,
-    which go to a run of their own). Without it, the run's duration stands in."""
-    task_seconds = task_seconds or {}
+    `task_times` (run id -> {"seconds", "estimate_s"}, from the stage studies) is the step as its worker
+    timed it; the run's own start and end miss what the step did before opening it (a student's teacher
+    logits, which go to a run of their own). Without it, the run's duration stands in, unestimated."""
+    task_times = task_times or {}
     rows, seen = [], set()
     for step in steps:
         run_id = runs.get(step.name)
@@ -59,6 +60,7 @@ def step_times(steps, runs: dict[str, str | None], task_seconds: dict[str, float
             continue
         seen.add(run_id)
         record = tracking.run_record(run_id)
+        timed = task_times.get(run_id, {})
         run_seconds = (record.end_time - record.start_time) / 1000 if record.end_time and record.start_time else None
         rows.append(
             {
@@ -66,9 +68,10 @@ def step_times(steps, runs: dict[str, str | None], task_seconds: dict[str, float
                 "run": run_id,
                 "started": _iso(record.start_time),
                 "ended": _iso(record.end_time),
-                "seconds": task_seconds.get(run_id, run_seconds),
+                "seconds": timed.get("seconds", run_seconds),
                 "run_seconds": run_seconds,
-                "timed_by": "worker" if run_id in task_seconds else "run",
+                "timed_by": "worker" if timed else "run",
+                "estimate_s": timed.get("estimate_s"),
                 "precision": record.params.get("run.precision"),
                 # runs from before the commit tag carry MLflow's own, where it found the checkout
                 "commit": record.tags.get(tracking.CODE_TAG) or record.tags.get("mlflow.source.git.commit"),
@@ -79,19 +82,21 @@ def step_times(steps, runs: dict[str, str | None], task_seconds: dict[str, float
     return rows
 
 
-def worker_times(storage_url: str | None) -> dict[str, float]:
-    """Run id -> seconds its worker took, from the study's Optuna storage; empty where it cannot be read."""
+def worker_times(storage_url: str | None) -> dict[str, dict]:
+    """Run id -> seconds its worker took and the plan's estimate, from the study's Optuna storage;
+    empty where it cannot be read."""
     from robustlogits.study import engine
 
     try:
-        return engine.task_seconds_by_run(storage_url or engine.default_storage())
+        return engine.task_times_by_run(storage_url or engine.default_storage())
     except Exception as exc:  # noqa: BLE001 - the report stands without them; it says which timing it used
         log.warning("step times from the runs only: the study storage could not be read (%s)", exc)
         return {}
 
 
-def provenance(steps, runs: dict[str, str | None], task_seconds: dict[str, float] | None = None) -> dict:
-    rows = step_times(steps, runs, task_seconds)
+def provenance(steps, runs: dict[str, str | None], task_times: dict[str, dict] | None = None) -> dict:
+    rows = step_times(steps, runs, task_times)
+    estimated = [r for r in rows if r["estimate_s"]]
     starts = [r.pop("_start") for r in rows]
     ends = [r.pop("_end") for r in rows]
     starts, ends = [s for s in starts if s], [e for e in ends if e]
@@ -106,6 +111,10 @@ def provenance(steps, runs: dict[str, str | None], task_seconds: dict[str, float
         "steps_timed_by_worker": sum(r["timed_by"] == "worker" for r in rows),
         "precisions": sorted({r["precision"] for r in rows if r["precision"]}),
         "step_commits": sorted({r["commit"] for r in rows if r["commit"]}),
+        # the plan's estimate against what those same steps took: how far to trust a `--dry-run`
+        "estimated_steps": len(estimated),
+        "estimate_seconds": sum(r["estimate_s"] for r in estimated),
+        "estimated_steps_seconds": sum(r["seconds"] or 0 for r in estimated),
         "steps": rows,
     }
 
@@ -138,6 +147,19 @@ def summary(p: dict) -> list[str]:
         f"Trained in: {', '.join(p['precisions']) or '–'}.",
         f"Time: {p['started'] or '–'} to {p['ended'] or '–'}, {_clock(p['wall_seconds'])} from the first step's "
         f"start to the last step's end; the steps themselves took {_clock(p['step_seconds'])}" + _timed_by(p) + ".",
+        *_estimate_sentence(p),
+    ]
+
+
+def _estimate_sentence(p: dict) -> list[str]:
+    n, total = p.get("estimated_steps", 0), len(p["steps"])
+    if not n:
+        return ["Estimate: no step carries the plan's estimate (steps queued before estimates were recorded)."]
+    took, planned = p["estimated_steps_seconds"], p["estimate_seconds"]
+    which = "the steps" if n == total else f"{n} of the {total} steps (the others were queued without one)"
+    return [
+        f"Estimate: the plan, probing this machine when it queued them, put {which} at {_clock(planned)}; "
+        f"they took {_clock(took)} ({took / planned:.2f}x the estimate)."
     ]
 
 
@@ -153,18 +175,23 @@ def _timed_by(p: dict) -> str:
 
 
 def markdown_lines(p: dict) -> list[str]:
-    lines = ["## Provenance", "", *[f"- {s}" for s in summary(p)], "", "| step | run | started | took |"]
-    lines.append("| --- | --- | --- | --- |")
-    lines += [f"| {r['step']} | `{r['run'][:8]}` | {r['started']} | {_clock(r['seconds'])} |" for r in p["steps"]]
+    lines = ["## Provenance", "", *[f"- {s}" for s in summary(p)], "", "| step | run | started | estimated | took |"]
+    lines.append("| --- | --- | --- | --- | --- |")
+    lines += [
+        f"| {r['step']} | `{r['run'][:8]}` | {r['started']} | {_clock(r.get('estimate_s'))} | {_clock(r['seconds'])} |"
+        for r in p["steps"]
+    ]
     return lines + [""]
 
 
 def html_lines(p: dict, escape) -> list[str]:
     out = ['<h2 id="provenance">Provenance</h2><ul>', *[f"<li>{escape(s)}</li>" for s in summary(p)], "</ul>"]
-    out.append('<table id="step-times"><tr><th>step</th><th>run</th><th>started</th><th>took</th></tr>')
+    out.append(
+        '<table id="step-times"><tr><th>step</th><th>run</th><th>started</th><th>estimated</th><th>took</th></tr>'
+    )
     out += [
         f"<tr><td>{escape(r['step'])}</td><td>{r['run'][:8]}</td><td>{escape(r['started'] or '')}</td>"
-        f"<td>{_clock(r['seconds'])}</td></tr>"
+        f"<td>{_clock(r.get('estimate_s'))}</td><td>{_clock(r['seconds'])}</td></tr>"
         for r in p["steps"]
     ]
     return [*out, "</table>"]

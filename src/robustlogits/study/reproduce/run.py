@@ -121,10 +121,10 @@ def stage_study_name(plan: ReproducePlan, stage: str) -> str:
 
 def run_reproduce(opts: ReproduceConfig) -> dict:
     """Plan, then (unless dry-run) run what is not done and write the report. Returns a summary."""
+    from robustlogits.study.reproduce.estimate import estimate
+
     plan = make_plan(opts)
     if opts.dry_run:
-        from robustlogits.study.reproduce.estimate import estimate
-
         sources = estimate(plan.chosen)
         return {"plan": plan, "throughput": sources}
     sc = scale(opts.scale)
@@ -144,6 +144,17 @@ def run_reproduce(opts: ReproduceConfig) -> dict:
             if tracking.end_lost(record.run_id, reason):
                 log.info("run %s was left RUNNING: %s; ended FAILED", record.run_id, reason)
         keys = {s.name: s.key for s in plan.steps}
+        if any(not plan.done[s.name] for s in plan.chosen):
+            # the same probe as --dry-run, recorded with each queued step so the report can set the
+            # estimate beside what the step took
+            sources = estimate(plan.chosen)
+            left = {s.key: s.estimate_s for s in plan.chosen if not plan.done[s.name]}
+            log.info(
+                "estimated %s for the %d step(s) left (%s)",
+                duration(sum(left.values())),
+                len(left),
+                "; ".join(f"{arch} {text}" for arch, text in sources.items()),
+            )
         for stage in STAGES:
             finished = tracking.finished_runs_by_key()
             todo: dict[str, Step] = {}
@@ -152,14 +163,17 @@ def run_reproduce(opts: ReproduceConfig) -> dict:
                     todo.setdefault(step.key, step)
             if todo:
                 log.info("stage %s: %d step(s) to run", stage, len(todo))
-                run_stage(stage_study_name(plan, stage), [s.item(keys) for s in todo.values()], opts, parent)
+                items, estimates = [s.item(keys) for s in todo.values()], [s.estimate_s for s in todo.values()]
+                run_stage(stage_study_name(plan, stage), items, opts, parent, estimates)
         from robustlogits.study.reproduce.report import write_report
 
         report, verdicts = write_report(plan, sc, seeds, parent, Path(opts.out))
     return {"plan": plan, "parent_run_id": parent, "report": report, "verdicts": verdicts}
 
 
-def run_stage(study_name: str, items: list[dict], opts: ReproduceConfig, parent: str) -> None:
+def run_stage(
+    study_name: str, items: list[dict], opts: ReproduceConfig, parent: str, estimates: list[float] | None = None
+) -> None:
     """One stage's independent steps as a study of fixed work items on the study engine: local
     workers run them, and with a shared `--storage` so can `sweep worker`s on other machines.
     The stage study's own parent run nests under the reproduce run, so the UI shows one tree."""
@@ -179,7 +193,8 @@ def run_stage(study_name: str, items: list[dict], opts: ReproduceConfig, parent:
         "parent_run": parent,
     }
     study = study_engine.open_study(study_name, storage, ["maximize"], spec, opts.heartbeat)
-    added = study_engine.enqueue_items(study, items)
+    notes = [{study_engine.ESTIMATE_ATTR: e} if e else {} for e in estimates or [0.0] * len(items)]
+    added = study_engine.enqueue_items(study, items, notes)
     log.info(
         "study %s: %d item(s) queued; other machines join with: robustlogits sweep worker --study %s --storage %s",
         study_name,
