@@ -35,7 +35,7 @@ from robustlogits.core import checkout
 from robustlogits.core.errors import StoreUnreachable, UserError
 from robustlogits.core.scratch import process_start_time
 from robustlogits.tracking import keyed
-from robustlogits.tracking.store import check_store, launched_run_id
+from robustlogits.tracking.store import check_store, launched_run_id, opened_and_abandoned
 
 ERROR_TAG = "error"
 PREVIOUS_ERROR_TAG = "previous_error"
@@ -90,6 +90,27 @@ def process_gone(tags: dict[str, str]) -> str | None:
     recorded, now = tags.get(PROC_START_TAG), process_start_time(int(pid))
     if recorded and now and recorded != now:
         return f"its process {pid} on {host} is gone (the pid now belongs to another process)"
+    return None
+
+
+def _opened_by_us(tags: dict[str, str]) -> bool:
+    """Whether a run was opened by one of our commands: it carries one of our tags, or MLflow named our
+    program as its source (the tags MLflow writes before ours)."""
+    source = tags.get("mlflow.source.name", "").replace("\\", "/")
+    return any(k.startswith("robustlogits.") for k in tags) or (
+        tags.get("mlflow.source.type") != "PROJECT"  # a launcher's run waits for its job to adopt it
+        and ("/robustlogits/" in source or source.endswith("/robustlogits") or "/entrypoints/" in source)
+    )
+
+
+def lost_reason(run) -> str | None:
+    """Why a RUNNING run's process is known to be gone, or None: its recorded process is gone, or the
+    process that opened it was killed before it could record itself (a file store's half-opened run)."""
+    tags = run.data.tags
+    if PID_TAG in tags:
+        return process_gone(tags)
+    if _opened_by_us(tags) and opened_and_abandoned(run.info.experiment_id, run.info.run_id):
+        return "its process was killed as it opened the run, before recording itself (no process tags)"
     return None
 
 
@@ -253,7 +274,8 @@ def _fluent_run(
     """Start an active run and end it FINISHED, or FAILED with the reason; `existing` is the run
     that start adopts (the launcher's or a resumed one), closed FAILED even if start fails."""
     run = None
-    start = start | {"tags": dict(start.get("tags") or {}) | owner_tags()}  # who holds it, set as it starts
+    # who holds it, set as it starts and first of our tags: a file store writes them one at a time
+    start = start | {"tags": owner_tags() | dict(start.get("tags") or {})}
     with sigterm_as_interrupt(), _launcher_hidden(hide_launcher):
         try:
             run = mlflow.start_run(**start)
@@ -337,13 +359,13 @@ def reclaim(identity: str) -> str | None:
     the identity, if it is one of those lost runs (not one that finished or failed on its own)."""
     found = _runs_with(f"tags.`{IDENTITY_TAG}` = '{identity}'")
     for run in found:
-        reason = process_gone(run.data.tags) if run.info.status == "RUNNING" else None
+        reason = lost_reason(run) if run.info.status == "RUNNING" else None
         if reason and end_lost(run.info.run_id, reason):
             run.info._status = "FAILED"
             run.data.tags[LOST_TAG] = "true"
     for run in found:
-        if run.info.status == "RUNNING" and not process_gone(run.data.tags):
-            continue  # still at work in another process
+        if run.info.status == "RUNNING":
+            continue  # still at work in another process (a lost one was ended just above)
         lost = run.info.status == "FAILED" and run.data.tags.get(LOST_TAG) == "true"
         # a run declared lost (a late heartbeat) whose process still works is not taken from it
         return run.info.run_id if lost and not process_alive(run.data.tags) else None
@@ -354,7 +376,7 @@ def end_lost_with_key(key: str) -> list[str]:
     """End FAILED (with the reason) the RUNNING runs carrying this key whose process is gone."""
     ended = []
     for run in _runs_with(f"tags.`{keyed.KEY_TAG}` = '{key}' and attributes.status = 'RUNNING'"):
-        reason = process_gone(run.data.tags)
+        reason = lost_reason(run)
         if reason and end_lost(run.info.run_id, reason):
             ended.append(run.info.run_id)
     return ended
@@ -362,7 +384,7 @@ def end_lost_with_key(key: str) -> list[str]:
 
 def running_runs() -> list[tuple[RunRecord, str | None]]:
     """RUNNING runs (any experiment), each with the reason its process is known to be gone, or None."""
-    return [(_record(run), process_gone(run.data.tags)) for run in _runs_with("attributes.status = 'RUNNING'")]
+    return [(_record(run), lost_reason(run)) for run in _runs_with("attributes.status = 'RUNNING'")]
 
 
 def stale_runs() -> list[tuple[RunRecord, str]]:

@@ -43,10 +43,19 @@ def configure_store() -> str:
     """Use MLFLOW_TRACKING_URI when set, else the embedded sqlite store in the working directory."""
     uri = os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
     mlflow.set_tracking_uri(uri)
-    if uri.startswith("file:") or "://" not in uri and not uri.startswith("sqlite"):
+    root = file_store_root(uri)
+    if root is not None:
         os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
-        repair_file_store(Path(unquote(urlparse(uri).path)) if uri.startswith("file:") else Path(uri))
+        repair_file_store(root)
     return uri
+
+
+def file_store_root(uri: str | None = None) -> Path | None:
+    """The folder of a file-backed tracking store (`file:` URI or plain path); None for a database or server."""
+    uri = uri or mlflow.get_tracking_uri()
+    if uri.startswith("file:"):
+        return Path(unquote(urlparse(uri).path))
+    return Path(uri) if "://" not in uri and not uri.startswith("sqlite") else None
 
 
 QUARANTINE_SUFFIX = ".quarantine"  # beside the store: MLflow would read a folder inside it as an experiment
@@ -98,6 +107,34 @@ def repair_file_store(root: Path) -> list[Path]:
         )
         moved.append(target)
     return moved
+
+
+_OPEN_GRACE_S = 2.0  # a live process writes a new run's tags one file after another, milliseconds apart
+
+
+def opened_and_abandoned(experiment_id: str, run_id: str) -> bool:
+    """Whether a run of a file store was left half-opened: MLflow's file store writes a new run's
+    meta.yaml and then its tags one file at a time, so a process killed in between leaves a RUNNING
+    run without the tags that name its process. Such a run no longer changes: true when nothing in
+    its record was written for `_OPEN_GRACE_S` (waiting out the rest of that once). A database store
+    creates a run with its tags in one transaction, so there it is always False."""
+    root = file_store_root()
+    if root is None:
+        return False
+    folder = root / experiment_id / run_id
+
+    def last_write() -> float | None:
+        files = [folder / "meta.yaml", *(folder / "tags").glob("*"), *(folder / "params").glob("*")]
+        return max((f.stat().st_mtime for f in files if f.is_file()), default=None)
+
+    first = last_write()
+    if first is None:
+        return False
+    wait = _OPEN_GRACE_S - (time.time() - first)
+    if wait > 0:
+        time.sleep(wait)
+        return last_write() == first
+    return True
 
 
 def check_store_uri() -> str:
