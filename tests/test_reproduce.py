@@ -571,6 +571,48 @@ def test_an_attack_is_costed_for_the_examples_each_apgd_runs_on(monkeypatch):
     assert est.ATTACKED_SHARE["standard"][1] == 0 and all(0 < c <= 1 for c, _ in est.ATTACKED_SHARE.values())
 
 
+def test_the_manifold_step_is_costed_per_network_with_an_mftma_fit_per_stage(monkeypatch):
+    from robustlogits.study.reproduce import estimate as est
+
+    per = {"vgg-fast": 1e-3, "vgg-fast-s": 1e-4}  # the students' narrower net is cheaper per point
+    widths = (3072, 65536, 16384, 8192, 4096, 10)  # input, stem, three blocks, logits
+    monkeypatch.setattr(
+        est,
+        "probe",
+        lambda arch, num_classes=10, batch=128, amp_setting="auto": est.Probe(
+            *[(per[arch],) * 3] * 4, batch, "fp32", 0, widths
+        ),
+    )
+    fits = []
+
+    def fit(n_manifolds, n_features, n_points):
+        fits.append((n_manifolds, n_features, n_points))
+        return n_features / 100  # 5 s at 500 features, 0.1 s at the logits' 10
+
+    monkeypatch.setattr(est, "mftma_probe", fit)
+    steps = {s.name: s for s in build_plan(scale("laptop"), 1, {"cifar10": "digest-a"}, None)}
+    est.estimate(list(steps.values()))
+    manifold = steps["analyze/cifar10/manifold/s0"]
+    a = manifold.args
+    assert sorted(set(fits)) == [(a["n_images"], 10, a["n_perturbations"]), (a["n_images"], 500, a["n_perturbations"])]
+    assert len(fits) == 2  # one probe per shape, whatever the number of networks and stages
+
+    def network(arch):  # PGD points, a clean pass for the features, then a fit per stage
+        points = a["n_images"] * a["n_perturbations"]
+        return points * (a["pgd_steps"] * per[arch] + per[arch]) + 5 * 5.0 + 0.1
+
+    archs = ["vgg-fast" if label.endswith("teacher") else "vgg-fast-s" for label in a["labels"]]
+    assert archs.count("vgg-fast") == 2 and archs.count("vgg-fast-s") >= 2
+    assert manifold.estimate_s == pytest.approx(est.ANALYSIS_SECONDS + sum(network(arch) for arch in archs))
+
+
+def test_the_mftma_probe_times_a_real_fit_on_clouds_of_the_asked_shape():
+    from robustlogits.study.reproduce import estimate as est
+
+    assert est.synthetic_manifolds(6, 20, 4).shape == (6, 20, 4)
+    assert est.mftma_probe(6, 20, 4) > 0
+
+
 def test_a_student_step_is_keyed_on_its_presets_values_and_refuses_a_preset_changed_since(monkeypatch):
     from robustlogits.config import PRESETS
     from robustlogits.study.reproduce.steps import planned_as

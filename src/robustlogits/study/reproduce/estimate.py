@@ -16,6 +16,7 @@ import statistics
 import time
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from robustlogits.config import distill_preset, flatten
@@ -49,6 +50,7 @@ class Probe:
     batch: int
     precision: str
     load: float  # the machine's 1-minute load average while probing: a busy machine probes slow
+    stage_widths: tuple[int, ...] = ()  # features at each analysed stage (input ... logits)
 
     def describe(self) -> str:
         return (
@@ -72,7 +74,7 @@ def probe(arch: str, num_classes: int = 10, batch: int = 128, amp_setting: str =
     """Time the four operations a study is made of for `arch` on this machine, at the precision
     `amp_setting` (a config's `run.amp`) gives here."""
     from robustlogits.core.device import precision_name, resolve_amp
-    from robustlogits.core.models import build_model
+    from robustlogits.core.models import build_model, extract_stages
 
     batch = min(batch, PROBE_BATCH_CAP)
     amp = resolve_amp(amp_setting, torch.device("cpu"))
@@ -112,7 +114,44 @@ def probe(arch: str, num_classes: int = 10, batch: int = 128, amp_setting: str =
         batch=batch,
         precision=precision_name(amp),
         load=os.getloadavg()[0],
+        stage_widths=tuple(f.shape[1] for f in extract_stages(model.eval(), x[:1]).values()),
     )
+
+
+def synthetic_manifolds(n_manifolds: int, n_features: int, n_points: int, seed: int = 0) -> np.ndarray:
+    """(P, N, M) clouds shaped like a stage's features of perturbed test images: P images of 10 classes,
+    each centre its class's mean plus its own offset, each cloud spread over a few directions with a
+    decaying spectrum (PGD moves along a handful). The fit's cost hangs on that structure: centres with
+    no shared part or isotropic clouds fit several times faster than real features."""
+    rng = np.random.default_rng(seed)
+    classes = rng.standard_normal((10, n_features))
+    centres = classes[np.arange(n_manifolds) % 10] + 0.5 * rng.standard_normal((n_manifolds, n_features))
+    rank = min(n_points, n_features, 8)
+    spectrum = 0.3 * 0.6 ** np.arange(rank)
+    directions = rng.standard_normal((n_manifolds, n_features, rank)) / np.sqrt(n_features)
+    coefficients = rng.standard_normal((n_manifolds, rank, n_points)) * spectrum[None, :, None]
+    return centres[:, :, None] + np.sqrt(n_features) * directions @ coefficients
+
+
+def mftma_probe(n_manifolds: int, n_features: int, n_points: int) -> float:
+    """Seconds of one MFTMA fit at Figure 5's settings on synthetic clouds of this shape: the manifold
+    step's cost beyond its PGD points. Timed once (about 11 s at the laptop's 50 x 500 x 50)."""
+    from robustlogits.config import ManifoldConfig
+    from robustlogits.core.mftma import manifold_analysis
+
+    settings = ManifoldConfig()
+    X = synthetic_manifolds(n_manifolds, n_features, n_points)
+    start = time.perf_counter()
+    manifold_analysis(
+        X,
+        kappa=settings.kappa,
+        n_t=settings.n_t,
+        seed=settings.seed,
+        center_method=settings.center_method,
+        center_reps=settings.center_reps,
+        definitions=settings.definitions,
+    )
+    return time.perf_counter() - start
 
 
 def attack_steps(config: dict) -> int:
@@ -126,6 +165,7 @@ class Estimator:
     def __init__(self):
         self.probes: dict[tuple[str, str], Probe] = {}  # (arch, run.amp) -> its probe
         self.targets_costed: set[tuple] = set()  # teacher-logit artifacts already paid for, per spread point
+        self.mftma_fits: dict[tuple[int, int, int], float] = {}  # (P, N, M) -> seconds of one fit
 
     def probe(self, config: dict) -> Probe:
         arch, amp = config["model.arch"], str(config.get("run.amp", "auto"))
@@ -133,11 +173,11 @@ class Estimator:
             self.probes[arch, amp] = probe(arch, batch=int(config["optim.batch_size"]), amp_setting=amp)
         return self.probes[arch, amp]
 
-    def seconds(self, step: Step, at: int, train_configs: dict[str, dict]) -> float:
+    def seconds(self, step: Step, at: int, model_configs: dict[str, dict]) -> float:
         if step.task == "reproduce-train":
             return self._train(step.args["config"], at)
         if step.task == "reproduce-attack":
-            config = train_configs[step.needs["model"]]
+            config = model_configs[step.needs["model"]]
             return self.attack(config, config["run.training"], step.args["n_examples"], step.args["n_iter"], at)
         if step.task == "reproduce-distill":
             config = flatten(distill_preset(step.args["preset"]))
@@ -146,20 +186,34 @@ class Estimator:
             return (
                 config["optim.epochs"] * n * p.sgd[at]
                 + config["optim.epochs"] * _eval_images(config) * p.forward[at]
-                + self._targets(step, config, n, at, train_configs)
+                + self._targets(step, config, n, at, model_configs)
                 + self.attack(config, "student", step.args["n_examples"], step.args["n_iter"], at)
             )
-        slowest = max(self.probes.values(), key=lambda p: p.input_grad_fp32[1], default=None)
-        per_grad = slowest.input_grad_fp32[at] if slowest else 1e-3
         if step.task == "reproduce-manifold":
-            a = step.args
-            passes = a["n_images"] * a["n_perturbations"] * (a["pgd_steps"] + 1)
-            return ANALYSIS_SECONDS + len(a["labels"]) * (passes * per_grad + 2.0)
-        if step.task == "reproduce-gap-response":
-            return ANALYSIS_SECONDS + len(step.args["labels"]) * step.args["n_images"] * 11 * per_grad  # PGD-10
+            return ANALYSIS_SECONDS + sum(self._manifold(c, step.args, at) for c in _models(step, model_configs))
+        if step.task == "reproduce-gap-response":  # PGD-10 from the clean image, then a clean pass
+            n = step.args["n_images"]
+            return ANALYSIS_SECONDS + sum(
+                n * (10 * self.probe(c).input_grad_fp32[at] + self.probe(c).forward[at])
+                for c in _models(step, model_configs)
+            )
         return ANALYSIS_SECONDS
 
-    def _targets(self, step: Step, config: dict, n: int, at: int, train_configs: dict[str, dict]) -> float:
+    def _manifold(self, config: dict, a: dict, at: int) -> float:
+        """One network of Figure 5: PGD points in each image's ball, their features at every stage, and an
+        MFTMA fit per stage on at most `n_features` of them (random projection)."""
+        p = self.probe(config)
+        points = a["n_images"] * a["n_perturbations"]
+        fits = sum(self.mftma(a["n_images"], min(w, a["n_features"]), a["n_perturbations"]) for w in p.stage_widths)
+        steadiness = p.sgd[at] / p.sgd[1]  # one fit is timed: the SGD probe's spread says how steady the machine is
+        return points * (a["pgd_steps"] * p.input_grad_fp32[at] + p.forward[at]) + fits * steadiness
+
+    def mftma(self, n_manifolds: int, n_features: int, n_points: int) -> float:
+        if (n_manifolds, n_features, n_points) not in self.mftma_fits:
+            self.mftma_fits[n_manifolds, n_features, n_points] = mftma_probe(n_manifolds, n_features, n_points)
+        return self.mftma_fits[n_manifolds, n_features, n_points]
+
+    def _targets(self, step: Step, config: dict, n: int, at: int, model_configs: dict[str, dict]) -> float:
         """The teachers' averaged logits, paid by the first student of each teacher checkpoint only:
         later students reuse the keyed artifact. Costed with the teacher's network, not the student's."""
         seconds = 0.0
@@ -172,7 +226,7 @@ class Estimator:
             if key in self.targets_costed:
                 continue
             self.targets_costed.add(key)
-            teacher_probe = self.probe(train_configs[teacher]) if teacher in train_configs else self.probe(config)
+            teacher_probe = self.probe(model_configs[teacher]) if teacher in model_configs else self.probe(config)
             seconds += config["distill.n_augment"] * n * teacher_probe.forward[at]
         return seconds
 
@@ -206,6 +260,12 @@ class Estimator:
         )
 
 
+def _models(step: Step, model_configs: dict[str, dict]) -> list[dict]:
+    """The configs of the networks an analysis reads (a model the plan does not build: its first teacher's)."""
+    fallback = next(iter(model_configs.values()))
+    return [model_configs.get(name, fallback) for name in step.needs.get("models", [])]
+
+
 def _n_train(config: dict) -> int:
     if config["data.train_subset"]:
         return int(config["data.train_subset"])
@@ -222,8 +282,10 @@ def estimate(steps: list[Step]) -> dict[str, str]:
     """Fill every step's `estimate_s` (median) and `estimate_spread` (fastest, slowest); returns how
     each architecture's cost was obtained."""
     est = Estimator()
-    train_configs = {s.name: s.args["config"] for s in steps if s.task == "reproduce-train"}
+    model_configs = {s.name: s.args["config"] for s in steps if s.task == "reproduce-train"} | {
+        s.name: flatten(distill_preset(s.args["preset"])) for s in steps if s.task == "reproduce-distill"
+    }
     for step in sorted(steps, key=lambda s: s.task != "reproduce-train"):  # probe trained nets first
-        low, mid, high = (est.seconds(step, at, train_configs) for at in range(3))
+        low, mid, high = (est.seconds(step, at, model_configs) for at in range(3))
         step.estimate_s, step.estimate_spread = mid, (low, high)
     return {arch if amp == "auto" else f"{arch} (run.amp={amp})": p.describe() for (arch, amp), p in est.probes.items()}
