@@ -606,6 +606,28 @@ def test_the_manifold_step_is_costed_per_network_with_an_mftma_fit_per_stage(mon
     assert manifold.estimate_s == pytest.approx(est.ANALYSIS_SECONDS + sum(network(arch) for arch in archs))
 
 
+def test_an_analyses_only_selection_costs_its_networks_from_the_whole_plan(monkeypatch):
+    from robustlogits.study.reproduce import estimate as est
+
+    monkeypatch.setattr(
+        est,
+        "probe",
+        lambda arch, num_classes=10, batch=128, amp_setting="auto": est.Probe(
+            *[(1e-3 if arch == "vgg-fast" else 1e-4,) * 3] * 4, batch, "fp32", 0, (500, 10)
+        ),
+    )
+    monkeypatch.setattr(est, "mftma_probe", lambda n_manifolds, n_features, n_points: 1.0)
+    steps = build_plan(scale("laptop"), 1, {"cifar10": "digest-a"}, None)
+    est.estimate(steps)
+    full = {s.name: s.estimate_s for s in steps}
+    analyses = [s for s in steps if s.name.startswith("analyze/")]  # as `--only analyses` chooses them
+    est.estimate(analyses, steps)
+    for step in analyses:
+        assert step.estimate_s == pytest.approx(full[step.name]), step.name
+    est.estimate(analyses)  # without the plan: no network known, still no crash
+    assert all(s.estimate_s >= est.ANALYSIS_SECONDS for s in analyses)
+
+
 def test_the_mftma_probe_times_a_real_fit_on_clouds_of_the_asked_shape():
     from robustlogits.study.reproduce import estimate as est
 

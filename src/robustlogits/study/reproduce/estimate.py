@@ -262,8 +262,9 @@ class Estimator:
 
 def _models(step: Step, model_configs: dict[str, dict]) -> list[dict]:
     """The configs of the networks an analysis reads (a model the plan does not build: its first teacher's)."""
-    fallback = next(iter(model_configs.values()))
-    return [model_configs.get(name, fallback) for name in step.needs.get("models", [])]
+    fallback = next(iter(model_configs.values()), None)
+    configs = [model_configs.get(name, fallback) for name in step.needs.get("models", [])]
+    return [c for c in configs if c is not None]
 
 
 def _n_train(config: dict) -> int:
@@ -278,12 +279,14 @@ def _eval_images(config: dict) -> int:
     return config["data.stats_subset"] + (config["data.heldout_subset"] or 10000)
 
 
-def estimate(steps: list[Step]) -> dict[str, str]:
+def estimate(steps: list[Step], plan_steps: list[Step] | None = None) -> dict[str, str]:
     """Fill every step's `estimate_s` (median) and `estimate_spread` (fastest, slowest); returns how
-    each architecture's cost was obtained."""
+    each architecture's cost was obtained. `plan_steps` (default `steps`) name the networks: an
+    `--only analyses` run costs its analyses with the networks of teachers it does not train."""
     est = Estimator()
-    model_configs = {s.name: s.args["config"] for s in steps if s.task == "reproduce-train"} | {
-        s.name: flatten(distill_preset(s.args["preset"])) for s in steps if s.task == "reproduce-distill"
+    everything = plan_steps or steps
+    model_configs = {s.name: s.args["config"] for s in everything if s.task == "reproduce-train"} | {
+        s.name: flatten(distill_preset(s.args["preset"])) for s in everything if s.task == "reproduce-distill"
     }
     for step in sorted(steps, key=lambda s: s.task != "reproduce-train"):  # probe trained nets first
         low, mid, high = (est.seconds(step, at, model_configs) for at in range(3))

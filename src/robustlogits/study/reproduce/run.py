@@ -125,7 +125,7 @@ def run_reproduce(opts: ReproduceConfig) -> dict:
 
     plan = make_plan(opts)
     if opts.dry_run:
-        sources = estimate(plan.chosen)
+        sources = estimate(plan.chosen, plan.steps)
         return {"plan": plan, "throughput": sources}
     sc = scale(opts.scale)
     seeds = sc.seeds if opts.seeds is None else opts.seeds
@@ -147,7 +147,7 @@ def run_reproduce(opts: ReproduceConfig) -> dict:
         if any(not plan.done[s.name] for s in plan.chosen):
             # the same probe as --dry-run, recorded with each queued step so the report can set the
             # estimate beside what the step took
-            sources = estimate(plan.chosen)
+            sources = estimate(plan.chosen, plan.steps)
             left = {s.key: s.estimate_s for s in plan.chosen if not plan.done[s.name]}
             log.info(
                 "estimated %s for the %d step(s) left (%s)",
