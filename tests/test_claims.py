@@ -263,6 +263,21 @@ def test_a_laptop_like_setup_names_its_departures_beside_the_claims_that_depend_
     assert "students" not in v["gap-smaller"]["differs"] and "network" in v["gap-smaller"]["differs"]
 
 
+def test_an_st_teacher_on_another_network_is_named_beside_the_claims_that_compare_it():
+    studies = crafted(epochs=15)
+    recipe = {"model.arch": "vgg-fast", "optim.batch_size": "512"}
+    studies["cifar10"]["teachers"]["at"][0]["recipe"] = recipe
+    studies["cifar10"]["teachers"]["st"][0]["recipe"] = recipe | {"model.arch": "vgg-fast-wide"}
+    judged = judge_all(studies, "laptop")
+    # A.2 trains both teachers as ResNet-18s: a wider ST net is a departure every ST-vs-AT comparison carries
+    assert judged["differences"]["ST teacher"]["study"] == "arch vgg-fast-wide (AT vgg-fast)"
+    assert "ST teacher" in {c["id"]: c for c in judged["claims"]}["gap-smaller"]["differs"]
+    # and the collected recipe carries the network, so a study's runs can show it
+    from robustlogits.study.reproduce.collect import recipe
+
+    assert recipe({"model.arch": "vgg-fast-wide"})["model.arch"] == "vgg-fast-wide"
+
+
 def test_the_papers_own_setup_departs_in_nothing():
     studies = crafted(n=10000)
     for rows in studies["cifar10"]["students"].values():

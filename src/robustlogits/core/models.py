@@ -157,6 +157,7 @@ ARCHS: dict[str, Callable[[int], tuple[nn.Module, dict[str, str]]]] = {
     "cnn-small": _cnn((32, 64, 128)),
     "vgg-fast": _vgg_fast((64, 128, 256)),
     "vgg-fast-s": _vgg_fast((32, 64, 128)),
+    "vgg-fast-wide": _vgg_fast((64, 256, 256)),  # airbench's widths
     "cnn-tiny": _cnn((8, 16, 32)),
 }
 
