@@ -10,6 +10,14 @@ Prints images/s for each, the ratios, and how far `auto`'s choice is from the fa
 (the goal: within 10% everywhere; bf16 wins on AMX / AVX-512-BF16 CPUs and Ampere+ GPUs, fp32 on
 AVX2-only CPUs). Real CIFAR-10 is used when --data-dir points at it, synthetic images otherwise
 (throughput does not depend on pixel values).
+
+Then where a batch's time goes, each part timed alone: the reference's data (PIL crop/flip,
+ToTensor, collate) and its fp32 NCHW step, our batched augmentation and our step in fp32 NCHW,
+fp32 channels-last and bf16. The ratio ours/reference is (its data + its step) / (our
+augmentation + our step), so this says which part a machine's ratio comes from. To see an
+AVX2-only CPU's kernels on a newer one, cap oneDNN and ATen (every line then names the cap):
+
+    ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2 python benchmarks/bench_train.py
 """
 
 from __future__ import annotations
@@ -90,6 +98,80 @@ def reference(arch, images, labels, adversarial, pgd_steps, device, batches):
     return seen / (time.perf_counter() - started)
 
 
+def _ms_per_batch(fn, batches: int) -> float:
+    """Median of `batches` timed calls after 3 untimed ones (oneDNN picks and caches its kernels,
+    the allocator settles): one slow call on a shared machine does not move it."""
+    for _ in range(3):
+        fn()
+    times = []
+    for _ in range(batches):
+        started = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - started)
+    return float(np.median(times)) * 1e3
+
+
+def breakdown(arch, images, labels, adversarial, pgd_steps, device, batches=15, batch_size=128) -> dict[str, float]:
+    """Milliseconds per batch of each part of the two loops, timed alone on the same images."""
+    from PIL import Image
+    from torchvision import transforms
+
+    from robustlogits.core.data import augment, to_float
+    from robustlogits.core.perturb import autocast
+
+    pil = [Image.fromarray(im.transpose(1, 2, 0)) for im in images[:batch_size]]
+    transform = transforms.Compose(
+        [transforms.RandomCrop(32, padding=4), transforms.RandomHorizontalFlip(), transforms.ToTensor()]
+    )
+    uint8 = torch.from_numpy(images[:batch_size]).to(device)
+    y = torch.from_numpy(labels[:batch_size]).long().to(device)
+    generator = torch.Generator(device=device).manual_seed(0)
+    attack = LinfPGD(8 / 255, 2.5 * (8 / 255) / pgd_steps, pgd_steps)
+
+    def step_fn(amp: bool, channels_last: bool):
+        model = build_model(arch, int(labels.max()) + 1).to(device)
+        if channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        model.train()
+        opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+        perturb = LinfPGD(8 / 255, 2.5 * (8 / 255) / pgd_steps, pgd_steps, amp=amp) if adversarial else None
+        x = to_float(uint8, channels_last)
+
+        def step():
+            inputs = perturb(model, x, y, generator) if perturb is not None else x
+            with autocast(device, amp):
+                loss = F.cross_entropy(model(inputs).float(), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+
+        return step
+
+    def reference_step():
+        model = build_model(arch, int(labels.max()) + 1).to(device)
+        model.train()
+        opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+        x = to_float(uint8)
+
+        def step():
+            inputs = attack(model, x, y) if adversarial else x
+            loss = F.cross_entropy(model(inputs), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+
+        return step
+
+    return {
+        "reference data": _ms_per_batch(lambda: torch.stack([transform(im) for im in pil]), batches),
+        "reference step fp32 NCHW": _ms_per_batch(reference_step(), batches),
+        "our augmentation": _ms_per_batch(lambda: to_float(augment(uint8, generator, 4), True), batches),
+        "our step fp32 NCHW": _ms_per_batch(step_fn(False, False), batches),
+        "our step fp32 channels-last": _ms_per_batch(step_fn(False, True), batches),
+        "our step bf16 channels-last": _ms_per_batch(step_fn(True, True), batches),
+    }
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--arch", default="cnn-small")
@@ -133,6 +215,14 @@ def main():
             f"{'':12s} auto ({precision_name(auto)}) = {chosen / max(bf16, fp32):5.2f}x the faster precision | "
             f"bf16/fp32 {bf16 / fp32:5.2f}x | auto/reference {chosen / ref:5.2f}x"
         )
+        parts = breakdown(args.arch, images, labels, adversarial, args.pgd_steps, device)
+        ref_total = parts["reference data"] + parts["reference step fp32 NCHW"]
+        print(f"{'':12s} where a batch of 128 goes (ms, each part alone; reference total {ref_total:.1f}):")
+        for name, ms in parts.items():
+            share = f"{ms / ref_total:5.1%} of the reference batch"
+            print(f"{'':14s}{name:30s} {ms:8.1f} ms  {share}")
+        for label, step in (("fp32 NCHW", "our step fp32 NCHW"), ("fp32 channels-last", "our step fp32 channels-last")):
+            print(f"{'':14s}reference / ours ({label}): {ref_total / (parts['our augmentation'] + parts[step]):5.2f}x")
 
 
 if __name__ == "__main__":

@@ -100,3 +100,48 @@ def test_attacks_resolve_their_device_the_one_way(monkeypatch):
     x, y = torch.rand(4, 3, 32, 32), torch.arange(4)
     with pytest.raises(UserError, match="unknown device 'no-such-device'"):
         evaluate_robustness(model, x, y, np.arange(4), n_iter=1, device=None, progress=False)
+
+
+@pytest.mark.parametrize(
+    "cap, allowed",
+    [
+        (None, True),
+        ("ALL", True),
+        ("avx512_core_amx", True),
+        ("AVX512_CORE_BF16", True),
+        ("AVX2", False),
+        ("avx512_core", False),
+        ("AVX512_CORE_VNNI", False),
+        ("SSE41", False),
+    ],
+)
+def test_an_isa_cap_below_bf16_makes_auto_train_in_fp32(cap, allowed, monkeypatch):
+    """`ONEDNN_MAX_CPU_ISA=AVX2` makes oneDNN emulate bf16 on any CPU, as an AVX2-only machine does:
+    `auto` must then pick fp32 even though the CPU's flags say bf16."""
+    monkeypatch.delenv("DNNL_MAX_CPU_ISA", raising=False)
+    if cap is None:
+        monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+    else:
+        monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", cap)
+    monkeypatch.setattr(dev, "_cpu_flags_have_bf16", lambda: True)
+    dev.cpu_has_native_bf16.cache_clear()
+    try:
+        assert dev.cpu_has_native_bf16() is allowed
+        assert dev.resolve_amp("auto", torch.device("cpu")) is allowed
+    finally:
+        dev.cpu_has_native_bf16.cache_clear()
+
+
+def test_the_older_dnnl_variable_caps_too(monkeypatch):
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+    monkeypatch.setenv("DNNL_MAX_CPU_ISA", "avx2")
+    assert dev.isa_cap() == "AVX2" and not dev.isa_cap_allows_bf16(dev.isa_cap())
+
+
+def test_a_capped_cpu_is_named_as_capped_beside_every_timing(monkeypatch):
+    monkeypatch.delenv("DNNL_MAX_CPU_ISA", raising=False)
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+    plain = dev.cpu_name()
+    assert "capped" not in plain
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+    assert dev.cpu_name() == f"{plain} (oneDNN capped to AVX2)"

@@ -47,9 +47,35 @@ def normalise_amp(setting) -> str:
     return text
 
 
+# oneDNN ISA caps (`ONEDNN_MAX_CPU_ISA`) below AVX512_CORE_BF16: its convolutions then emulate bf16
+# exactly as on an AVX2-only CPU, the case `auto` exists for
+_ISA_CAPS_WITHOUT_BF16 = frozenset(
+    {"SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2", "AVX512_CORE", "AVX512_CORE_VNNI"}
+)
+
+
+def isa_cap() -> str | None:
+    """The instruction set oneDNN was told not to exceed (the variable its own docs name, or the
+    older DNNL_ one), upper-cased; None when uncapped."""
+    value = os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA")
+    return value.strip().upper() if value and value.strip() else None
+
+
+def isa_cap_allows_bf16(cap: str | None) -> bool:
+    """False for a cap below AVX512_CORE_BF16, so a machine capped to measure AVX2 behaviour trains
+    in fp32 under `auto`, as the AVX2 machine would. No cap, a higher one (ALL, AVX512_CORE_AMX, ...)
+    or one oneDNN does not know leaves the hardware's answer standing."""
+    return cap not in _ISA_CAPS_WITHOUT_BF16
+
+
 @functools.cache
 def cpu_has_native_bf16() -> bool:
-    """AMX or AVX-512-BF16, asked of torch's own CPU probe, else of /proc/cpuinfo."""
+    """AMX or AVX-512-BF16, asked of torch's own CPU probe, else of /proc/cpuinfo; and not capped
+    away by `ONEDNN_MAX_CPU_ISA`."""
+    return isa_cap_allows_bf16(isa_cap()) and _cpu_flags_have_bf16()
+
+
+def _cpu_flags_have_bf16() -> bool:
     probes = [getattr(torch._C._cpu, name, None) for name in ("_is_amx_tile_supported", "_is_avx512_bf16_supported")]
     probes = [p for p in probes if p is not None]
     if probes:
@@ -106,8 +132,14 @@ def worker_devices(n_workers: int, workers_per_device: int = 1) -> list[str | No
 
 
 def cpu_name() -> str:
-    """The CPU's model name as the kernel reports it (platform.processor() is often empty): every
-    timing names it, since CPUs differ by integer factors."""
+    """The CPU's model name as the kernel reports it (platform.processor() is often empty), and the
+    oneDNN ISA cap when one is set: every timing names it, since CPUs differ by integer factors and
+    a capped CPU runs another machine's kernels."""
+    cap = isa_cap()
+    return _model_name() + (f" (oneDNN capped to {cap})" if cap else "")
+
+
+def _model_name() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
