@@ -305,6 +305,7 @@ def test_the_report_says_where_when_and_from_which_commit_its_numbers_came(in_st
     first_student = next(r for r in prov["steps"] if r["step"].startswith("distill/"))
     assert first_student["seconds"] > first_student["run_seconds"]
     assert prov["wall_seconds"] >= max(r["seconds"] for r in prov["steps"]) and prov["step_seconds"] > 0
+    assert 0 <= prov["outside_steps_seconds"] < prov["wall_seconds"]  # one uninterrupted invocation
     head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True).stdout
     assert prov["code"]["commit"] == head.strip() and prov["machine"]["cores"] == os.cpu_count()
     dirty = "+dirty" if prov["code"]["uncommitted_changes"] else ""
@@ -323,6 +324,40 @@ def test_the_report_says_where_when_and_from_which_commit_its_numbers_came(in_st
     assert prov["estimated_steps"] == len(runs)
     assert prov["estimate_seconds"] == pytest.approx(sum(r["estimate_s"] for r in prov["steps"]))
     assert "| estimated | took |" in markdown and "x the estimate)" in markdown
+
+
+def test_a_resumed_study_says_how_much_of_its_span_no_step_accounts_for():
+    """A study killed in a student's 8th epoch and resumed 39 minutes later: its first-to-last span
+    holds the stop and the thrown-away work; only its steps' own (worker) times are covered."""
+    from robustlogits.study.reproduce.provenance import _clock, outside_steps_seconds, summary
+
+    s = 1000  # ms per second
+    rows = [
+        {"_start": 0, "_end": 100 * s, "seconds": 100.0},  # teacher
+        {"_start": 130 * s, "_end": 200 * s, "seconds": 100.0},  # student: its teacher logits came before its run
+        # killed at 700 s after 500 s of work, resumed at 3040 s, finished its last epoch by 3100 s
+        {"_start": 200 * s, "_end": 3100 * s, "seconds": 60.0},
+        {"_start": 3100 * s, "_end": 3400 * s, "seconds": 300.0},
+    ]
+    assert outside_steps_seconds(rows) == pytest.approx(3400 - (100 + 100 + 60 + 300))
+    assert outside_steps_seconds(rows[:2]) == pytest.approx(0)  # back to back: nothing outside
+    overlapping = [{"_start": 0, "_end": 100 * s, "seconds": 100.0}, {"_start": 50 * s, "_end": 120 * s, "seconds": 70}]
+    assert outside_steps_seconds(overlapping) == pytest.approx(0)  # two workers: counted once
+    assert outside_steps_seconds([]) is None
+    prov = {
+        "machine": {"cpu": "x", "cores": 2, "memory_gib": 1, "bf16_native_cpu": False, "torch": "t"},
+        "code": {"commit": "abc"},
+        "step_commits": ["abc"],
+        "precisions": [],
+        "started": "a",
+        "ended": "b",
+        "wall_seconds": 3400.0,
+        "step_seconds": 560.0,
+        "outside_steps_seconds": 2840.0,
+        "steps": [],
+    }
+    assert f"{_clock(2840)} of it in no step's time" in summary(prov)[2]
+    assert "no step's time" not in summary({**prov, "outside_steps_seconds": 5.0})[2]
 
 
 @pytest.mark.skipif(

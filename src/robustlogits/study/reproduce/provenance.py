@@ -94,9 +94,31 @@ def worker_times(storage_url: str | None) -> dict[str, dict]:
         return {}
 
 
+def outside_steps_seconds(rows: list[dict]) -> float | None:
+    """Wall clock from the first step's start to the last step's end that no step accounts for: each
+    step covers the `seconds` before its end (its worker's time, teacher logits included), and what
+    is left is stops between invocations, work done before a kill (a retried step is timed from its
+    retry, even where it resumed that work), and the start-up and hand-offs between steps. A resumed study's first-to-last span means little without it."""
+    spans = sorted(
+        (r["_end"] / 1000 - r["seconds"], r["_end"] / 1000) for r in rows if r.get("_end") and r.get("seconds")
+    )
+    starts = [r["_start"] / 1000 for r in rows if r.get("_start")]
+    if not spans or not starts:
+        return None
+    first, last = min(starts + [spans[0][0]]), max(end for _, end in spans)
+    covered, reach = 0.0, first
+    for start, end in spans:
+        start = max(start, reach)
+        if end > start:
+            covered += end - start
+            reach = end
+    return max(0.0, (last - first) - covered)
+
+
 def provenance(steps, runs: dict[str, str | None], task_times: dict[str, dict] | None = None) -> dict:
     rows = step_times(steps, runs, task_times)
     estimated = [r for r in rows if r["estimate_s"]]
+    outside = outside_steps_seconds(rows)
     starts = [r.pop("_start") for r in rows]
     ends = [r.pop("_end") for r in rows]
     starts, ends = [s for s in starts if s], [e for e in ends if e]
@@ -108,6 +130,7 @@ def provenance(steps, runs: dict[str, str | None], task_times: dict[str, dict] |
         # first step's start to last step's end: includes any pause between resumed sessions
         "wall_seconds": (max(ends) - min(starts)) / 1000 if starts and ends else None,
         "step_seconds": sum(r["seconds"] or 0 for r in rows),
+        "outside_steps_seconds": outside,
         "steps_timed_by_worker": sum(r["timed_by"] == "worker" for r in rows),
         "precisions": sorted({r["precision"] for r in rows if r["precision"]}),
         "step_commits": sorted({r["commit"] for r in rows if r["commit"]}),
@@ -146,9 +169,21 @@ def summary(p: dict) -> list[str]:
         f"Code: report written at commit `{c.get('commit') or 'unknown'}`{dirty}; {ran_at}. "
         f"Trained in: {', '.join(p['precisions']) or '–'}.",
         f"Time: {p['started'] or '–'} to {p['ended'] or '–'}, {_clock(p['wall_seconds'])} from the first step's "
-        f"start to the last step's end; the steps themselves took {_clock(p['step_seconds'])}" + _timed_by(p) + ".",
+        f"start to the last step's end{_outside(p)}; the steps themselves took {_clock(p['step_seconds'])}"
+        + _timed_by(p)
+        + ".",
         *_estimate_sentence(p),
     ]
+
+
+def _outside(p: dict) -> str:
+    outside = p.get("outside_steps_seconds")
+    if outside is None or outside < 60:
+        return ""
+    return (
+        f", {_clock(outside)} of it in no step's time (stops between invocations; work done before a kill, "
+        "which the retried step's time leaves out; start-ups)"
+    )
 
 
 def _estimate_sentence(p: dict) -> list[str]:
