@@ -98,7 +98,8 @@ def outside_steps_seconds(rows: list[dict]) -> float | None:
     """Wall clock from the first step's start to the last step's end that no step accounts for: each
     step covers the `seconds` before its end (its worker's time, teacher logits included), and what
     is left is stops between invocations, work done before a kill (a retried step is timed from its
-    retry, even where it resumed that work), and the start-up and hand-offs between steps. A resumed study's first-to-last span means little without it."""
+    retry, even where it resumed that work), and the start-up and hand-offs between steps. A resumed
+    study's first-to-last span means little without it."""
     spans = sorted(
         (r["_end"] / 1000 - r["seconds"], r["_end"] / 1000) for r in rows if r.get("_end") and r.get("seconds")
     )
