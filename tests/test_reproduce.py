@@ -560,6 +560,21 @@ def test_a_preset_that_trains_st_longer_reads_each_teacher_at_its_own_epoch(monk
         assert shared[name].key == steps[name].key, name
 
 
+def test_a_students_st_teacher_is_the_registered_model_of_the_st_teachers_own_network(monkeypatch):
+    from robustlogits.config import PRESETS, distill_preset
+
+    assert distill_preset("laptop").st_teacher_spec() == "models:/cifar10-vgg-fast-st/Production"
+    assert distill_preset("smoke").distill.st_teacher is None  # students of the teachers' own network
+    before = {name: distill_preset(name) for name in ("laptop", "smoke")}
+    wide = {"model.arch": "vgg-fast-wide", "optim.epochs": 24}
+    for name, student in before.items():
+        monkeypatch.setitem(PRESETS, name, dataclasses.replace(PRESETS[name], standard=wide))
+        after = distill_preset(name)
+        assert after.st_teacher_spec() == "models:/cifar10-vgg-fast-wide-st/Production", name
+        assert after.teacher_spec() == student.teacher_spec(), name  # the AT teacher keeps the shared network
+        assert (after.model.arch, after.optim.epochs) == (student.model.arch, student.optim.epochs), name
+
+
 def test_the_teachers_targets_are_costed_once_per_checkpoint_with_the_teachers_network(monkeypatch):
     from robustlogits.study.reproduce import estimate as est
 

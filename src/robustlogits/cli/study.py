@@ -154,7 +154,7 @@ def sweep_report(
 def reproduce(
     scale: str = typer.Option(
         ReproduceConfig.scale,
-        help="smoke (CPU, minutes) | laptop (CPU, the paper's teacher regime, ~2 h) | study (CPU, hours) | paper (A.2, GPUs)",
+        help="smoke (CPU, minutes) | laptop (CPU, the paper's teacher regime, ~3 h) | study (CPU, hours) | paper (A.2, GPUs)",
     ),
     seeds: Optional[str] = typer.Option(None, help="seeds per model (default: the scale's)"),
     only: Optional[str] = typer.Option(
