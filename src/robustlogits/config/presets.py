@@ -214,7 +214,7 @@ def distill_preset(name: str) -> DistillConfig:
     cfg.distill = DistillationConfig(**preset_row(name).distill)
     for key, value in preset_row(name).student.items():  # e.g. students converge in fewer epochs
         set_value(cfg, key, value)
-    # a student of another network than its teachers' names them: they are the preset's own, and a
+    # a student whose network differs from a teacher's names that teacher (the preset's own); a
     # `standard` row may give the ST teacher a network of its own
     st_arch = preset(name, "standard").model.arch
     if cfg.model.arch != base.model.arch:
