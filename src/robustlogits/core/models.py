@@ -118,9 +118,58 @@ def _cnn(widths: tuple[int, int, int]) -> Callable[[int], tuple[nn.Module, dict[
     return build
 
 
-def _vgg_fast(widths: tuple[int, int, int]) -> Callable[[int], tuple[nn.Module, dict[str, str]]]:
+class PatchWhitening(nn.Module):
+    """A fixed first convolution that whitens the input's 2x2 patches (the fast CIFAR-training
+    baselines' most effective trick: the later layers start from decorrelated, unit-variance
+    features, so training converges in fewer epochs). Its weights come from the training data
+    (`fit`), are saved with the model and never trained; only its bias learns.
+
+    Each eigenvector of the patch covariance appears twice, as +v and -v, so the ReLU after it
+    keeps both signs of every whitened coordinate."""
+
+    def __init__(self, in_channels: int = 3, patch: int = 2, eps: float = 5e-4):
+        super().__init__()
+        self.patch, self.eps = patch, eps
+        dims = in_channels * patch * patch
+        self.out_channels = 2 * dims
+        self.register_buffer("weight", torch.zeros(self.out_channels, in_channels, patch, patch))
+        self.register_buffer("fitted", torch.tensor(False))
+        self.bias = nn.Parameter(torch.zeros(self.out_channels))
+
+    @torch.no_grad()
+    def fit(self, images: torch.Tensor) -> None:
+        """Sets the weights from normalised training images (N, C, H, W), in float64 for a stable
+        eigendecomposition."""
+        patches = nn.functional.unfold(images.double(), self.patch).transpose(1, 2).reshape(-1, self.weight[0].numel())
+        eigenvalues, eigenvectors = torch.linalg.eigh(torch.cov(patches.T))
+        filters = (eigenvectors.T / torch.sqrt(eigenvalues + self.eps)[:, None]).reshape(-1, *self.weight.shape[1:])
+        self.weight.copy_(torch.cat([filters, -filters]).to(self.weight))
+        self.fitted.fill_(True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.conv2d(x, self.weight.to(x.dtype), self.bias.to(x.dtype))
+
+
+def fit_to_data(model: Normalized, images: torch.Tensor, max_images: int = 10_000) -> None:
+    """Fits the model's data-dependent layers (`PatchWhitening`) to uint8 training images; a
+    model without such layers is left as it is. Deterministic: the first `max_images`."""
+    layers = [m for m in model.modules() if isinstance(m, PatchWhitening)]
+    if layers:
+        x = (images[:max_images].float() / 255.0 - model.mean) / model.std
+        for layer in layers:
+            layer.fit(x)
+
+
+def check_fitted(model: nn.Module) -> None:
+    """Refuses a model whose data-dependent layers were never fitted (they would pass zeros on)."""
+    if any(isinstance(m, PatchWhitening) and not bool(m.fitted) for m in model.modules()):
+        raise UserError(f"{getattr(model, 'arch', 'the model')}'s patch-whitening layer was never fitted to data")
+
+
+def _vgg_fast(widths: tuple[int, int, int], whiten: bool = False) -> Callable[[int], tuple[nn.Module, dict[str, str]]]:
     """The shape of the fast CIFAR-training baselines (airbench, ResNet-9-style): a stem and three
-    stages of conv-pool-BN-ReLU then conv-BN-ReLU, widest early; few layers, so CPUs train it fast."""
+    stages of conv-pool-BN-ReLU then conv-BN-ReLU, widest early; few layers, so CPUs train it fast.
+    With `whiten`, the stem is a fixed patch-whitening convolution (`PatchWhitening`)."""
 
     def build(num_classes: int):
         a, b, c = widths
@@ -137,8 +186,15 @@ def _vgg_fast(widths: tuple[int, int, int]) -> Callable[[int], tuple[nn.Module, 
             )
 
         net = nn.Sequential()
-        net.add_module("stem", nn.Sequential(nn.Conv2d(3, a, 3, padding=1, bias=False), nn.BatchNorm2d(a), nn.ReLU()))
-        net.add_module("block1", stage(a, a))
+        if whiten:
+            whitening = PatchWhitening()
+            net.add_module("stem", nn.Sequential(whitening, nn.ReLU()))
+            net.add_module("block1", stage(whitening.out_channels, a))
+        else:
+            net.add_module(
+                "stem", nn.Sequential(nn.Conv2d(3, a, 3, padding=1, bias=False), nn.BatchNorm2d(a), nn.ReLU())
+            )
+            net.add_module("block1", stage(a, a))
         net.add_module("block2", stage(a, b))
         net.add_module("block3", stage(b, c))
         net.add_module("pool", nn.AdaptiveMaxPool2d(1))
@@ -158,6 +214,8 @@ ARCHS: dict[str, Callable[[int], tuple[nn.Module, dict[str, str]]]] = {
     "vgg-fast": _vgg_fast((64, 128, 256)),
     "vgg-fast-s": _vgg_fast((32, 64, 128)),
     "vgg-fast-wide": _vgg_fast((64, 256, 256)),  # airbench's widths
+    "vgg-fast-white": _vgg_fast((64, 128, 256), whiten=True),
+    "vgg-fast-wide-white": _vgg_fast((64, 256, 256), whiten=True),
     "cnn-tiny": _cnn((8, 16, 32)),
 }
 

@@ -16,6 +16,7 @@ from torch.nn import functional as F
 
 from robustlogits.core.data import Split, augment, iterate_batches, to_float
 from robustlogits.core.errors import UserError
+from robustlogits.core.models import check_fitted
 from robustlogits.core.perturb import LinfPGD, autocast
 from robustlogits.core.progress import Progress
 
@@ -208,6 +209,7 @@ def fit(
     `state.model` stays the eager module that checkpoints pickle.
     """
     model, device = state.model, split.labels.device
+    check_fitted(model)
     forward = compiled(model) if compile else model
     for epoch in range(state.epoch + 1, optim.epochs + 1):
         model.train()

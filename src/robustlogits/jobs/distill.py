@@ -228,7 +228,7 @@ def run_distill(cfg: DistillConfig, progress: bool | None = None) -> str:
     report = manipulation_report(targets, manipulated, bundle.train.labels)
 
     amp = resolve_amp(cfg.run.amp, device)
-    state = new_state(cfg, bundle.num_classes, device)
+    state = new_state(cfg, bundle, device)
     objective = distillation_objective(manipulated, d.loss, d.temperature)
     lineage = {
         registry.TEACHER_NAME_TAG: teacher.name,

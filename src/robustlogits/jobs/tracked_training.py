@@ -22,7 +22,7 @@ from robustlogits.core.data import DataBundle, stratified_indices, to_float
 from robustlogits.core.device import precision_name
 from robustlogits.core.figures import EpochHistograms, evolution_figure
 from robustlogits.core.logits import compute_logits, logit_report
-from robustlogits.core.models import build_model
+from robustlogits.core.models import build_model, fit_to_data
 from robustlogits.core.perturb import LinfPGD
 from robustlogits.core.training import EpochResult, Objective, TrainState, fit, make_state
 from robustlogits.tracking import registry
@@ -32,9 +32,11 @@ STATE_ARTIFACT = "training_state/last.pt"
 HISTOGRAM_IMAGE_KEY = "logit_histograms"  # one image per epoch, step = epoch: the UI's step slider
 
 
-def new_state(cfg: TrainConfig, num_classes: int, device: torch.device) -> TrainState:
-    """A freshly initialised model (seeded by the caller) with its optimiser and schedule."""
-    model = build_model(cfg.model.arch, num_classes, cfg.data.dataset).to(device)
+def new_state(cfg: TrainConfig, bundle: DataBundle, device: torch.device) -> TrainState:
+    """A freshly initialised model (seeded by the caller) with its optimiser and schedule; its
+    data-dependent layers, if any, fitted to the training split."""
+    model = build_model(cfg.model.arch, bundle.num_classes, cfg.data.dataset).to(device)
+    fit_to_data(model, bundle.train.images)
     if cfg.run.channels_last:
         model = model.to(memory_format=torch.channels_last)
     return make_state(model, cfg.optim, device, cfg.run.seed)

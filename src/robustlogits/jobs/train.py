@@ -56,7 +56,7 @@ def run_training(cfg: TrainConfig, resume: str | None = None, progress: bool | N
     amp = resolve_amp(cfg.run.amp, device)
     torch.manual_seed(cfg.run.seed)
     bundle = load_bundle(cfg, device)
-    state = new_state(cfg, bundle.num_classes, device)
+    state = new_state(cfg, bundle, device)
     smoothing = cfg.optim.label_smoothing
     objective: Objective = (
         adversarial_objective(cfg.adversary, amp, smoothing) if cfg.adversarial else standard_objective(smoothing)

@@ -1,0 +1,81 @@
+"""The patch-whitening stem: fitted to the training data, saved with the model, refused unfitted."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from robustlogits.config import apply_overrides, preset
+from robustlogits.core.data import load_bundle
+from robustlogits.core.errors import UserError
+from robustlogits.core.logits import compute_logits
+from robustlogits.core.models import PatchWhitening, build_model, fit_to_data
+from robustlogits.core.training import fit, make_state, standard_objective
+from robustlogits.jobs import tracked_training as training_run
+from robustlogits.jobs import train as train_job
+from robustlogits.tracking.models import resolve_and_load
+
+
+def whitening_layer(model) -> PatchWhitening:
+    return next(m for m in model.modules() if isinstance(m, PatchWhitening))
+
+
+def correlated_images(n: int = 400) -> torch.Tensor:
+    """uint8 images whose channels and neighbouring pixels are strongly correlated, like photographs."""
+    g = torch.Generator().manual_seed(0)
+    base = torch.nn.functional.interpolate(torch.rand(n, 1, 8, 8, generator=g), size=32, mode="bilinear")
+    noise = torch.rand(n, 3, 32, 32, generator=g)
+    return ((0.8 * base + 0.2 * noise).clamp(0, 1) * 255).to(torch.uint8)
+
+
+def test_fitted_stem_turns_the_datas_patches_into_uncorrelated_unit_variance_features():
+    model = build_model("vgg-fast-white", 10)
+    images = correlated_images()
+    x = (images.float() / 255 - model.mean) / model.std
+    patches = torch.nn.functional.unfold(x.double(), 2).transpose(1, 2).reshape(-1, 12)
+    raw = torch.corrcoef(patches.T)
+    assert (raw - torch.eye(12)).abs().max() > 0.5  # the input is far from white
+
+    fit_to_data(model, images)
+    layer = whitening_layer(model)
+    features = torch.nn.functional.conv2d(x.double(), layer.weight.double())[:, :12]  # +v half; -v mirrors it
+    cov = torch.cov(features.permute(0, 2, 3, 1).reshape(-1, 12).T)
+    # unit variance up to the eps that keeps near-zero eigenvalues from exploding
+    np.testing.assert_allclose(cov.diagonal().numpy(), 1.0, atol=0.05)
+    assert (cov - torch.diag(cov.diagonal())).abs().max() < 1e-3
+    np.testing.assert_array_equal(layer.weight[12:].numpy(), -layer.weight[:12].numpy())
+
+
+def test_training_refuses_a_whitening_stem_never_fitted():
+    model = build_model("vgg-fast-white", 10)
+    cfg = preset("test")
+    bundle = load_bundle(cfg, torch.device("cpu"))
+    state = make_state(model, cfg.optim, torch.device("cpu"), 0)
+    with pytest.raises(UserError, match="never fitted"):
+        fit(state, bundle.train, standard_objective(), cfg.optim)
+
+
+def test_a_trained_whitened_model_is_registered_with_its_fitted_stem():
+    cfg = apply_overrides(
+        preset("test"),
+        [
+            "run.training=standard",
+            "model.arch=vgg-fast-white",
+            "optim.epochs=1",
+            "run.checkpoint_epochs=1",
+            "monitor.robust_every=0",
+        ],
+    )
+    run_id = train_job.run_training(cfg, progress=False)
+
+    loaded = resolve_and_load("models:/synthetic-vgg-fast-white-st/1").model
+    layer = whitening_layer(loaded)
+    assert bool(layer.fitted) and layer.weight.abs().sum() > 0
+    bundle = load_bundle(cfg, torch.device("cpu"))
+    expected = build_model("vgg-fast-white", bundle.num_classes, cfg.data.dataset)
+    fit_to_data(expected, bundle.train.images)  # the same images give the same, never-trained weights
+    torch.testing.assert_close(layer.weight, whitening_layer(expected).weight)
+    logged = training_run.checkpoint_test_logits(run_id, 1)["logits"]
+    recomputed = compute_logits(loaded, bundle.test.images, batch_size=256).numpy()
+    np.testing.assert_allclose(recomputed, logged, atol=1e-4)
