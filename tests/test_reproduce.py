@@ -575,6 +575,28 @@ def test_a_students_st_teacher_is_the_registered_model_of_the_st_teachers_own_ne
         assert (after.model.arch, after.optim.epochs) == (student.model.arch, student.optim.epochs), name
 
 
+def test_an_st_row_of_its_own_network_moves_the_keys_of_the_st_teacher_and_its_users_only(monkeypatch):
+    from robustlogits.config import PRESETS, distill_preset
+    from robustlogits.study.reproduce.plan import STEP_SUPPLIED
+    from robustlogits.study.reproduce.steps import planned_as
+
+    before = {s.name: s.key for s in build_plan(scale("laptop"), 1, {"cifar10": "digest-a"}, None)}
+    monkeypatch.setitem(
+        PRESETS, "laptop", dataclasses.replace(PRESETS["laptop"], standard={"model.arch": "vgg-fast-wide"})
+    )
+    steps = {s.name: s for s in build_plan(scale("laptop"), 1, {"cifar10": "digest-a"}, None)}
+    moved = {name for name, step in steps.items() if step.key != before[name]}
+    uses_st = {"train/cifar10/st/s0", "attack/cifar10/st/s0", "distill/cifar10/s0/hybrid"}
+    assert uses_st <= moved
+    assert not any(
+        name.startswith(("distill/", "sweep/")) for name in moved - uses_st
+    )  # students of the AT teacher stay
+    assert {"train/cifar10/at/s0", "attack/cifar10/at/s0", "distill/cifar10/s0/normal"}.isdisjoint(moved)
+    # the teacher names the step replaces with its inputs' checkpoints are not refused as a change
+    normal = steps["distill/cifar10/s0/normal"]
+    planned_as(distill_preset("laptop"), json.loads(json.dumps(normal.args)), normal.name, STEP_SUPPLIED)
+
+
 def test_the_teachers_targets_are_costed_once_per_checkpoint_with_the_teachers_network(monkeypatch):
     from robustlogits.study.reproduce import estimate as est
 

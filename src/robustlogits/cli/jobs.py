@@ -20,7 +20,8 @@ def train(
     dataset: Optional[str] = typer.Option(None, help="cifar10 | cifar100 | synthetic (default: the preset's)"),
     arch: Optional[str] = typer.Option(
         None,
-        help="resnet18 | resnet18-w32 | resnet18-w16 | resnet20 | vgg-fast | vgg-fast-wide | vgg-fast-s | cnn-small | cnn-tiny",
+        help="resnet18 | resnet18-w32 | resnet18-w16 | resnet20 | vgg-fast | vgg-fast-wide | vgg-fast-s | vgg-fast-white "
+        "| vgg-fast-wide-white | cnn-small | cnn-tiny",
     ),
     data_dir: Optional[str] = typer.Option(
         None, help="where the data is (default: $ROBUSTLOGITS_DATA, else ./data, then ../shared/data)"

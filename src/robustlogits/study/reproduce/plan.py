@@ -83,6 +83,9 @@ def select_groups(only: list[str] | None, skip: list[str] | None) -> tuple[str, 
 
 # where data and runs live, not what is computed: outside the keys
 UNKEYED = ("data.data_dir", "run.device", "run.experiment")
+# a student step replaces its preset's teacher names with its input steps' checkpoints, which key it
+# as inputs; keying the names too would move every student's key when only the ST teacher's network does
+STEP_SUPPLIED = ("distill.teacher", "distill.st_teacher")
 
 
 def class_count(dataset: str, scale_: ScaleConfig) -> int:
@@ -303,7 +306,7 @@ def student_config(preset_name: str) -> dict:
     """A distillation preset's values as a step plans them (the step fills in teacher, k and seeds)."""
     from robustlogits.config import distill_preset
 
-    return {k: v for k, v in keyed_view(distill_preset(preset_name)).items() if k not in UNKEYED}
+    return {k: v for k, v in keyed_view(distill_preset(preset_name)).items() if k not in UNKEYED + STEP_SUPPLIED}
 
 
 def select(steps: list[Step], groups: tuple[str, ...]) -> list[Step]:

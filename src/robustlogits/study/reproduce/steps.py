@@ -41,8 +41,9 @@ def run_of(key: str) -> str:
     return run_id
 
 
-def planned_as(cfg, args: dict, step: str) -> None:
-    """Refuse to run a step whose preset no longer resolves to the values it was keyed on."""
+def planned_as(cfg, args: dict, step: str, supplied: tuple[str, ...] = ()) -> None:
+    """Refuse to run a step whose preset no longer resolves to the values it was keyed on
+    (`supplied`: values the step sets from its inputs, so not keyed)."""
     from robustlogits.study.reproduce.plan import UNKEYED
 
     if args.get("config") is None:
@@ -51,7 +52,7 @@ def planned_as(cfg, args: dict, step: str) -> None:
     def plain(values: dict) -> dict:  # as the item travelled: JSON, tuples as lists
         return json.loads(json.dumps(values, default=str))
 
-    now = plain({k: v for k, v in keyed_view(cfg).items() if k not in UNKEYED})
+    now = plain({k: v for k, v in keyed_view(cfg).items() if k not in UNKEYED + supplied})
     planned = plain(args["config"])
     changed = sorted(k for k in now.keys() | planned.keys() if now.get(k) != planned.get(k))
     if changed:
@@ -118,13 +119,14 @@ def attack_step(item: dict) -> dict[str, float]:
 def distill_step(item: dict) -> dict[str, float]:
     from robustlogits.config import distill_preset
     from robustlogits.jobs.distill import run_distill
+    from robustlogits.study.reproduce.plan import STEP_SUPPLIED
     from robustlogits.tracking import checkpoint_uri
 
     args, inputs = item["args"], item["inputs"]
 
     def job() -> str:
         cfg = distill_preset(args["preset"])
-        planned_as(cfg, args, item["step"])
+        planned_as(cfg, args, item["step"], STEP_SUPPLIED)
         d = cfg.distill
         d.teacher = checkpoint_uri(run_of(inputs["teacher"]), args["teacher_epoch"])
         if "st_teacher" in inputs:
