@@ -113,7 +113,9 @@ PRESETS: dict[str, Preset] = {
         # ST on AT's recipe and 12 epochs. Measured for the 88% target (docs/measurements.md): 18 epochs
         # bought 0.4 points of test accuracy (86.4% -> 86.9%) for 14 more minutes; crop pad 2, Nesterov and
         # batch 256 bought 0.5. A `standard` row of vgg-fast-wide, 24 epochs, crop pad 2 and Nesterov reaches
-        # 88.9% but costs 45 more minutes (the study about 3 h 40 min) and departs from A.2's shared recipe
+        # 88.9% but costs 45 more minutes (the study about 3 h 40 min) and departs from A.2's shared recipe;
+        # vgg-fast-wide-white (patch-whitening stem) reaches 87.5% at this row's cost, 87.8% at 16 epochs,
+        # and FGSM training fails on the whitened stem, so the AT teacher cannot share it
         scale={
             "seeds": 1,
             "datasets": ("cifar10",),
