@@ -79,3 +79,21 @@ def test_a_trained_whitened_model_is_registered_with_its_fitted_stem():
     logged = training_run.checkpoint_test_logits(run_id, 1)["logits"]
     recomputed = compute_logits(loaded, bundle.test.images, batch_size=256).numpy()
     np.testing.assert_allclose(recomputed, logged, atol=1e-4)
+
+
+def test_importing_weights_whose_whitening_stem_was_never_fitted_is_one_clear_error_and_registers_nothing(tmp_path):
+    from mlflow.tracking import MlflowClient
+    from typer.testing import CliRunner
+
+    from robustlogits.cli import app
+
+    path = tmp_path / "unfitted.pt"
+    torch.save(build_model("vgg-fast-white", 10, "synthetic").net.state_dict(), path)
+    args = ["import", "--checkpoint", str(path), "--name", "unfitted", "--arch", "vgg-fast-white", "--dataset"]
+    result = CliRunner().invoke(app, [*args, "synthetic"])
+    assert result.exit_code != 0
+    assert "never fitted" in result.output and "Traceback" not in result.output
+    client = MlflowClient()
+    assert [m.name for m in client.search_registered_models()] == []
+    runs = [r for e in client.search_experiments() for r in client.search_runs([e.experiment_id])]
+    assert all(r.info.status != "RUNNING" for r in runs)

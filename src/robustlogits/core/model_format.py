@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from robustlogits.core.errors import UserError
-from robustlogits.core.models import EXTERNAL_ARCH, ExternalModel, Normalized, build_model, buildable
+from robustlogits.core.models import EXTERNAL_ARCH, ExternalModel, Normalized, build_model, buildable, check_fitted
 
 FORMAT = "robustlogits.model"
 FORMAT_VERSION = 1
@@ -176,6 +176,7 @@ def load_state(model: nn.Module, state: dict[str, torch.Tensor], what: str, arch
         name = arch or getattr(model, "arch", None) or type(model).__name__
         raise UserError(f"{what} does not match architecture {name}: {problem}")
     model.load_state_dict(state, strict=False)
+    check_fitted(model, what)  # weights saved before their data-dependent layers were fitted
 
 
 def rebuild(

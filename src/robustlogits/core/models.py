@@ -35,8 +35,11 @@ class Normalized(nn.Module):
         self.num_classes = num_classes
         self.stages = dict(stages)  # stage name -> submodule path inside `net`
 
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) / self.std
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net((x - self.mean) / self.std)
+        return self.net(self.normalize(x))
 
 
 def _resnet18_torchvision(num_classes: int) -> tuple[nn.Module, dict[str, str]]:
@@ -155,15 +158,16 @@ def fit_to_data(model: Normalized, images: torch.Tensor, max_images: int = 10_00
     model without such layers is left as it is. Deterministic: the first `max_images`."""
     layers = [m for m in model.modules() if isinstance(m, PatchWhitening)]
     if layers:
-        x = (images[:max_images].float() / 255.0 - model.mean) / model.std
+        x = model.normalize(images[:max_images].float() / 255.0)
         for layer in layers:
             layer.fit(x)
 
 
-def check_fitted(model: nn.Module) -> None:
+def check_fitted(model: nn.Module, what: str | None = None) -> None:
     """Refuses a model whose data-dependent layers were never fitted (they would pass zeros on)."""
     if any(isinstance(m, PatchWhitening) and not bool(m.fitted) for m in model.modules()):
-        raise UserError(f"{getattr(model, 'arch', 'the model')}'s patch-whitening layer was never fitted to data")
+        name = what or getattr(model, "arch", "the model")
+        raise UserError(f"{name}: its patch-whitening layer was never fitted to data")
 
 
 def _vgg_fast(widths: tuple[int, int, int], whiten: bool = False) -> Callable[[int], tuple[nn.Module, dict[str, str]]]:
