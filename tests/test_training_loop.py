@@ -280,16 +280,23 @@ def test_bad_crop_pad_or_nesterov_without_momentum_is_one_clear_error(change, me
 
 
 def test_new_knobs_at_their_old_behaviour_keep_every_key():
-    """Results computed before `crop_pad` and `nesterov` existed are still found by their keys."""
+    """Results computed before `crop_pad`, `nesterov` and `whitening_eps` existed are still found by their keys."""
     from robustlogits import tracking
     from robustlogits.config import TrainConfig, flatten, keyed_view
     from robustlogits.jobs.train import training_identity
 
     cfg = TrainConfig()
-    before = {k: v for k, v in flatten(cfg).items() if k not in ("data.crop_pad", "optim.nesterov")}
+    before = {
+        k: v for k, v in flatten(cfg).items() if k not in ("data.crop_pad", "optim.nesterov", "model.whitening_eps")
+    }
     assert keyed_view(cfg) == before
     assert training_identity(cfg) == tracking.job_key({"job": "train", **before})
     cfg.data.crop_pad = 2
     assert keyed_view(cfg)["data.crop_pad"] == 2 and training_identity(cfg) != tracking.job_key(
+        {"job": "train", **before}
+    )
+    cfg.data.crop_pad = 4
+    cfg.model.whitening_eps = 1.0
+    assert keyed_view(cfg)["model.whitening_eps"] == 1.0 and training_identity(cfg) != tracking.job_key(
         {"job": "train", **before}
     )

@@ -47,6 +47,41 @@ def test_fitted_stem_turns_the_datas_patches_into_uncorrelated_unit_variance_fea
     np.testing.assert_array_equal(layer.weight[12:].numpy(), -layer.weight[:12].numpy())
 
 
+def test_whitening_eps_bounds_how_far_the_smallest_patch_directions_are_scaled_up():
+    """eps is added to each eigenvalue: a whitened coordinate of variance v comes out with variance
+    v / (v + eps), so a large eps leaves the low-variance directions (where a sign-gradient
+    perturbation is amplified most) near their input scale instead of blowing them up to 1."""
+    model = build_model("vgg-fast-white", 10)
+    images = correlated_images()
+    x = (images.float() / 255 - model.mean) / model.std
+    patches = torch.nn.functional.unfold(x.double(), 2).transpose(1, 2).reshape(-1, 12)
+    eigenvalues = torch.linalg.eigvalsh(torch.cov(patches.T))
+    assert eigenvalues[0] < 0.05 < 1.0 < eigenvalues[-1]  # a spread like CIFAR-10's
+
+    variances = {}
+    for eps in (5e-4, 1.0):
+        fit_to_data(model, images, eps=eps)
+        features = torch.nn.functional.conv2d(x.double(), whitening_layer(model).weight.double())[:, :12]
+        variances[eps] = features.permute(0, 2, 3, 1).reshape(-1, 12).var(0)
+        np.testing.assert_allclose(
+            variances[eps].numpy(), (eigenvalues / (eigenvalues + eps)).numpy(), rtol=0.02, atol=1e-3
+        )
+    assert variances[1.0][0] < 0.05 and variances[5e-4][0] > 0.9
+
+
+def test_a_runs_whitening_eps_is_the_one_its_stem_is_fitted_with_and_a_bad_one_is_refused():
+    cfg = apply_overrides(preset("test"), ["model.arch=vgg-fast-white", "model.whitening_eps=0.5"])
+    bundle = load_bundle(cfg, torch.device("cpu"))
+    state = training_run.new_state(cfg, bundle, torch.device("cpu"))
+    expected = build_model("vgg-fast-white", bundle.num_classes, cfg.data.dataset)
+    fit_to_data(expected, bundle.train.images, eps=0.5)
+    torch.testing.assert_close(whitening_layer(state.model).weight, whitening_layer(expected).weight)
+    fit_to_data(expected, bundle.train.images)
+    assert not torch.allclose(whitening_layer(state.model).weight, whitening_layer(expected).weight)
+    with pytest.raises(UserError, match="model.whitening_eps must be > 0"):
+        apply_overrides(preset("test"), ["model.whitening_eps=0"]).validate()
+
+
 def test_training_refuses_a_whitening_stem_never_fitted():
     model = build_model("vgg-fast-white", 10)
     cfg = preset("test")

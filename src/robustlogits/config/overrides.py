@@ -26,7 +26,7 @@ def flatten(cfg) -> dict[str, object]:
 # Knobs added after results were computed, each with the value that reproduces what ran before it
 # existed. Keys leave a knob out while it holds that value, so finished runs stay found (a preset's
 # study resumes) and only a run that turns the knob gets a new key.
-KEY_NEUTRAL = {"data.crop_pad": 4, "optim.nesterov": False}
+KEY_NEUTRAL = {"data.crop_pad": 4, "optim.nesterov": False, "model.whitening_eps": 5e-4}
 
 
 def keyed_view(cfg) -> dict[str, object]:

@@ -42,6 +42,11 @@ class DataConfig:
 @dataclass
 class ModelConfig:
     arch: str = "resnet18"
+    # Patch-whitening nets (`*-white`) only: added to every eigenvalue of the patch covariance
+    # before whitening. Small (airbench's 5e-4) whitens fully; large keeps the covariance's
+    # smallest directions from being amplified (about sqrt(largest / eps) times), which FGSM
+    # adversarial training needs (docs/measurements.md).
+    whitening_eps: float = 5e-4
 
 
 SCHEDULES = ("step", "onecycle")
@@ -196,6 +201,8 @@ class TrainConfig:
             raise UserError(f"data.crop_pad must be in 0..16 pixels, got {self.data.crop_pad}")
         if a.eps < 0:
             raise UserError(f"adversary.eps must be >= 0, got {a.eps}")
+        if not self.model.whitening_eps > 0:
+            raise UserError(f"model.whitening_eps must be > 0, got {self.model.whitening_eps}")
         if a.step_size < 0 or a.steps < 1:
             raise UserError("adversary.step_size must be >= 0 and adversary.steps >= 1")
         for epoch in self.run.checkpoint_epochs:

@@ -140,12 +140,13 @@ class PatchWhitening(nn.Module):
         self.bias = nn.Parameter(torch.zeros(self.out_channels))
 
     @torch.no_grad()
-    def fit(self, images: torch.Tensor) -> None:
+    def fit(self, images: torch.Tensor, eps: float | None = None) -> None:
         """Sets the weights from normalised training images (N, C, H, W), in float64 for a stable
-        eigendecomposition."""
+        eigendecomposition; `eps` (default: the layer's) is added to every eigenvalue."""
+        eps = self.eps if eps is None else eps
         patches = nn.functional.unfold(images.double(), self.patch).transpose(1, 2).reshape(-1, self.weight[0].numel())
         eigenvalues, eigenvectors = torch.linalg.eigh(torch.cov(patches.T))
-        filters = (eigenvectors.T / torch.sqrt(eigenvalues + self.eps)[:, None]).reshape(-1, *self.weight.shape[1:])
+        filters = (eigenvectors.T / torch.sqrt(eigenvalues + eps)[:, None]).reshape(-1, *self.weight.shape[1:])
         self.weight.copy_(torch.cat([filters, -filters]).to(self.weight))
         self.fitted.fill_(True)
 
@@ -153,14 +154,14 @@ class PatchWhitening(nn.Module):
         return nn.functional.conv2d(x, self.weight.to(x.dtype), self.bias.to(x.dtype))
 
 
-def fit_to_data(model: Normalized, images: torch.Tensor, max_images: int = 10_000) -> None:
+def fit_to_data(model: Normalized, images: torch.Tensor, max_images: int = 10_000, eps: float | None = None) -> None:
     """Fits the model's data-dependent layers (`PatchWhitening`) to uint8 training images; a
     model without such layers is left as it is. Deterministic: the first `max_images`."""
     layers = [m for m in model.modules() if isinstance(m, PatchWhitening)]
     if layers:
         x = model.normalize(images[:max_images].float() / 255.0)
         for layer in layers:
-            layer.fit(x)
+            layer.fit(x, eps)
 
 
 def check_fitted(model: nn.Module, what: str | None = None) -> None:

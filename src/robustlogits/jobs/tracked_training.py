@@ -36,7 +36,7 @@ def new_state(cfg: TrainConfig, bundle: DataBundle, device: torch.device) -> Tra
     """A freshly initialised model (seeded by the caller) with its optimiser and schedule; its
     data-dependent layers, if any, fitted to the training split."""
     model = build_model(cfg.model.arch, bundle.num_classes, cfg.data.dataset).to(device)
-    fit_to_data(model, bundle.train.images)
+    fit_to_data(model, bundle.train.images, eps=cfg.model.whitening_eps)
     if cfg.run.channels_last:
         model = model.to(memory_format=torch.channels_last)
     return make_state(model, cfg.optim, device, cfg.run.seed)
