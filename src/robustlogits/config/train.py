@@ -43,9 +43,9 @@ class DataConfig:
 class ModelConfig:
     arch: str = "resnet18"
     # Patch-whitening nets (`*-white`) only: added to every eigenvalue of the patch covariance
-    # before whitening. Small (airbench's 5e-4) whitens fully; large keeps the covariance's
-    # smallest directions from being amplified (about sqrt(largest / eps) times), which FGSM
-    # adversarial training needs (docs/measurements.md).
+    # before whitening (a direction of variance v comes out with v / (v + eps)). Small (airbench's
+    # 5e-4) scales every direction up to unit variance; a large one leaves the low-variance
+    # directions near their input scale, which FGSM adversarial training needs (docs/measurements.md).
     whitening_eps: float = 5e-4
 
 
