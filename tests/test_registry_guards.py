@@ -96,6 +96,23 @@ def test_a_sqlite_store_keeps_artifacts_beside_the_database_unless_told_otherwis
     assert not (elsewhere / "mlruns").exists()
 
 
+@pytest.mark.parametrize("uri", ["file", "sqlite"])
+def test_an_experiment_another_worker_created_after_our_lookup_is_the_one_used(tmp_path, monkeypatch, uri):
+    if uri == "sqlite":
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    tracking.configure_store()
+    theirs = mlflow.create_experiment("robustlogits-teacher-logits")  # the other worker, a moment earlier
+    real, lookups = mlflow.get_experiment_by_name, []
+
+    def lookup(name):  # our lookup ran before the other worker's create; later ones see it
+        lookups.append(name)
+        return None if len(lookups) == 1 else real(name)
+
+    monkeypatch.setattr(mlflow, "get_experiment_by_name", lookup)
+    assert tracking.check_store("robustlogits-teacher-logits", adopt_launched=False) == theirs
+    assert len(MlflowClient().search_experiments(filter_string="name = 'robustlogits-teacher-logits'")) == 1
+
+
 def test_training_leaves_no_temporary_files_and_teacher_tags_follow_the_registry(tmp_path, monkeypatch):
     scratch = tmp_path / "scratch"
     scratch.mkdir()

@@ -498,6 +498,7 @@ def test_average_ks_narrows_the_average_students_only():
 
 
 def test_the_laptop_plan_builds_and_is_estimated_by_a_probe_with_its_spread():
+    from robustlogits.study.reproduce import estimate as estimate_mod
     from robustlogits.study.reproduce.estimate import estimate
     from robustlogits.study.reproduce.run import training_count
 
@@ -508,22 +509,26 @@ def test_the_laptop_plan_builds_and_is_estimated_by_a_probe_with_its_spread():
         "training runs: 2 teachers, 8 students (Table 2, fix-k), 3 sweep students (A.6, A.7) = 13"
     )
     teacher = next(s for s in steps if s.name == "train/cifar10/at/s0").args["config"]
-    assert teacher["model.arch"] == "vgg-fast" and teacher["data.train_subset"] is None
+    assert teacher["model.arch"] == "vgg-fast-white" and teacher["data.train_subset"] is None
+    assert teacher["model.whitening_eps"] == 1.0  # FGSM training collapsed on the sharper ST stem
     assert teacher["adversary.method"] == "fgsm" and teacher["optim.schedule"] == "onecycle"
     assert all(s.args["n_examples"] == 1000 for s in steps if s.task in ("reproduce-attack", "reproduce-distill"))
     sources = estimate(steps)
-    assert set(sources) == {"vgg-fast", "vgg-fast-s"} and "repeats" in sources["vgg-fast"]
+    assert set(sources) == {"vgg-fast-white", "vgg-fast-wide-white", "vgg-fast-s"}  # each network probed once
+    assert "repeats" in sources["vgg-fast-white"]
     for step in steps:
         low, high = step.estimate_spread
         assert 0 < low <= step.estimate_s <= high, step.name
     at = next(s for s in steps if s.name == "train/cifar10/at/s0")
     st = next(s for s in steps if s.name == "train/cifar10/st/s0")
-    assert st.estimate_s < at.estimate_s < 3 * st.estimate_s  # FGSM-RS: one attack step, not adversary.steps
+    assert estimate_mod.attack_steps(teacher) == 1 and at.estimate_s < 3 * st.estimate_s  # FGSM-RS: one step
+    standard = st.args["config"]  # the ST teacher's own row: the wider net, 20 epochs, its own augmentation
+    assert (standard["model.arch"], standard["optim.epochs"], standard["data.crop_pad"]) == ("vgg-fast-wide-white", 20, 2)
     from robustlogits.config import distill_preset
 
     student = distill_preset("laptop")  # narrower, shorter students of the preset's own teachers
     assert (student.model.arch, student.optim.epochs, teacher["optim.epochs"]) == ("vgg-fast-s", 8, 12)
-    assert student.teacher_spec() == "cifar10-vgg-fast-at"
+    assert student.teacher_spec() == "cifar10-vgg-fast-white-at"
 
 
 def test_a_preset_that_trains_st_longer_reads_each_teacher_at_its_own_epoch(monkeypatch):
@@ -563,7 +568,7 @@ def test_a_preset_that_trains_st_longer_reads_each_teacher_at_its_own_epoch(monk
 def test_a_students_st_teacher_is_the_registered_model_of_the_st_teachers_own_network(monkeypatch):
     from robustlogits.config import PRESETS, distill_preset
 
-    assert distill_preset("laptop").st_teacher_spec() == "models:/cifar10-vgg-fast-st/Production"
+    assert distill_preset("laptop").st_teacher_spec() == "models:/cifar10-vgg-fast-wide-white-st/Production"
     assert distill_preset("smoke").distill.st_teacher is None  # students of the teachers' own network
     before = {name: distill_preset(name) for name in ("laptop", "smoke")}
     wide = {"model.arch": "vgg-fast-wide", "optim.epochs": 24}
@@ -601,7 +606,7 @@ def test_the_teachers_targets_are_costed_once_per_checkpoint_with_the_teachers_n
     from robustlogits.study.reproduce import estimate as est
 
     def fixed(arch, num_classes=10, batch=128, amp_setting="auto"):
-        per = 1e-3 if arch == "vgg-fast" else 1e-4  # the teacher's forward ten times the student's
+        per = 1e-4 if arch == "vgg-fast-s" else 1e-3  # the teachers' forward ten times the student's
         return est.Probe((per,) * 3, (per,) * 3, (per,) * 3, (per,) * 3, batch, "fp32", 0.0)
 
     monkeypatch.setattr(est, "probe", fixed)
@@ -646,7 +651,7 @@ def test_an_attack_is_costed_for_the_examples_each_apgd_runs_on(monkeypatch):
 def test_the_manifold_step_is_costed_per_network_with_an_mftma_fit_per_stage(monkeypatch):
     from robustlogits.study.reproduce import estimate as est
 
-    per = {"vgg-fast": 1e-3, "vgg-fast-s": 1e-4}  # the students' narrower net is cheaper per point
+    per = {"vgg-fast-white": 1e-3, "vgg-fast-wide-white": 2e-3, "vgg-fast-s": 1e-4}  # each network its own cost
     widths = (3072, 65536, 16384, 8192, 4096, 10)  # input, stem, three blocks, logits
     monkeypatch.setattr(
         est,
@@ -673,8 +678,9 @@ def test_the_manifold_step_is_costed_per_network_with_an_mftma_fit_per_stage(mon
         points = a["n_images"] * a["n_perturbations"]
         return points * (a["pgd_steps"] * per[arch] + per[arch]) + 5 * 5.0 + 0.1
 
-    archs = ["vgg-fast" if label.endswith("teacher") else "vgg-fast-s" for label in a["labels"]]
-    assert archs.count("vgg-fast") == 2 and archs.count("vgg-fast-s") >= 2
+    teachers = {"ST teacher": "vgg-fast-wide-white", "AT teacher": "vgg-fast-white"}
+    archs = [teachers.get(label, "vgg-fast-s") for label in a["labels"]]
+    assert {"ST teacher", "AT teacher"} <= set(a["labels"]) and archs.count("vgg-fast-s") >= 2
     assert manifold.estimate_s == pytest.approx(est.ANALYSIS_SECONDS + sum(network(arch) for arch in archs))
 
 
@@ -685,7 +691,7 @@ def test_an_analyses_only_selection_costs_its_networks_from_the_whole_plan(monke
         est,
         "probe",
         lambda arch, num_classes=10, batch=128, amp_setting="auto": est.Probe(
-            *[(1e-3 if arch == "vgg-fast" else 1e-4,) * 3] * 4, batch, "fp32", 0, (500, 10)
+            *[(1e-4 if arch == "vgg-fast-s" else 1e-3,) * 3] * 4, batch, "fp32", 0, (500, 10)
         ),
     )
     monkeypatch.setattr(est, "mftma_probe", lambda n_manifolds, n_features, n_points: 1.0)

@@ -12,6 +12,7 @@ from pathlib import Path
 from urllib.parse import unquote, urlparse
 
 import mlflow
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from robustlogits.core.errors import UserError
@@ -198,15 +199,24 @@ def artifact_root_beside(uri: str) -> Path | None:
 
 def create_experiment(name: str, uri: str, artifact_location: str | None = None) -> str:
     """A new experiment; in a sqlite store its artifacts go beside the database (an explicit
-    `artifact_location` wins), in a folder named after it and unique to it."""
+    `artifact_location` wins), in a folder named after it and unique to it. One that another process
+    created a moment ago is that one."""
     if artifact_location is None:
         root = artifact_root_beside(uri)
         if root is not None:
             slug = re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-")[:60] or "experiment"
             artifact_location = (root / f"{slug}-{uuid.uuid4().hex[:8]}").as_uri()
-    return mlflow.create_experiment(
-        name, artifact_location=artifact_location, tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND}
-    )
+    try:
+        return mlflow.create_experiment(
+            name, artifact_location=artifact_location, tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND}
+        )
+    except MlflowException as exc:
+        # Workers on one store start together: another may create it between our lookup and this call.
+        existing = mlflow.get_experiment_by_name(name) if exc.error_code == "RESOURCE_ALREADY_EXISTS" else None
+        if existing is None:
+            raise
+        mark_experiment_kind(existing.experiment_id)
+        return existing.experiment_id
 
 
 def experiment_name_of(run_id: str) -> str:
