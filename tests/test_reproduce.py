@@ -523,7 +523,11 @@ def test_the_laptop_plan_builds_and_is_estimated_by_a_probe_with_its_spread():
     st = next(s for s in steps if s.name == "train/cifar10/st/s0")
     assert estimate_mod.attack_steps(teacher) == 1 and at.estimate_s < 3 * st.estimate_s  # FGSM-RS: one step
     standard = st.args["config"]  # the ST teacher's own row: the wider net, 20 epochs, its own augmentation
-    assert (standard["model.arch"], standard["optim.epochs"], standard["data.crop_pad"]) == ("vgg-fast-wide-white", 20, 2)
+    assert (standard["model.arch"], standard["optim.epochs"], standard["data.crop_pad"]) == (
+        "vgg-fast-wide-white",
+        20,
+        2,
+    )
     from robustlogits.config import distill_preset
 
     student = distill_preset("laptop")  # narrower, shorter students of the preset's own teachers
