@@ -276,6 +276,14 @@ def test_an_st_teacher_on_another_network_is_named_beside_the_claims_that_compar
     from robustlogits.study.reproduce.collect import recipe
 
     assert recipe({"model.arch": "vgg-fast-wide"})["model.arch"] == "vgg-fast-wide"
+    # the laptop preset's teachers: whitened stems fitted at different eps are a difference too
+    laptop = {"model.arch": "vgg-fast-wide-white", "model.whitening_eps": "0.0005", "optim.epochs": "20"}
+    at = recipe({"model.arch": "vgg-fast-white", "model.whitening_eps": "1.0", "optim.epochs": "12"})
+    studies["cifar10"]["teachers"]["at"][0]["recipe"] = at
+    studies["cifar10"]["teachers"]["st"][0]["recipe"] = recipe(laptop)
+    assert judge_all(studies, "laptop")["differences"]["ST teacher"]["study"] == (
+        "arch vgg-fast-wide-white (AT vgg-fast-white), whitening_eps 0.0005 (AT 1.0), epochs 20 (AT 12)"
+    )
 
 
 def test_the_papers_own_setup_departs_in_nothing():

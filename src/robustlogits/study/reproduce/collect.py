@@ -141,6 +141,7 @@ def collect(plan, dataset: str) -> dict:
 # What the paper keeps equal between its ST and AT teachers besides the adversary (A.2)
 RECIPE = (
     "model.arch",
+    "model.whitening_eps",
     "optim.epochs",
     "optim.batch_size",
     "optim.lr",
