@@ -531,7 +531,7 @@ def test_the_laptop_plan_builds_and_is_estimated_by_a_probe_with_its_spread():
     from robustlogits.config import distill_preset
 
     student = distill_preset("laptop")  # narrower, shorter students of the preset's own teachers
-    assert (student.model.arch, student.optim.epochs, teacher["optim.epochs"]) == ("vgg-fast-s", 8, 12)
+    assert (student.model.arch, student.optim.epochs, teacher["optim.epochs"]) == ("vgg-fast-s", 6, 12)
     assert student.teacher_spec() == "cifar10-vgg-fast-white-at"
 
 
