@@ -107,6 +107,9 @@ def test_steps_selected_by_only_and_skip():
         (["--scale", "test", "--only", "distill"], "needs train/synthetic/at/s0"),
         (["--scale", "test", "--storage", "sqlite:////nonexistent/dir/optuna.db"], "not reachable"),
         (["--scale", "smoke", "--data-dir", "{empty}"], "no cifar10 data found"),
+        (["--scale", "test", "--workers", "two"], "--workers takes N or STAGE=N pairs"),
+        (["--scale", "test", "--workers", "students=2"], "unknown stage 'students'"),
+        (["--scale", "test", "--workers", "1,distill=0"], "--workers must be >= 1, got 0 for distill"),
     ],
 )
 def test_bad_input_is_one_line_and_writes_nothing(args, message, tmp_path):
@@ -609,7 +612,7 @@ def test_an_st_row_of_its_own_network_moves_the_keys_of_the_st_teacher_and_its_u
 def test_the_teachers_targets_are_costed_once_per_checkpoint_with_the_teachers_network(monkeypatch):
     from robustlogits.study.reproduce import estimate as est
 
-    def fixed(arch, num_classes=10, batch=128, amp_setting="auto"):
+    def fixed(arch, num_classes=10, batch=128, amp_setting="auto", threads=None):
         per = 1e-4 if arch == "vgg-fast-s" else 1e-3  # the teachers' forward ten times the student's
         return est.Probe((per,) * 3, (per,) * 3, (per,) * 3, (per,) * 3, batch, "fp32", 0.0)
 
@@ -637,7 +640,9 @@ def test_an_attack_is_costed_for_the_examples_each_apgd_runs_on(monkeypatch):
     monkeypatch.setattr(
         est,
         "probe",
-        lambda arch, num_classes=10, batch=128, amp_setting="auto": est.Probe(*[(per,) * 3] * 4, batch, "fp32", 0),
+        lambda arch, num_classes=10, batch=128, amp_setting="auto", threads=None: est.Probe(
+            *[(per,) * 3] * 4, batch, "fp32", 0
+        ),
     )
     steps = {s.name: s for s in build_plan(scale("laptop"), 1, {"cifar10": "digest-a"}, None)}
     est.estimate(list(steps.values()))
@@ -660,7 +665,7 @@ def test_the_manifold_step_is_costed_per_network_with_an_mftma_fit_per_stage(mon
     monkeypatch.setattr(
         est,
         "probe",
-        lambda arch, num_classes=10, batch=128, amp_setting="auto": est.Probe(
+        lambda arch, num_classes=10, batch=128, amp_setting="auto", threads=None: est.Probe(
             *[(per[arch],) * 3] * 4, batch, "fp32", 0, widths
         ),
     )
@@ -694,7 +699,7 @@ def test_an_analyses_only_selection_costs_its_networks_from_the_whole_plan(monke
     monkeypatch.setattr(
         est,
         "probe",
-        lambda arch, num_classes=10, batch=128, amp_setting="auto": est.Probe(
+        lambda arch, num_classes=10, batch=128, amp_setting="auto", threads=None: est.Probe(
             *[(1e-4 if arch == "vgg-fast-s" else 1e-3,) * 3] * 4, batch, "fp32", 0, (500, 10)
         ),
     )
@@ -739,3 +744,79 @@ def test_a_student_step_is_keyed_on_its_presets_values_and_refuses_a_preset_chan
         planned_as(distill_preset("smoke"), json.loads(json.dumps(stale.args)), stale.name)
     fresh = {s.name: s for s in build_plan(scale("smoke"), 1, {"cifar10": "digest-a"}, None)}
     planned_as(distill_preset("smoke"), json.loads(json.dumps(fresh[stale.name].args)), stale.name)  # no error
+
+
+def test_workers_are_given_for_every_stage_or_per_stage():
+    from robustlogits.config import parse_workers
+
+    assert parse_workers("2") == (2, {})
+    assert parse_workers("distill=2") == (1, {"distill": 2})
+    assert parse_workers("3, distill=2,analyze=1") == (3, {"distill": 2, "analyze": 1})
+    opts = ReproduceConfig(workers=1, stage_workers={"distill": 2})
+    assert [opts.workers_for(stage) for stage in ("train", "attack", "distill", "analyze")] == [1, 1, 2, 1]
+
+
+def test_each_stage_runs_on_its_own_workers(monkeypatch, tmp_path):
+    from robustlogits.study.reproduce import estimate, report, run
+
+    started = []
+    monkeypatch.setattr(estimate, "estimate", lambda *args, **kwargs: {})
+    monkeypatch.setattr(
+        run,
+        "run_stage",
+        lambda name, items, opts, parent, estimates=None, workers=None: started.append(
+            (name.rsplit("-", 1)[1], workers)
+        ),
+    )
+    monkeypatch.setattr(report, "write_report", lambda *args: (tmp_path, []))
+    opts = ReproduceConfig(scale="test", stage_workers={"distill": 2, "analyze": 3}, out=str(tmp_path))
+    run.run_reproduce(opts)
+    assert started == [("train", 1), ("attack", 1), ("distill", 2), ("analyze", 3)]
+
+
+def test_a_stage_of_several_workers_is_probed_on_each_workers_share_of_the_cores(monkeypatch):
+    """Two workers on a machine get half its cores each: a step of theirs is costed at that share,
+    not at the whole machine's speed divided by two (which promised 2x where 2 cores gave 1.23x)."""
+    from robustlogits.study.reproduce import estimate as est
+    from robustlogits.study.reproduce.run import stage_threads
+
+    probed = []
+
+    def fake(arch, num_classes=10, batch=128, amp_setting="auto", threads=None):
+        probed.append((arch, threads))
+        per = 1e-3 if threads is None else 1.6e-3  # one of two cores: 1.6x slower per step, not 2x
+        return est.Probe(*[(per,) * 3] * 4, batch, "fp32", 0, (500, 10), threads or 2)
+
+    monkeypatch.setattr(est, "probe", fake)
+    monkeypatch.setattr(est, "mftma_probe", lambda n_manifolds, n_features, n_points: 1.0)
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    steps = build_plan(scale("laptop"), 1, {"cifar10": "digest-a"}, None)
+    one = est.estimate(steps, stage_threads=stage_threads(ReproduceConfig()))
+    alone = {s.name: s.estimate_s for s in steps}
+    assert {threads for _, threads in probed} == {None} and not any("thread" in name for name in one)
+    probed.clear()
+    two = est.estimate(steps, stage_threads=stage_threads(ReproduceConfig(stage_workers={"distill": 2})))
+    assert {threads for _, threads in probed} == {None, 1}
+    assert ("vgg-fast-s", 1) in probed and ("vgg-fast-white", None) in probed
+    assert "vgg-fast-s (1 thread(s))" in two and "1 thread(s) of 2 cores" in two["vgg-fast-s (1 thread(s))"]
+    for step in steps:
+        ratio = 1.6 if step.stage == "distill" else 1.0
+        assert step.estimate_s == pytest.approx(alone[step.name] * ratio), step.name
+
+    plan = make_plan(ReproduceConfig(scale="test"))
+    for step in plan.chosen:
+        step.estimate_s, step.estimate_spread = 60.0, (60.0, 60.0)
+    from robustlogits.study.reproduce.run import duration
+
+    def wall(workers):  # stages one after another; in each, its steps (one per key) shared among its workers
+        counts = [len({s.key for s in plan.chosen if s.stage == stage}) for stage in workers]
+        return sum(max(n * 60 / w, 60) for n, w in zip(counts, workers.values()) if n)
+
+    per_stage = {"train": 1, "attack": 1, "distill": 2, "analyze": 1}
+    assert wall(per_stage) < wall(dict.fromkeys(per_stage, 1))
+    assert f"{duration(wall(per_stage))} with 1 worker (distill: 2)" in plan_table(plan, per_stage, {})
+    one_worker = plan_table(plan, 1, {})
+    assert (
+        f"{duration(wall(dict.fromkeys(per_stage, 1)))} with 1 worker (" in one_worker
+        and "distill: 2" not in one_worker
+    )

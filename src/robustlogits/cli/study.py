@@ -9,7 +9,7 @@ from typing import List, Optional
 import typer
 
 from robustlogits.cli.app import app, blank, cli_errors, comma_list, split_overrides
-from robustlogits.config import DEFAULT_PRESET, ReproduceConfig, SweepConfig
+from robustlogits.config import DEFAULT_PRESET, STUDY_STAGES, ReproduceConfig, SweepConfig, parse_workers
 from robustlogits.core.errors import UserError
 
 SWEEP_DEFAULTS = SweepConfig(teacher="")  # the defaults a sweep command shows and MLproject declares
@@ -163,8 +163,10 @@ def reproduce(
         "theory, manifold, ranks, errors, overlap, images",
     ),
     skip: Optional[str] = typer.Option(None, help="skip these steps, comma list"),
-    workers: int = typer.Option(
-        ReproduceConfig.workers, help="local worker processes (threads each = cores / workers)"
+    workers: str = typer.Option(
+        str(ReproduceConfig.workers),
+        help="local worker processes, threads each = cores / workers: N for every stage, or per stage "
+        "(train, attack, distill, analyze), e.g. 1,distill=2",
     ),
     storage: Optional[str] = typer.Option(
         None,
@@ -189,12 +191,14 @@ def reproduce(
         n_seeds = int(seeds) if blank(seeds) else None
     except ValueError:
         raise UserError(f"--seeds must be an integer, got {seeds!r}") from None
+    n_workers, stage_workers = parse_workers(workers)
     opts = ReproduceConfig(
         scale=scale,
         seeds=n_seeds,
         only=comma_list(only),
         skip=comma_list(skip),
-        workers=workers,
+        workers=n_workers,
+        stage_workers=stage_workers,
         storage=blank(storage),
         out=out,
         data_dir=blank(data_dir),
@@ -204,7 +208,7 @@ def reproduce(
     )
     result = run_reproduce(opts)
     if dry_run:
-        typer.echo(plan_table(result["plan"], workers, result["throughput"]))
+        typer.echo(plan_table(result["plan"], {s: opts.workers_for(s) for s in STUDY_STAGES}, result["throughput"]))
         return
     verdicts = result["verdicts"]
     counts = ", ".join(f"{verdict} {verdicts.count(verdict)}" for verdict in VERDICTS)

@@ -10,7 +10,7 @@ from robustlogits.config.distill import DistillationConfig, DistillConfig
 from robustlogits.config.model_import import ImportConfig
 from robustlogits.config.overrides import apply_overrides, coerce, flatten, keyed_view, set_value
 from robustlogits.config.presets import DEFAULT_PRESET, PRESETS, Preset, distill_preset, preset, preset_row, scale
-from robustlogits.config.study import ReproduceConfig, ScaleConfig, SweepConfig
+from robustlogits.config.study import STUDY_STAGES, ReproduceConfig, ScaleConfig, SweepConfig, parse_workers
 from robustlogits.config.train import (
     ATTACK_METHODS,
     BN_MODES,
@@ -44,6 +44,7 @@ __all__ = [
     "OptimConfig",
     "Preset",
     "ReproduceConfig",
+    "STUDY_STAGES",
     "RunConfig",
     "ScaleConfig",
     "SweepConfig",
@@ -53,6 +54,7 @@ __all__ = [
     "distill_preset",
     "flatten",
     "keyed_view",
+    "parse_workers",
     "preset",
     "preset_row",
     "scale",

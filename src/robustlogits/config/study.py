@@ -4,6 +4,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from robustlogits.core.errors import UserError
+
+# The study's stages, in the order they run: a stage starts when the ones before it are done.
+STUDY_STAGES = ("train", "attack", "distill", "analyze")
+
 
 @dataclass
 class SweepConfig:
@@ -40,13 +45,44 @@ class ReproduceConfig:
     seeds: int | None = None  # default: the scale's
     only: list[str] = field(default_factory=list)
     skip: list[str] = field(default_factory=list)
-    workers: int = 1
+    workers: int = 1  # local worker processes of every stage not named in stage_workers
+    # e.g. {"distill": 2}: on 2 cores two one-thread workers ran the students 1.23x faster than one
+    # worker of two threads, while a teacher is one step and gains nothing (docs/measurements.md)
+    stage_workers: dict[str, int] = field(default_factory=dict)
     storage: str | None = None  # Optuna storage shared with `sweep worker`s on other machines
     out: str = "reproduce"
     data_dir: str | None = None
     dry_run: bool = False
     experiment: str = "robustlogits-reproduce"
     heartbeat: int = 10  # seconds; a silent worker's step is queued again after 3 beats
+
+    def workers_for(self, stage: str) -> int:
+        return self.stage_workers.get(stage, self.workers)
+
+    def validate(self) -> None:
+        for stage, count in {"": self.workers, **self.stage_workers}.items():
+            if stage and stage not in STUDY_STAGES:
+                raise UserError(f"--workers: unknown stage {stage!r}; the stages are {', '.join(STUDY_STAGES)}")
+            if count < 1:
+                raise UserError(f"--workers must be >= 1, got {count}" + (f" for {stage}" if stage else ""))
+
+
+def parse_workers(text: str) -> tuple[int, dict[str, int]]:
+    """`--workers` as `N` (every stage), `STAGE=N,...` (the others 1) or both: `1,distill=2`."""
+    default, by_stage = 1, {}
+    for part in (p.strip() for p in str(text).split(",")):
+        if not part:
+            continue
+        stage, _, count = part.rpartition("=")
+        try:
+            number = int(count)
+        except ValueError:
+            raise UserError(f"--workers takes N or STAGE=N pairs (e.g. 1,distill=2), got {text!r}") from None
+        if stage:
+            by_stage[stage.strip()] = number
+        else:
+            default = number
+    return default, by_stage
 
 
 @dataclass(frozen=True)

@@ -531,10 +531,15 @@ def run_worker(
     return ran
 
 
+def worker_threads(n_workers: int) -> int:
+    """Each of N local workers' share of the cores."""
+    return max(1, (os.cpu_count() or 1) // n_workers)
+
+
 def worker_environment(index: int, n_workers: int, device: str | None) -> dict[str, str]:
     """A local worker's environment: its share of the cores, its device, no launcher run."""
     env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_RUN_ID",)}
-    threads = str(max(1, (os.cpu_count() or 1) // n_workers))
+    threads = str(worker_threads(n_workers))
     env |= {
         "OMP_NUM_THREADS": threads,
         "MKL_NUM_THREADS": threads,

@@ -7,13 +7,19 @@ precision (what PGD / FGSM-RS training repeats) and in fp32 (what APGD repeats),
 forward. Each is timed `REPEATS` times after a warm-up, and the plan is costed at the fastest,
 median and slowest repeat: the spread says how steady this machine is right now. Finished runs in
 the store are not used: one run on a busy machine would mislead every later estimate.
+
+A stage run by N local workers is probed at each worker's share of the cores (the threads the study
+engine gives it), alone: N workers then share memory bandwidth the probe did not, so its time per
+step is a floor there.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import statistics
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -51,13 +57,26 @@ class Probe:
     precision: str
     load: float  # the machine's 1-minute load average while probing: a busy machine probes slow
     stage_widths: tuple[int, ...] = ()  # features at each analysed stage (input ... logits)
+    threads: int = 0  # torch threads it ran on
 
     def describe(self) -> str:
         return (
             f"{1 / self.sgd[1]:,.0f} img/s per SGD step ({1 / self.sgd[2]:,.0f}-{1 / self.sgd[0]:,.0f} over "
             f"{REPEATS} repeats, batch {self.batch}, {self.precision}; probed at load {self.load:.1f} on "
-            f"{os.cpu_count()} cores)"
+            f"{self.threads} thread(s) of {os.cpu_count()} cores)"
         )
+
+
+@contextlib.contextmanager
+def torch_threads(threads: int | None) -> Iterator[int]:
+    """Run with `threads` torch threads (None: as they are), as a worker given that share would."""
+    before = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        yield torch.get_num_threads()
+    finally:
+        torch.set_num_threads(before)
 
 
 def _timed(fn, batch: int) -> tuple[float, float, float]:
@@ -70,9 +89,16 @@ def _timed(fn, batch: int) -> tuple[float, float, float]:
     return min(times), statistics.median(times), max(times)
 
 
-def probe(arch: str, num_classes: int = 10, batch: int = 128, amp_setting: str = "auto") -> Probe:
+def probe(
+    arch: str, num_classes: int = 10, batch: int = 128, amp_setting: str = "auto", threads: int | None = None
+) -> Probe:
     """Time the four operations a study is made of for `arch` on this machine, at the precision
-    `amp_setting` (a config's `run.amp`) gives here."""
+    `amp_setting` (a config's `run.amp`) gives here, on `threads` torch threads (None: as set)."""
+    with torch_threads(threads) as used:
+        return _probe(arch, num_classes, batch, amp_setting, used)
+
+
+def _probe(arch: str, num_classes: int, batch: int, amp_setting: str, threads: int) -> Probe:
     from robustlogits.core.device import precision_name, resolve_amp
     from robustlogits.core.models import build_model, extract_stages
 
@@ -115,6 +141,7 @@ def probe(arch: str, num_classes: int = 10, batch: int = 128, amp_setting: str =
         precision=precision_name(amp),
         load=os.getloadavg()[0],
         stage_widths=tuple(f.shape[1] for f in extract_stages(model.eval(), x[:1]).values()),
+        threads=threads,
     )
 
 
@@ -163,15 +190,18 @@ class Estimator:
     """Seconds per step at one point of the probe's spread (0 fastest, 1 median, 2 slowest)."""
 
     def __init__(self):
-        self.probes: dict[tuple[str, str], Probe] = {}  # (arch, run.amp) -> its probe
+        self.probes: dict[tuple[str, str, int | None], Probe] = {}  # (arch, run.amp, threads) -> its probe
+        self.threads: int | None = None  # of the stage being costed: its workers' share of the cores
         self.targets_costed: set[tuple] = set()  # teacher-logit artifacts already paid for, per spread point
         self.mftma_fits: dict[tuple[int, int, int], float] = {}  # (P, N, M) -> seconds of one fit
 
     def probe(self, config: dict) -> Probe:
         arch, amp = config["model.arch"], str(config.get("run.amp", "auto"))
-        if (arch, amp) not in self.probes:
-            self.probes[arch, amp] = probe(arch, batch=int(config["optim.batch_size"]), amp_setting=amp)
-        return self.probes[arch, amp]
+        if (arch, amp, self.threads) not in self.probes:
+            self.probes[arch, amp, self.threads] = probe(
+                arch, batch=int(config["optim.batch_size"]), amp_setting=amp, threads=self.threads
+            )
+        return self.probes[arch, amp, self.threads]
 
     def seconds(self, step: Step, at: int, model_configs: dict[str, dict]) -> float:
         if step.task == "reproduce-train":
@@ -279,16 +309,26 @@ def _eval_images(config: dict) -> int:
     return config["data.stats_subset"] + (config["data.heldout_subset"] or 10000)
 
 
-def estimate(steps: list[Step], plan_steps: list[Step] | None = None) -> dict[str, str]:
+def estimate(
+    steps: list[Step], plan_steps: list[Step] | None = None, stage_threads: dict[str, int | None] | None = None
+) -> dict[str, str]:
     """Fill every step's `estimate_s` (median) and `estimate_spread` (fastest, slowest); returns how
     each architecture's cost was obtained. `plan_steps` (default `steps`) name the networks: an
-    `--only analyses` run costs its analyses with the networks of teachers it does not train."""
+    `--only analyses` run costs its analyses with the networks of teachers it does not train.
+    `stage_threads` gives each stage's workers their threads (default: this process's)."""
     est = Estimator()
+    stage_threads = stage_threads or {}
     everything = plan_steps or steps
     model_configs = {s.name: s.args["config"] for s in everything if s.task == "reproduce-train"} | {
         s.name: flatten(distill_preset(s.args["preset"])) for s in everything if s.task == "reproduce-distill"
     }
     for step in sorted(steps, key=lambda s: s.task != "reproduce-train"):  # probe trained nets first
+        est.threads = stage_threads.get(step.stage)
         low, mid, high = (est.seconds(step, at, model_configs) for at in range(3))
         step.estimate_s, step.estimate_spread = mid, (low, high)
-    return {arch if amp == "auto" else f"{arch} (run.amp={amp})": p.describe() for (arch, amp), p in est.probes.items()}
+    return {
+        arch
+        + ("" if amp == "auto" else f" (run.amp={amp})")
+        + ("" if threads is None else f" ({threads} thread(s))"): (p.describe())
+        for (arch, amp, threads), p in est.probes.items()
+    }

@@ -12,10 +12,10 @@ import dataclasses
 from dataclasses import dataclass, field
 
 from robustlogits import tracking
-from robustlogits.config import ScaleConfig, apply_overrides, keyed_view, preset
+from robustlogits.config import STUDY_STAGES, ScaleConfig, apply_overrides, keyed_view, preset
 from robustlogits.core.errors import UserError
 
-STAGES = ("train", "attack", "distill", "analyze")
+STAGES = STUDY_STAGES
 
 
 def teacher_config(preset_name: str, dataset: str, training: str, seed: int, overrides=(), data_dir=None):

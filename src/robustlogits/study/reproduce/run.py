@@ -85,8 +85,7 @@ def make_plan(opts: ReproduceConfig) -> ReproducePlan:
     seeds = sc.seeds if opts.seeds is None else opts.seeds
     if seeds < 1:
         raise UserError(f"--seeds must be >= 1, got {seeds}")
-    if opts.workers < 1:
-        raise UserError(f"--workers must be >= 1, got {opts.workers}")
+    opts.validate()
     groups = select_groups(opts.only, opts.skip)
     check_storage(opts.storage)
     datasets, skipped = dataset_digests(sc.datasets, sc.preset, opts.data_dir)
@@ -125,7 +124,7 @@ def run_reproduce(opts: ReproduceConfig) -> dict:
 
     plan = make_plan(opts)
     if opts.dry_run:
-        sources = estimate(plan.chosen, plan.steps)
+        sources = estimate(plan.chosen, plan.steps, stage_threads(opts))
         return {"plan": plan, "throughput": sources}
     sc = scale(opts.scale)
     seeds = sc.seeds if opts.seeds is None else opts.seeds
@@ -147,7 +146,7 @@ def run_reproduce(opts: ReproduceConfig) -> dict:
         if any(not plan.done[s.name] for s in plan.chosen):
             # the same probe as --dry-run, recorded with each queued step so the report can set the
             # estimate beside what the step took
-            sources = estimate(plan.chosen, plan.steps)
+            sources = estimate(plan.chosen, plan.steps, stage_threads(opts))
             left = {s.key: s.estimate_s for s in plan.chosen if not plan.done[s.name]}
             log.info(
                 "estimated %s for the %d step(s) left (%s)",
@@ -164,15 +163,28 @@ def run_reproduce(opts: ReproduceConfig) -> dict:
             if todo:
                 log.info("stage %s: %d step(s) to run", stage, len(todo))
                 items, estimates = [s.item(keys) for s in todo.values()], [s.estimate_s for s in todo.values()]
-                run_stage(stage_study_name(plan, stage), items, opts, parent, estimates)
+                run_stage(stage_study_name(plan, stage), items, opts, parent, estimates, opts.workers_for(stage))
         from robustlogits.study.reproduce.report import write_report
 
         report, verdicts = write_report(plan, sc, seeds, parent, Path(opts.out))
     return {"plan": plan, "parent_run_id": parent, "report": report, "verdicts": verdicts}
 
 
+def stage_threads(opts: ReproduceConfig) -> dict[str, int | None]:
+    """The threads each stage's workers get (what the study engine gives them): None where one worker
+    runs in this process with torch's own thread count."""
+    from robustlogits.study.engine import worker_threads
+
+    return {stage: worker_threads(n) if n > 1 else None for stage in STAGES for n in [opts.workers_for(stage)]}
+
+
 def run_stage(
-    study_name: str, items: list[dict], opts: ReproduceConfig, parent: str, estimates: list[float] | None = None
+    study_name: str,
+    items: list[dict],
+    opts: ReproduceConfig,
+    parent: str,
+    estimates: list[float] | None = None,
+    workers: int | None = None,
 ) -> None:
     """One stage's independent steps as a study of fixed work items on the study engine: local
     workers run them, and with a shared `--storage` so can `sweep worker`s on other machines.
@@ -203,9 +215,18 @@ def run_stage(
         study_engine.redact(storage),
     )
     with study_engine.driving(study):
-        status = study_engine.run_workers(study_name, storage, opts.workers, heartbeat=opts.heartbeat)
+        status = study_engine.run_workers(study_name, storage, workers or opts.workers, heartbeat=opts.heartbeat)
     if not status.done:
         raise UserError(f"stage study {study_name} did not finish: {status.summary()}")
+
+
+def describe_workers(per_stage: dict[str, int]) -> str:
+    """ "1 worker", "2 workers", or "1 worker (distill: 2)" where the stages differ."""
+    counts = [per_stage.get(stage, 1) for stage in STAGES]
+    common = max(set(counts), key=counts.count)
+    text = f"{common} worker{'s' if common > 1 else ''}"
+    others = [f"{stage}: {n}" for stage, n in zip(STAGES, counts) if n != common]
+    return text + (f" ({', '.join(others)})" if others else "")
 
 
 def duration(seconds: float) -> str:
@@ -218,8 +239,10 @@ def duration(seconds: float) -> str:
     return f"{seconds / 86400:.1f} days"
 
 
-def plan_table(plan: ReproducePlan, workers: int, throughput: dict[str, str]) -> str:
-    """The dry-run's table: step, key, done or not, estimated time; then the totals with their spread."""
+def plan_table(plan: ReproducePlan, workers: int | dict[str, int], throughput: dict[str, str]) -> str:
+    """The dry-run's table: step, key, done or not, estimated time; then the totals with their spread.
+    `workers`: every stage's local workers, or each stage's."""
+    per_stage = workers if isinstance(workers, dict) else dict.fromkeys(STAGES, workers)
     first_of_key: dict[str, str] = {}
     rows = []
     for step in plan.chosen:
@@ -242,7 +265,7 @@ def plan_table(plan: ReproducePlan, workers: int, throughput: dict[str, str]) ->
         for stage in STAGES:  # stages run one after another; a stage's steps share the workers
             times = [r[5][at] for r in rows if r[4] == stage and r[5][at]]
             if times:
-                wall += max(sum(times) / workers, max(times))
+                wall += max(sum(times) / per_stage.get(stage, 1), max(times))
         return serial, wall
 
     (_, fast), (serial, wall), (_, slow) = totals(0), totals(1), totals(2)
@@ -250,7 +273,7 @@ def plan_table(plan: ReproducePlan, workers: int, throughput: dict[str, str]) ->
     lines += [
         "-" * (width + 60),
         f"{len(rows)} steps, {len(rows) - todo} done or shared, {todo} to run: about {duration(serial)} of work, "
-        f"{duration(wall)} with {workers} worker(s) ({duration(fast)} to {duration(slow)} at the probe's "
+        f"{duration(wall)} with {describe_workers(per_stage)} ({duration(fast)} to {duration(slow)} at the probe's "
         "fastest and slowest repeat)",
         "throughput used: " + ", ".join(f"{arch} {text}" for arch, text in throughput.items()),
     ]
