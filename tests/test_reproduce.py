@@ -820,3 +820,18 @@ def test_a_stage_of_several_workers_is_probed_on_each_workers_share_of_the_cores
         f"{duration(wall(dict.fromkeys(per_stage, 1)))} with 1 worker (" in one_worker
         and "distill: 2" not in one_worker
     )
+
+
+def test_a_probe_runs_on_the_threads_it_is_given_and_gives_them_back():
+    import torch
+
+    from robustlogits.study.reproduce import estimate as est
+
+    before = torch.get_num_threads()
+    seen = []
+    real_timed = est._timed
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(est, "_timed", lambda fn, batch: seen.append(torch.get_num_threads()) or real_timed(fn, batch))
+        probe = est.probe("cnn-tiny", batch=8, threads=1)
+    assert probe.threads == 1 and set(seen) == {1} and "1 thread(s) of" in probe.describe()
+    assert torch.get_num_threads() == before
