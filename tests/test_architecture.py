@@ -80,8 +80,11 @@ def test_every_entry_point_declares_its_parameters_with_the_commands_defaults():
     assert spec["attack"]["parameters"]["eps"]["default"] == "8/255"
     assert spec["attack"]["parameters"]["n_iter"]["default"] == "100"
     assert spec["reproduce"]["parameters"]["scale"]["default"] == "smoke"
-    # Shortcuts for config keys stay `default`, so the launcher never records a value the run did not use.
-    assert spec["distill"]["parameters"]["manipulation"]["default"] == mlproject.NOT_GIVEN
+    # Options the command decides are not declared, so the launcher never records a placeholder
+    # (`manipulation=default`) beside the value the run used; the file names them in a comment.
+    assert "manipulation" not in spec["distill"]["parameters"]
+    assert all(p.get("default") != mlproject.NOT_GIVEN for e in spec.values() for p in e["parameters"].values())
+    assert "also -P manipulation, k," in (REPO / "MLproject").read_text()
     assert "default" not in spec["import"]["parameters"]["name"]  # required
 
 

@@ -115,7 +115,7 @@ def test_state_dict_import_then_attack_distill_and_analyze(tmp_path):
     assert len(next(iter(manifold["models"].values()))["stage"]) == len(models.stage_names(source))
 
 
-def test_torchscript_import_without_arch_is_kept_as_a_graph_and_attacked(tmp_path):
+def test_torchscript_import_without_arch_is_kept_and_attacked(tmp_path):
     net = ForeignNet().eval()
     path = tmp_path / "scripted.pt"
     torch.jit.save(torch.jit.trace(net, torch.rand(2, 3, 32, 32)), str(path))

@@ -78,10 +78,8 @@ def test_traced_and_scripted_community_resnet18(tmp_path, how):
         "--check-images", "20",
     )  # fmt: skip
     tags = imported_ok(result, f"rn18-{how}")
-    assert tags["source_format"] == "torchscript" and tags["stored_as"] in ("graph", "torchscript")
+    assert tags["source_format"] == "torchscript" and tags["stored_as"] == "torchscript"
     assert "arch" not in tags and tags["normalization"] == "cifar10"
-    if how == "trace":  # the converter gives up on `512*((x/8)//4) - 512`: kept as TorchScript
-        assert tags["stored_as"] == "torchscript"
     loaded = resolve_and_load(f"rn18-{how}", version=1).model
     mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in models.NORMALISATION["cifar10"])
     with torch.no_grad():
@@ -101,28 +99,18 @@ def test_traced_and_scripted_community_resnet18(tmp_path, how):
             resolve_and_load(f"rn18-{how}", version=1)
 
 
-def test_torchscript_that_no_route_can_store_names_every_reason(tmp_path, monkeypatch):
-    """When the converter fails with an empty message, its cause is shown, beside the TorchScript route's."""
-    import torch._export.converter as converter
-
-    class GivesUp:
-        def __init__(self, *args, **kwargs):
-            try:
-                raise ValueError("cannot reason about 512*((x/8)//4) - 512")
-            except ValueError:
-                raise NotImplementedError() from None  # noqa: B904 - the converter's own empty error
+def test_torchscript_that_cannot_be_stored_names_the_reason(tmp_path, monkeypatch):
+    """When TorchScript cannot be re-scripted with its normalisation, the error says why and what to do."""
 
     def cannot_script(*args, **kwargs):
         raise RuntimeError("Python builtin <built-in function id> is currently not supported in Torchscript")
 
-    monkeypatch.setattr(converter, "TS2EPConverter", GivesUp)
     monkeypatch.setattr(checkpoints.torch.jit, "script", cannot_script)
     path = tmp_path / "ts.pt"
     torch.jit.save(torch.jit.trace(models.build_model("cnn-tiny", 10).net.eval(), torch.rand(2, 3, 32, 32)), str(path))
     result = cli("--checkpoint", str(path), "--name", "nowhere", "--dataset", "synthetic", "--check-images", "10")
     assert result.exit_code == 2, result.output
     [line] = [line for line in result.output.splitlines() if line.startswith("error:")]
-    assert "as an exported graph: " in line and "512*((x/8)//4) - 512" in line
     assert "as TorchScript: RuntimeError: Python builtin" in line and "pass --arch" in line
     assert run_count() == 0 and MlflowClient().search_registered_models() == []
 

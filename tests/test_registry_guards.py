@@ -17,6 +17,7 @@ from robustlogits import tracking
 from robustlogits.cli import app
 from robustlogits.config import preset
 from robustlogits.core import models
+from robustlogits.core.errors import UserError
 from robustlogits.jobs import tracked_training
 from robustlogits.jobs.train import run_training
 
@@ -131,3 +132,51 @@ def test_training_leaves_no_temporary_files_and_teacher_tags_follow_the_registry
     first, second = (client.get_run(r).data.tags for r in runs)
     assert holder.run_id == runs[1] and second["teacher_version"] == str(holder.version)
     assert "teacher_version" not in first and f"until version {holder.version}" in first["teacher_version_superseded"]
+
+
+NAMES = ["ext", "cifar10-resnet18-at", "a.b_c-1", "A1", "_x", "x" * 255, "x" * 300, "", " ", "../x", "a/b", "a:b", ".", "..",
+         "..x", ".x", "-x", "a b", "naïve", "a\\b", "a?b", "a%2Fb", "a#b"]  # fmt: skip
+ALIASES = ["teacher", "prod_1", "a-b", "latest", "LATEST", "v1", "V12", "v1a", "va", "x" * 255, "x" * 256, "",
+           "a.b", "a b", "a/b", "naïve", "-", "_"]  # fmt: skip
+
+
+def _mlflow_accepts(action, *args) -> bool:
+    try:
+        action(*args)
+    except (mlflow.exceptions.MlflowException, OSError):  # OSError: a file store's folder name too long
+        return False
+    return True
+
+
+@pytest.mark.parametrize("store", ["file", "sqlite"])
+def test_the_names_and_aliases_we_accept_are_ones_mlflow_accepts_and_we_refuse_what_it_refuses(
+    tmp_path, monkeypatch, store
+):
+    """Our own check of MLflow's documented rules (no private validator) against MLflow itself, on a
+    real store: a name or alias we let through must register; one MLflow refuses we must refuse."""
+    if store == "sqlite":
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    tracking.configure_store()
+    client = MlflowClient()
+    disagreements = []
+    for name in NAMES:
+        ours = tracking.registry.model_name_problem(name) is None
+        theirs = _mlflow_accepts(client.create_registered_model, name)
+        if ours and not theirs:  # stricter than MLflow is fine (spaces, non-ASCII); looser is not
+            disagreements.append(f"name {name!r}: ours {ours}, MLflow {theirs}")
+    client.create_registered_model("holder")
+    client.create_model_version("holder", (tmp_path / "m").as_uri())
+    for alias in ALIASES:
+        ours = tracking.registry.alias_problem(alias) is None
+        theirs = _mlflow_accepts(client.set_registered_model_alias, "holder", alias, "1")
+        if ours and not theirs:
+            disagreements.append(f"alias {alias!r}: ours {ours}, MLflow {theirs}")
+        if theirs and not ours and alias.isascii():  # stricter only where MLflow's \w takes non-ASCII letters
+            disagreements.append(f"alias {alias!r}: we refuse what MLflow accepts")
+    assert disagreements == []
+    # The documented rules themselves, as a reader of check_registration's message expects:
+    assert tracking.registry.model_name_problem("cifar10-resnet18-at") is None
+    assert tracking.registry.alias_problem("latest") and tracking.registry.alias_problem("v3")
+    with pytest.raises(UserError, match="unknown stage 'Live'"):
+        tracking.check_registration("ok", stage="Live")
+    tracking.check_registration("ok", stage="production", alias="teacher")  # stages are case-insensitive

@@ -319,13 +319,11 @@ def test_mlflow_run_entry_point_with_local_env_manager(tmp_path, isolated_store)
     params = runs[0].data.params
     assert params["run.training"] == "adversarial" and params["optim.epochs"] == "1"
     # Every config value under the name the run's config uses; beside them only the launcher's
-    # record of the entry point's declared parameters, each `default` (not passed) unless given,
-    # so no recorded value contradicts the config. No ''.
-    declared = set(mlproject.declared_parameters("train"))
-    assert set(params) == set(flatten(preset("test"))) | {"run.precision"} | declared
+    # record of the declared `preset`: no placeholder (`training=default`) contradicts `run.training`.
+    assert set(mlproject.declared_parameters("train")) == {"preset"}
+    assert set(params) == set(flatten(preset("test"))) | {"run.precision", "preset"}
     assert params["preset"] == "test"
-    assert all(params[name] == mlproject.NOT_GIVEN for name in declared - {"preset"})
-    assert "''" not in params.values()
+    assert mlproject.NOT_GIVEN not in params.values() and "''" not in params.values()
     assert "registered model synthetic-cnn-tiny-at version(s) 1" in proc.stdout
     assert str(MlflowClient().get_model_version_by_alias("synthetic-cnn-tiny-at", "teacher").version) == "1"
 

@@ -1,9 +1,10 @@
 """The MLproject file and its entry points, both derived from the commands.
 
-Every entry point declares its parameters the same way: they are its command's options, named as
-the command names them (`-P data_dir=...`, `-P n_examples=500`), with the command's defaults, which
-come from the config dataclasses. A default of `default` means "the command decides" (the preset's
-value, the model's own dataset, ...). Beside them, any config key goes as an undeclared
+Every entry point takes its command's options, named as the command names them (`-P data_dir=...`,
+`-P n_examples=500`). Options with a default (from the config dataclasses) are declared with it;
+options whose default is "the command decides" (the preset's value, the model's own dataset, ...)
+are named in a comment and not declared, so the launcher records no placeholder for them: `mlflow
+run` passes a given one on as `--name value` and logs it under that name. Beside them, any config key goes as an undeclared
 `-P section.field=value` and reaches the command as `--set section.field=value` (train, distill,
 sweep), or as the command's own option when it is named `<entry point>.<option>`
 (`-P attack.n_examples=500`).
@@ -89,9 +90,9 @@ def entry_point_commands(entry_point: str) -> dict:
     return {entry_point: command}
 
 
-def declared_parameters(entry_point: str) -> dict[str, Parameter]:
-    """What MLproject declares for an entry point. Across analyze's modes, a parameter whose
-    default differs between modes is declared with `default` (each mode's own)."""
+def accepted_parameters(entry_point: str) -> dict[str, Parameter]:
+    """Every option an entry point takes as `-P name=value`. Across analyze's modes, a parameter
+    whose default differs between modes defaults to `default` (each mode's own)."""
     merged: dict[str, Parameter] = {}
     if entry_point == "analyze":
         merged["mode"] = Parameter("mode", "", MODE_DEFAULT)
@@ -110,12 +111,22 @@ def declared_parameters(entry_point: str) -> dict[str, Parameter]:
     return merged
 
 
+def declared_parameters(entry_point: str) -> dict[str, Parameter]:
+    """What MLproject declares: the options with a real default, and the required ones. The launcher
+    logs every declared parameter as a run param, so one declared with the placeholder `default`
+    would show `training=default` in the run table beside the config key the run really used
+    (`run.training=standard`). The others stay undeclared: `mlflow run` appends a given one as
+    `--name value`, logs it under the name the user typed, and logs nothing when it is not given."""
+    return {name: p for name, p in accepted_parameters(entry_point).items() if p.default != NOT_GIVEN}
+
+
 def render() -> str:
     """The MLproject file."""
     lines = [
         "# Generated from the commands by `python -m robustlogits.cli.mlproject > MLproject`;",
         "# tests/test_architecture.py keeps it in step. Parameters are the commands' options with their",
-        "# defaults (`default`: the command decides); any config key also goes as -P section.field=value.",
+        "# defaults; the options the command decides when not given are named in a comment (no placeholder",
+        "# for the launcher to log); any config key also goes as -P section.field=value.",
         "name: robustlogits",
         "",
         "conda_env: conda.yaml",
@@ -124,7 +135,18 @@ def render() -> str:
     ]
     for entry_point in ENTRY_POINTS:
         parameters = declared_parameters(entry_point)
-        lines += [f"  {entry_point}:", "    parameters:"]
+        undeclared = [name for name in accepted_parameters(entry_point) if name not in parameters]
+        lines += [f"  {entry_point}:"]
+        if undeclared:
+            also = textwrap.wrap(
+                "also -P " + ", ".join(undeclared) + " (the command decides when not given)",
+                104,
+                initial_indent="    # ",
+                subsequent_indent="    #   ",
+                break_long_words=False,
+            )
+            lines += also
+        lines += ["    parameters:"]
         for p in parameters.values():
             default = "" if p.default is None else f", default: {json.dumps(p.default)}"
             lines.append(f"      {p.name}: {{type: string{default}}}")
@@ -156,7 +178,7 @@ def command_line(entry_point: str, argv: list[str]) -> list[str]:
     command = commands[mode]
     own = _parameters(command)
     takes_set = any(getattr(o, "name", None) == "set_" for o in command.params)
-    declared = declared_parameters(entry_point)
+    declared = accepted_parameters(entry_point)
     prefix = f"{entry_point}."
     out = [] if entry_point != "analyze" else [mode]
     for key, value in given.items():

@@ -261,10 +261,10 @@ def check_model(
 
 def storable(model: nn.Module, images: torch.Tensor, what: str) -> nn.Module:
     """The form a checked model is stored in. One we have an architecture for is rebuilt from its
-    spec. One we do not is stored as an exported graph (`torch.export`); TorchScript is first
-    converted to one and, where the converter gives up (shapes it cannot reason about, such as a
-    fixed 4x4 pooling followed by `view(n, -1)`), kept as TorchScript. Each form must give the same
-    logits as the model itself; when none does, every route's reason is in the message."""
+    spec. One we do not is stored as an exported graph (`torch.export`); TorchScript is kept as
+    TorchScript (`torch.export` refuses a ScriptModule, and the only converter is private API that
+    changes between torch releases). Each form must give the same logits as the model itself; when
+    none does, the reason is in the message."""
     if not isinstance(model, Normalized) or model.arch != EXTERNAL_ARCH:
         return model
     x = to_float(images[:8])
@@ -272,23 +272,6 @@ def storable(model: nn.Module, images: torch.Tensor, what: str) -> nn.Module:
         expected = model(x)
     reasons = []
     if isinstance(model.net, torch.jit.ScriptModule):
-        try:
-            from torch._export.converter import TS2EPConverter
-
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                graph = TS2EPConverter(model.net, (torch.rand(2, 3, 32, 32),)).convert().module()
-            converted = Normalized(
-                ExternalModel(graph, num_classes=0, arch="torchscript"),  # eval-only, like any exported graph
-                model.mean.flatten().tolist(),
-                model.std.flatten().tolist(),
-                EXTERNAL_ARCH,
-                model.num_classes,
-                {},
-            ).eval()
-            return _exported_check(converted, x, expected)
-        except Exception as exc:  # noqa: BLE001
-            reasons.append(f"as an exported graph: {first_line(exc)}")
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")

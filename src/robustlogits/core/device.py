@@ -111,13 +111,7 @@ def cpu_bf16_speedup(repeats: int = 3) -> float:
 
 
 def _cpu_flags_have_bf16() -> bool:
-    probes = [getattr(torch._C._cpu, name, None) for name in ("_is_amx_tile_supported", "_is_avx512_bf16_supported")]
-    probes = [p for p in probes if p is not None]
-    if probes:
-        try:
-            return any(bool(p()) for p in probes)
-        except Exception:  # noqa: BLE001 - fall back to the kernel's view
-            pass
+    """The kernel's view of the CPU's flags (torch's own probes are private API)."""
     try:
         return cpuinfo_has_native_bf16(Path("/proc/cpuinfo").read_text())
     except OSError:

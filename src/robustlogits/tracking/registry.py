@@ -6,6 +6,7 @@ Tag names are constants here so the code that writes a tag and the code that rea
 
 from __future__ import annotations
 
+import re
 import warnings
 from typing import Any
 
@@ -36,28 +37,43 @@ WEIGHTS_SHA_TAG = "weights_sha256"
 STAGES = ("None", "Staging", "Production", "Archived")
 
 
-def check_registration(name: str, stage: str | None = None, alias: str | None = None) -> None:
-    """What registering `name` and promoting to `stage`/`alias` will ask of the registry, checked by
-    MLflow's own rules before anything is written: a refused name, a reserved alias (`latest`,
-    `v1`, ...) or an unknown stage is one clear error, never a half-done registration."""
-    from mlflow.utils.validation import (
-        _validate_model_alias_name,
-        _validate_model_alias_name_reserved,
-        _validate_model_name,
-    )
+# MLflow's documented naming rules, checked here rather than through its private validators (MLflow
+# 3.18 renamed them). Registered model names: MLflow refuses empty names, `/`, `:` and names that are
+# not their own normalised path (`.`, `..x`); ours are the conservative subset that is also safe in a
+# `models:/NAME/VERSION` URI and as a file store's folder name (255 bytes at most). Aliases: MLflow's alphanumerics, `_` and `-`
+# (ASCII here), at most 255 characters, neither `latest` nor `v<digits>` (a version's own name).
+# tests/test_registry_guards.py checks both against what MLflow itself accepts and refuses.
+MODEL_NAME_RULE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,254}")
+ALIAS_RULE = re.compile(r"[A-Za-z0-9_-]{1,255}")
+RESERVED_ALIAS = re.compile(r"latest|v\d+", re.IGNORECASE)
 
-    try:
-        _validate_model_name(name)
-    except MlflowException as exc:
-        raise UserError(f"MLflow refuses the registered model name {name!r}: {exc.message}") from None
+
+def model_name_problem(name: str) -> str | None:
+    """Why the registry would refuse (or could not safely hold) `name`, or None."""
+    if not MODEL_NAME_RULE.fullmatch(name or ""):
+        return "names are 1 to 255 letters, digits, '_', '-' and '.', not starting with '.' or '-'"
+    return None
+
+
+def alias_problem(alias: str) -> str | None:
+    """Why the registry would refuse `alias`, or None."""
+    if not ALIAS_RULE.fullmatch(alias or ""):
+        return "aliases are 1 to 255 letters, digits, '_' and '-'"
+    if RESERVED_ALIAS.fullmatch(alias):
+        return "'latest' and 'v<digits>' are reserved for versions"
+    return None
+
+
+def check_registration(name: str, stage: str | None = None, alias: str | None = None) -> None:
+    """What registering `name` and promoting to `stage`/`alias` will ask of the registry, checked
+    before anything is written: a refused name, a reserved alias or an unknown stage is one clear
+    error, never a half-done registration."""
+    if problem := model_name_problem(name):
+        raise UserError(f"the registry refuses the registered model name {name!r}: {problem}")
     if stage is not None and stage.lower() not in {s.lower() for s in STAGES}:
         raise UserError(f"unknown stage {stage!r}; MLflow's stages are {', '.join(STAGES)}")
-    if alias is not None:
-        try:
-            _validate_model_alias_name(alias)
-            _validate_model_alias_name_reserved(alias)
-        except MlflowException as exc:
-            raise UserError(f"MLflow refuses the alias {alias!r}: {exc.message}") from None
+    if alias is not None and (problem := alias_problem(alias)):
+        raise UserError(f"the registry refuses the alias {alias!r}: {problem}")
 
 
 def find_version(name: str, digest: str, same: dict[str, Any] | None = None):
