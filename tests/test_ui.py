@@ -70,9 +70,16 @@ ML_MODE = "workflowType=machine_learning"  # the UI's model-training mode, as th
 SEARCH = """(() => { const i = document.querySelector('input[placeholder="Search metric charts"]');
   Object.getOwnPropertyDescriptor(HTMLInputElement.prototype, 'value').set.call(i, '%s');
   i.dispatchEvent(new Event('input', {bubbles: true})); return i.value; })()"""
+# The panel's image for a step: the UI fetched that step's artifact and shows a decoded image. MLflow
+# up to 3.17 points the <img> at `get-artifact?path=images/KEY+step+N+...`; 3.18 fetches the same URL
+# and shows it as a `blob:` URL, so the step is read from the page's resource timings, which list
+# both kinds of load. Returns the shown images' sources (to tell one step's image from another's).
+SHOWN = "[...document.images].filter(i => (i.src.includes('get-artifact') || i.src.startsWith('blob:'))"
 LOADED = (
-    "[...document.images].filter(i => i.src.includes('get-artifact') && decodeURIComponent(i.src)"
-    ".includes('%s+step+%d+') && i.complete && i.naturalWidth > 0).length || null"
+    "(() => { const fetched = performance.getEntriesByType('resource').some(e => "
+    "decodeURIComponent(e.name).includes('get-artifact') && decodeURIComponent(e.name).includes('%s+step+%d+'));"
+    f" const shown = {SHOWN} && i.complete && i.naturalWidth > 0);"
+    " return fetched && shown.length ? shown.map(i => i.src).join(' ') : null; })()"
 )
 
 
@@ -125,16 +132,20 @@ def test_experiment_opens_on_training_runs_and_the_slider_on_an_image(mlflow_ser
             " return [s.getAttribute('aria-valuemin'), s.getAttribute('aria-valuemax'), s.getAttribute('aria-valuenow')]; })()"
         )
         assert slider == ["0", "3", "0"]  # one image per epoch, epoch 0 the initial network; it opens on one
-        assert browser.wait_for(LOADED % (HISTOGRAM_IMAGE_KEY, 0), 60), "the panel opened without an image"
+        first = browser.wait_for(LOADED % (HISTOGRAM_IMAGE_KEY, 0), 60)
+        assert first, "the panel opened without an image"
         assert not browser.evaluate("document.body.innerText.includes('No image logged at this step')")
         for _ in range(2):  # drag the slider to epoch 2 with the keyboard
             for kind in ("keyDown", "keyUp"):
                 browser.call(
                     "Input.dispatchKeyEvent", type=kind, key="ArrowRight", code="ArrowRight", windowsVirtualKeyCode=39
                 )
-        assert browser.wait_for(LOADED % (HISTOGRAM_IMAGE_KEY, 2), 60), "the epoch's image did not load"
+        assert browser.wait_for(
+            f"(() => {{ const now = {LOADED % (HISTOGRAM_IMAGE_KEY, 2)}; return now && now !== {first!r} ? now : null; }})()",
+            60,
+        ), "the epoch's image did not load"
         shown = browser.evaluate(
-            "(() => { const i = [...document.images].filter(i => i.src.includes('get-artifact'))[0];"
+            f"(() => {{ const i = {SHOWN})[0];"
             " i.scrollIntoView({block: 'end'}); return [i.naturalWidth, i.naturalHeight]; })()"
         )
         assert shown == [256, 256]  # MLflow's thumbnail of a square image fills the panel's square box
