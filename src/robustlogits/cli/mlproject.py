@@ -5,9 +5,9 @@ Every entry point takes its command's options, named as the command names them (
 options whose default is "the command decides" (the preset's value, the model's own dataset, ...)
 are named in a comment and not declared, so the launcher records no placeholder for them: `mlflow
 run` passes a given one on as `--name value` and logs it under that name. Beside them, any config
-key goes as an undeclared `-P section.field=value` and reaches the command as `--set section.field=value` (train, distill,
-sweep), or as the command's own option when it is named `<entry point>.<option>`
-(`-P attack.n_examples=500`).
+key goes as an undeclared `-P section.field=value` and reaches the command as `--set
+section.field=value` (train, distill, sweep), or as the command's own option when it is named
+`<entry point>.<option>` (`-P attack.n_examples=500`).
 
 `python -m robustlogits.cli.mlproject > MLproject` writes the file; a test keeps it in step.
 """
