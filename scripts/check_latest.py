@@ -16,6 +16,7 @@ docs/dependencies.md says how often to run it and what to do when it fails.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import subprocess
 import sys
@@ -34,27 +35,26 @@ def _index_env() -> dict[str, str]:
     return env | {"PIP_CONFIG_FILE": os.devnull}
 
 
-def _locked() -> dict[str, str]:
-    from packaging.requirements import Requirement
-
-    pins = {}
-    for line in (REPO / "requirements" / "lock.txt").read_text().splitlines():
-        line = line.split("#")[0].strip()
-        if line:
-            requirement = Requirement(line)
-            if requirement.marker is None or requirement.marker.evaluate():
-                pins[requirement.name.lower().replace("_", "-")] = str(requirement.specifier).removeprefix("==")
-    return pins
-
-
-def _installed(python: Path) -> dict[str, str]:
-    script = "import importlib.metadata as m, json; print(json.dumps({d.metadata['Name'].lower().replace('_', '-'): d.version for d in m.distributions()}))"
-    import json
-
-    return json.loads(subprocess.run([str(python), "-c", script], capture_output=True, text=True, check=True).stdout)
+def _installed_and_locked(python: Path) -> tuple[dict[str, str], dict[str, str]]:
+    """What the venv holds and what the lock pins for it, both read by the venv's own Python (its
+    markers are the ones that count, and it has `packaging`)."""
+    script = (
+        "import importlib.metadata as m, json, sys\n"
+        f"sys.path.insert(0, {str(Path(__file__).parent)!r})\n"
+        "from lock import locked_versions\n"
+        "from packaging.utils import canonicalize_name\n"
+        "installed = {canonicalize_name(d.metadata['Name']): d.version for d in m.distributions()}\n"
+        "print(json.dumps([installed, locked_versions()]))\n"
+    )
+    done = subprocess.run([str(python), "-c", script], capture_output=True, text=True, check=True)
+    installed, locked = json.loads(done.stdout)
+    return installed, locked
 
 
 def _data_args(data_dir: str | None) -> list[str]:
+    if data_dir is not None and not Path(data_dir).exists():
+        print(f"error: --data-dir {data_dir} does not exist", file=sys.stderr)
+        sys.exit(2)
     candidates = [data_dir, os.environ.get("ROBUSTLOGITS_DATA"), str(REPO.parent / "shared" / "data")]
     found = next((c for c in candidates if c and Path(c).exists()), None)
     return ["--data-dir", str(Path(found).resolve())] if found else ["--dataset", "synthetic"]
@@ -81,6 +81,7 @@ def main() -> int:
     parser.add_argument("--data-dir", help="CIFAR-10 for the smoke (default: $ROBUSTLOGITS_DATA, ../shared/data)")
     parser.add_argument("--pytest", action="store_true", help="also run the test suite on the newest versions")
     args = parser.parse_args()
+    data = _data_args(args.data_dir)  # bad input before a 3-minute install
     with tempfile.TemporaryDirectory(prefix="check-latest-") as scratch:
         root = args.keep or Path(scratch)
         root.mkdir(parents=True, exist_ok=True)
@@ -96,7 +97,7 @@ def main() -> int:
             print("FAILED: the install itself (pip's message above)")
             return 1
         print(f"installed in {time.perf_counter() - started:.0f} s\n")
-        installed, locked = _installed(python), _locked()
+        installed, locked = _installed_and_locked(python)
         print(f"{'package':<14} {'newest allowed':<16} lock")
         for name in WATCHED:
             if name in installed:
@@ -113,7 +114,7 @@ def main() -> int:
             "MPLBACKEND": "Agg",
         }
         failed = []
-        steps = smoke_steps(_data_args(args.data_dir))
+        steps = smoke_steps(data)
         if args.pytest:
             steps.append(("the test suite", ["-m", "pytest", "-q", "-x", str(REPO / "tests")]))
         for title, command in steps:

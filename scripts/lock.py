@@ -26,10 +26,34 @@ LOCK = REPO / "requirements" / "lock.txt"
 EXTRAS = ("test", "robustbench", "postgres")
 
 
+def locked_versions(lock: Path = LOCK) -> dict[str, str]:
+    """Canonical name -> the version the lock pins for this interpreter and platform (markers
+    evaluated). Raises ValueError on a line that is not an exact pin, or a package pinned twice here."""
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    pins: dict[str, str] = {}
+    for line in lock.read_text().splitlines():
+        line = line.split("#")[0].strip()
+        if not line:
+            continue
+        requirement = Requirement(line)
+        specifiers = list(requirement.specifier)
+        if len(specifiers) != 1 or specifiers[0].operator != "==":
+            raise ValueError(f"not an exact pin: {line}")
+        if requirement.marker is None or requirement.marker.evaluate():
+            name = canonicalize_name(requirement.name)
+            if name in pins:
+                raise ValueError(f"pinned twice for this platform: {line}")
+            pins[name] = specifiers[0].version
+    return pins
+
+
 def compile_command(output: Path, upgrade: bool, upgrade_packages: list[str]) -> list[str]:
     uv = shutil.which("uv")
     if uv is None:
-        sys.exit("error: uv is not installed; `python3 -m pip install uv` first")
+        print("error: uv is not installed; `python3 -m pip install uv` first", file=sys.stderr)
+        sys.exit(2)
     command = [uv, "pip", "compile", str(REPO / "pyproject.toml"), "--universal", "--no-header", "--quiet"]
     command += [x for extra in EXTRAS for x in ("--extra", extra)]
     command += ["--output-file", str(output)]  # uv keeps the pins it finds there unless told to move them

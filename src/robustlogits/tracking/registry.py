@@ -40,8 +40,8 @@ STAGES = ("None", "Staging", "Production", "Archived")
 # MLflow's documented naming rules, checked here rather than through its private validators (MLflow
 # 3.18 renamed them). Registered model names: MLflow refuses empty names, `/`, `:` and names that are
 # not their own normalised path (`.`, `..x`); ours are the conservative subset that is also safe in a
-# `models:/NAME/VERSION` URI and as a file store's folder name (255 bytes at most). Aliases: MLflow's alphanumerics, `_` and `-`
-# (ASCII here), at most 255 characters, neither `latest` nor `v<digits>` (a version's own name).
+# `models:/NAME/VERSION` URI and as a file store's folder name (255 bytes at most). Aliases: MLflow's
+# alphanumerics, `_` and `-` (ASCII here), at most 255 characters, neither `latest` nor `v<digits>`.
 # tests/test_registry_guards.py checks both against what MLflow itself accepts and refuses.
 MODEL_NAME_RULE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,254}")
 ALIAS_RULE = re.compile(r"[A-Za-z0-9_-]{1,255}")
