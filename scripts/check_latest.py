@@ -9,6 +9,7 @@ every step passed; otherwise each failed step's last lines and exit 1.
 
     python3 scripts/check_latest.py                 # a fresh venv in a temporary folder
     python3 scripts/check_latest.py --keep /tmp/latest --pytest   # keep it; also run the suite on it
+                                                                  # (editable, as the tests read the checkout)
 
 docs/dependencies.md says how often to run it and what to do when it fails.
 """
@@ -115,7 +116,10 @@ def main() -> int:
         }
         failed = []
         steps = smoke_steps(data)
-        if args.pytest:
+        if args.pytest:  # on an editable install of the same versions: tests read the checkout (its commit)
+            steps.append(
+                ("editable install for the suite", ["-m", "pip", "install", "-q", "--no-deps", "-e", str(REPO)])
+            )
             steps.append(("the test suite", ["-m", "pytest", "-q", "-x", str(REPO / "tests")]))
         for title, command in steps:
             step_started = time.perf_counter()
